@@ -1,0 +1,60 @@
+"""EMLoCConfig: every knob of the compression, with the paper's reference values as defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EMLoCConfig(BaseModel):
+    """How a skill's demonstrations become a compressed memory.
+
+    ``keep_ratios=(1.0,)`` disables pruning: the memory then holds the full context and any
+    ``demos_per_chunk`` reproduces full in-context learning exactly.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
+    keep_ratios: tuple[float, ...] = Field(
+        (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."
+    )
+    delta: float = Field(0.005, ge=0.0, description="Jensen-Shannon bound on the replayed answer tokens.")
+    pool_kernel: int = Field(5, ge=1, description="Average-pooling kernel over token importance.")
+    layer_group_size: int = Field(
+        1, ge=1, description="Layers decided together (1 = the reference's layer-by-layer search)."
+    )
+    protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the model while compressing."
+    )
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the K/V tensors kept in the memory and on disk."
+    )
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="Render demonstrations through the chat template ('auto': when the model has one)."
+    )
+    max_replay_batch: int = Field(8, ge=1, description="Replayed demonstrations per forward batch.")
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _ratios_valid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("keep_ratios must name at least one ratio")
+        if any(not (0.0 < r <= 1.0) for r in v):
+            raise ValueError(f"keep_ratios must lie in (0, 1], got {v}")
+        if list(v) != sorted(v):
+            raise ValueError(f"keep_ratios must be increasing (smallest first), got {v}")
+        return v
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep_ratios != (1.0,)
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes the memory's tensors."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,35 @@
+"""The algorithm, no I/O: chunk-wise prefill, importance, JS-checked pruning, decoding on a memory."""
+
+from .cache import MemoryCache
+from .compress import ContextTooLongError, compress, js_divergence
+from .decode import Generation, generate, score_continuations, stream_tokens
+from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
+from .memory import CompressedMemory
+from .presses import EMLoCPress, Press, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
+from .prompt import PromptError, Renderer
+from .runtime import instrument
+
+__all__ = [
+    "SUPPORTED",
+    "CompressedMemory",
+    "ContextTooLongError",
+    "EMLoCPress",
+    "Generation",
+    "MemoryCache",
+    "ModelFacts",
+    "Press",
+    "PromptError",
+    "RandomPress",
+    "Renderer",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "UniformPress",
+    "UnsupportedModelError",
+    "compress",
+    "generate",
+    "instrument",
+    "js_divergence",
+    "model_facts",
+    "score_continuations",
+    "stream_tokens",
+]

@@ -1,0 +1,150 @@
+"""MemoryCache: a transformers ``Cache`` that puts a (compressed, per-layer) prefix in front of the
+tokens of one forward or one generation, and builds each layer's mask from original positions.
+
+The prefix tensors are only read, never written: the first ``update`` of a layer concatenates the
+prefix with the new keys into a working tensor owned by this cache (copy-on-use), so any number of
+queries and threads can share one ``CompressedMemory``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+Observer = Callable[[torch.nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class MemoryCache(Cache):
+    """Per-layer prefix K/V (batch 1 or B) + the new tokens of this cache's lifetime.
+
+    Args:
+        prefix_keys / prefix_values: per layer ``(1|B, kv_heads, M_l, head_dim)`` or None (empty).
+        prefix_positions: per layer ``(M_l,)`` original positions used for sliding-window masks
+            (for pruned full-attention layers every prefix token is visible, so any row works).
+        windows: per layer sliding window (``None`` = full attention).
+    """
+
+    def __init__(
+        self,
+        prefix_keys: Sequence[torch.Tensor | None],
+        prefix_values: Sequence[torch.Tensor | None],
+        prefix_positions: Sequence[torch.Tensor | None],
+        windows: Sequence[int | None],
+    ) -> None:
+        super().__init__(layers=[])
+        n = len(windows)
+        self.prefix_keys = list(prefix_keys)
+        self.prefix_values = list(prefix_values)
+        self.prefix_positions = list(prefix_positions)
+        self.windows = list(windows)
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.new_values: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.new_positions: torch.Tensor | None = None  # (B, N) of all new tokens so far
+        self.new_valid: torch.Tensor | None = None  # (B, N) False for padding
+        self.query_positions: torch.Tensor | None = None  # (B, Lq) of the running forward
+        # hooks used by the compression search (see runtime.py)
+        self.observer: Observer | None = None
+        self.start_layer = 0
+        self.start_hidden: torch.Tensor | None = None
+        self.record_hidden: dict[int, torch.Tensor] | None = None
+        self.keep_new = True
+
+    # ---- forward bookkeeping ---------------------------------------------------------------
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Declare the positions (B, Lq) of the tokens the next forward appends."""
+        if valid is None:
+            valid = torch.ones_like(positions, dtype=torch.bool)
+        self.query_positions = positions
+        if self.new_positions is None:
+            self.new_positions, self.new_valid = positions, valid
+        else:
+            assert self.new_valid is not None
+            self.new_positions = torch.cat([self.new_positions, positions], dim=1)
+            self.new_valid = torch.cat([self.new_valid, valid], dim=1)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cur_k, cur_v = self.keys[layer_idx], self.values[layer_idx]
+        if cur_k is None:
+            pk, pv = self.prefix_keys[layer_idx], self.prefix_values[layer_idx]
+            if pk is not None and pk.shape[-2] > 0:
+                b = key_states.shape[0]
+                pk = pk.to(key_states.dtype).expand(b, -1, -1, -1)
+                pv = pv.to(value_states.dtype).expand(b, -1, -1, -1)  # type: ignore[union-attr]
+                cur_k = torch.cat([pk, key_states], dim=-2)
+                cur_v = torch.cat([pv, value_states], dim=-2)
+            else:
+                cur_k, cur_v = key_states, value_states
+        else:
+            assert cur_v is not None
+            cur_k = torch.cat([cur_k, key_states], dim=-2)
+            cur_v = torch.cat([cur_v, value_states], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = cur_k, cur_v
+        if self.keep_new:
+            self.new_keys[layer_idx].append(key_states)
+            self.new_values[layer_idx].append(value_states)
+        return cur_k, cur_v
+
+    def prefix_length(self, layer_idx: int) -> int:
+        pk = self.prefix_keys[layer_idx]
+        return 0 if pk is None else int(pk.shape[-2])
+
+    def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
+        """Boolean (B, 1, Lq, Lk) mask: prefix visible (inside the window), new tokens causal."""
+        assert self.query_positions is not None and self.new_positions is not None and self.new_valid is not None
+        q_pos = self.query_positions[:, :, None]  # (B, Lq, 1)
+        m = self.prefix_length(layer_idx)
+        new_pos = self.new_positions[:, None, :]  # (B, 1, N)
+        new_mask = (new_pos <= q_pos) & self.new_valid[:, None, :]
+        window = self.windows[layer_idx]
+        if window:
+            new_mask &= (q_pos - new_pos) < window
+        if m == 0:
+            mask = new_mask
+        else:
+            if window:
+                ppos = self.prefix_positions[layer_idx]
+                assert ppos is not None
+                pre_mask = (q_pos - ppos.to(q_pos.device)[None, None, :]) < window
+            else:
+                pre_mask = torch.ones(q_pos.shape[0], q_len, m, dtype=torch.bool, device=q_pos.device)
+            mask = torch.cat([pre_mask.expand(new_mask.shape[0], q_len, m), new_mask], dim=-1)
+        if mask.shape[-1] != k_len:
+            raise RuntimeError(f"layer {layer_idx}: mask covers {mask.shape[-1]} keys, attention has {k_len}")
+        return mask[:, None]
+
+    # ---- what the model asks of a Cache -------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        k = self.keys[layer_idx]
+        return self.prefix_length(layer_idx) if k is None else int(k.shape[-2])
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    @property
+    def is_sliding(self) -> list[bool]:  # type: ignore[override]
+        return [w is not None for w in self.windows]
+
+    @property
+    def is_linear(self) -> list[bool]:  # type: ignore[override]
+        return [False] * len(self.windows)
+
+    @property
+    def is_dummy(self) -> list[bool]:  # type: ignore[override]
+        return [False] * len(self.windows)
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        return False
+
+    def chunk_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All new keys/values this cache received for a layer (the chunk just prefilled)."""
+        return torch.cat(self.new_keys[layer_idx], dim=-2), torch.cat(self.new_values[layer_idx], dim=-2)

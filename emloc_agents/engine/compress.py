@@ -1,0 +1,385 @@
+"""Chunk-wise prefill onto the compressed memory of earlier chunks, pruning each chunk as it lands.
+
+The loop (EMLoC, Ma et al. 2025): render demonstrations -> chunks of ``demos_per_chunk`` -> for each
+chunk: prefill it on top of the memory (original positions), let a press choose the tokens each
+layer keeps, append them to the memory. Earlier memory is never pruned again; sliding-window
+layers keep only the window that any later token can still see.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..config import EMLoCConfig
+from ..skills import Skill, SkillError
+from .cache import MemoryCache
+from .facts import ModelFacts
+from .memory import CompressedMemory
+from .presses import EMLoCPress, Press, Selection, pool
+from .prompt import Renderer, Segment
+from .runtime import active
+
+
+class ModelHandle(Protocol):
+    """What the engine needs of a loaded model (``emloc_agents.models.LanguageModel`` is one)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    facts: ModelFacts
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def renderer(self, prompt_format: str = "auto") -> Renderer: ...
+
+
+class ContextTooLongError(SkillError):
+    """The demonstrations do not fit in the model's positions."""
+
+
+# ---- model plumbing -------------------------------------------------------------------------
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without its LM head (returns normalised last hidden states)."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        raise TypeError(f"{type(model).__name__} has no .model backbone")
+    return getattr(inner, "language_model", inner)
+
+
+@torch.inference_mode()
+def lm_logits(model: torch.nn.Module, facts: ModelFacts, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    if facts.final_softcap:
+        logits = torch.tanh(logits / facts.final_softcap) * facts.final_softcap
+    return logits
+
+
+def run(
+    model: torch.nn.Module, cache: MemoryCache, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One forward of ``ids`` (B, T) at ``positions`` on ``cache``; returns last hidden states."""
+    cache.begin(positions, valid)
+    with active(cache), torch.inference_mode():
+        out = backbone(model)(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+    return out.last_hidden_state
+
+
+# ---- the memory while it is being built ----------------------------------------------------
+
+
+@dataclass
+class _Building:
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    positions: list[torch.Tensor | None]  # (H, M)
+
+    @classmethod
+    def empty(cls, n: int) -> _Building:
+        return cls([None] * n, [None] * n, [None] * n)
+
+    def prefix(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        p = self.positions[layer]
+        return self.keys[layer], self.values[layer], None if p is None else p[0]
+
+    def length(self, layer: int) -> int:
+        k = self.keys[layer]
+        return 0 if k is None else int(k.shape[-2])
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (1, H, n, D), idx (H, k) -> (1, H, k, D)."""
+    return torch.gather(t, 2, idx[None, :, :, None].expand(1, -1, -1, t.shape[-1]))
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=dim)
+
+
+# ---- replay: teacher pass, importance, JS of a candidate -------------------------------------
+
+
+def js_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) per row between two log-prob tensors (R, V)."""
+    m_log = torch.logaddexp(p_log, q_log) - math.log(2.0)
+    kl_pm = (p_log.exp() * (p_log - m_log)).sum(-1)
+    kl_qm = (q_log.exp() * (q_log - m_log)).sum(-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+@dataclass
+class Replay:
+    """The chunk's demonstrations replayed after it: teacher log-probs at the rows that predict
+    answer tokens, the hidden state entering every layer, and per-layer importance of chunk tokens."""
+
+    lm: ModelHandle
+    building: _Building
+    chunk_k: list[torch.Tensor]
+    chunk_v: list[torch.Tensor]
+    chunk_pos: torch.Tensor
+    ids: torch.Tensor  # (B, T)
+    positions: torch.Tensor
+    valid: torch.Tensor
+    rows: torch.Tensor  # (B, T) bool: rows that predict an answer token
+    teacher: torch.Tensor | None = None
+    hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    forwards: float = 0.0  # replay-forward equivalents spent (partial forwards count by depth)
+    js_checks: int = 0
+
+    def cache(self, selection: Selection, start_layer: int = 0) -> MemoryCache:
+        f = self.lm.facts
+        keys, values, pos = [], [], []
+        for layer in range(f.num_layers):
+            if layer < start_layer:
+                keys.append(None), values.append(None), pos.append(None)
+                continue
+            mk, mv, mp = self.building.prefix(layer)
+            ck, cv = self.chunk_k[layer], self.chunk_v[layer]
+            cp = self.chunk_pos
+            idx = selection[layer]
+            if idx is not None:
+                ck, cv, cp = _gather(ck, idx), _gather(cv, idx), self.chunk_pos[idx[0]]
+            keys.append(_cat(mk, ck, 2))
+            values.append(_cat(mv, cv, 2))
+            pos.append(_cat(mp, cp, 0))
+        cache = MemoryCache(keys, values, pos, f.windows)
+        cache.keep_new = False
+        cache.start_layer = start_layer
+        return cache
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_logits(self.lm.model, self.lm.facts, hidden[self.rows])
+        return torch.log_softmax(logits, dim=-1)
+
+    def run_teacher(self, kernel: int, protected: torch.Tensor) -> None:
+        f = self.lm.facts
+        cache = self.cache([None] * f.num_layers)
+        cache.record_hidden = self.hidden_in
+        raw: dict[int, torch.Tensor] = {}
+        n = self.chunk_k[0].shape[-2]
+
+        def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
+            if f.sliding[layer]:
+                return
+            start = self.building.length(layer)
+            raw[layer] = chunk_attention(module, q, k, mask, self.rows, start, start + n)
+
+        cache.observer = observe
+        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+        self.forwards += 1
+        self.teacher = self.log_probs(hidden)
+        self.scores = []
+        for layer in range(f.num_layers):
+            if layer in raw:
+                s = pool(raw[layer], kernel)
+                s[:, protected] = float("inf")
+            else:
+                s = torch.zeros(f.num_kv_heads, n)
+            self.scores.append(s)
+
+    def divergence(self, selection: Selection, start_layer: int) -> float:
+        f = self.lm.facts
+        cache = self.cache(selection, start_layer)
+        cache.start_hidden = self.hidden_in[start_layer]
+        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+        self.forwards += (f.num_layers - start_layer) / f.num_layers
+        self.js_checks += 1
+        assert self.teacher is not None
+        return float(js_divergence(self.teacher, self.log_probs(hidden)).mean())
+
+
+def chunk_attention(
+    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    """Attention (renormalised over keys lo:hi) that the selected query rows pay, summed over rows and
+    over the query heads of each KV head -> (kv_heads, hi - lo). Recomputed for these rows only."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scaling = getattr(module, "scaling", d**-0.5)
+    sel = rows.nonzero()  # (R, 2): batch, row
+    qs = q[sel[:, 0], :, sel[:, 1]].float()  # (R, Hq, D)
+    ks = k[sel[:, 0]].float()  # (R, Hkv, Lk, D)
+    ks = ks.repeat_interleave(group, dim=1)
+    logits = torch.einsum("rhd,rhkd->rhk", qs, ks) * scaling
+    m = mask[sel[:, 0], 0, sel[:, 1]]  # (R, Lk)
+    logits = logits.masked_fill(~m[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)[..., lo:hi]
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    return probs.sum(0).view(hkv, group, hi - lo).sum(1)
+
+
+# ---- chunks --------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    ids: list[int]
+    protected: list[bool]
+    demos: list[Segment]
+
+
+def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_prefix: bool) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for start in range(0, max(len(demos), 1), per_chunk):
+        group = demos[start : start + per_chunk]
+        ids: list[int] = []
+        protected: list[bool] = []
+        if start == 0:
+            ids += prefix.ids
+            protected += [protect_prefix] * len(prefix.ids)
+        for d in group:
+            ids += d.ids
+            protected += d.answer
+        chunks.append(Chunk(ids, protected, group))
+    return chunks
+
+
+@dataclass
+class ChunkContext:
+    """What a press sees for one chunk."""
+
+    facts: ModelFacts
+    n: int
+    n_protected: int
+    offset: int
+    total_length: int
+    replay: Replay | None
+    window_scores: list[torch.Tensor] | None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, layer: int, ratio: float, js: float | None) -> None:
+        self.decisions.append({"layer": layer, "ratio": ratio, "js": js})
+
+
+def _replay_batch(demos: list[Segment], start: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    t = max(len(d) for d in demos)
+    b = len(demos)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, t, dtype=torch.bool)
+    rows = torch.zeros(b, t, dtype=torch.bool)
+    for i, d in enumerate(demos):
+        ids[i, : len(d)] = torch.tensor(d.ids)
+        valid[i, : len(d)] = True
+        ans = torch.tensor(d.answer)
+        rows[i, : len(d) - 1] = ans[1:]  # row j predicts token j+1
+    positions = (start + torch.arange(t))[None].expand(b, -1).contiguous()
+    return ids, positions, valid, rows
+
+
+def _window_observer(facts: ModelFacts, window: int, store: dict[int, torch.Tensor], start_of: Callable[[int], int]):
+    def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
+        if facts.sliding[layer]:
+            return
+        t = q.shape[2]
+        rows = torch.zeros(q.shape[0], t, dtype=torch.bool)
+        rows[:, max(0, t - window) :] = True
+        lo = start_of(layer)
+        store[layer] = chunk_attention(module, q, k, mask, rows, lo, lo + t)
+
+    return observe
+
+
+def press_for(config: EMLoCConfig) -> Press:
+    if not config.prunes:
+        return Press()
+    return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size)
+
+
+def compress(
+    lm: ModelHandle,
+    skill: Skill,
+    config: EMLoCConfig | None = None,
+    press: Press | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CompressedMemory:
+    """Compress ``skill``'s demonstrations into a memory for ``lm`` (see module docstring)."""
+    config = config or EMLoCConfig()
+    press = press or press_for(config)
+    if not skill.demonstrations:
+        raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")
+    if skill.has_images:
+        raise SkillError(f"skill {skill.name!r} has images but {lm.facts.model_type} is a text-only model")
+    f = lm.facts
+    renderer = lm.renderer(config.prompt_format)
+    prefix = renderer.prefix(skill.instruction)
+    demos = [renderer.demo(d.input, d.output, skill.instruction) for d in skill.demonstrations]
+    chunks = plan_chunks(prefix, demos, config.demos_per_chunk, config.protect_prefix)
+    total = sum(len(c.ids) for c in chunks)
+    if f.max_positions and total >= f.max_positions:
+        raise ContextTooLongError(
+            f"skill {skill.name!r}: {total} demonstration tokens exceed the model's {f.max_positions} positions"
+        )
+    device = lm.device
+    building = _Building.empty(f.num_layers)
+    offset = 0
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {"chunks": len(chunks), "replay_forwards": 0.0, "js_checks": 0, "decisions": []}
+    prefill_s = 0.0
+    pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
+    for ci, chunk in enumerate(chunks):
+        n = len(chunk.ids)
+        pos = (offset + torch.arange(n, device=device))[None]
+        cache = MemoryCache(*zip(*(building.prefix(i) for i in range(f.num_layers)), strict=True), f.windows)
+        window_scores: dict[int, torch.Tensor] = {}
+        if press.needs_window_scores:
+            cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, building.length)
+        tp = time.perf_counter()
+        run(lm.model, cache, torch.tensor([chunk.ids], device=device), pos)
+        prefill_s += time.perf_counter() - tp
+        chunk_k, chunk_v = zip(*(cache.chunk_kv(i) for i in range(f.num_layers)), strict=True)
+        del cache
+        chunk_pos = pos[0]
+        protected = torch.tensor(chunk.protected, dtype=torch.bool)
+        replay = None
+        if press.needs_replay and chunk.demos:
+            ids, rpos, valid, rows = _replay_batch(chunk.demos, offset + n, pad_id)
+            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, valid, rows)
+            replay.run_teacher(config.pool_kernel, protected)
+        ctx = ChunkContext(
+            f, n, int(protected.sum()), offset, total, replay,
+            [window_scores.get(i, torch.zeros(f.num_kv_heads, n)) for i in range(f.num_layers)]
+            if press.needs_window_scores else None,
+        )
+        selection = press.select(ctx)
+        for layer in range(f.num_layers):
+            ck, cv, cp = chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1)
+            idx = selection[layer]
+            if idx is not None:
+                ck, cv, cp = _gather(ck, idx), _gather(cv, idx), torch.gather(cp, 1, idx)
+            building.keys[layer] = _cat(building.keys[layer], ck, 2)
+            building.values[layer] = _cat(building.values[layer], cv, 2)
+            building.positions[layer] = _cat(building.positions[layer], cp, 1)
+            window = f.windows[layer]
+            if window:  # later tokens (positions >= offset + n) only see positions > offset + n - window
+                keep = building.positions[layer][0] > offset + n - window  # type: ignore[index]
+                building.keys[layer] = building.keys[layer][:, :, keep]  # type: ignore[index]
+                building.values[layer] = building.values[layer][:, :, keep]  # type: ignore[index]
+                building.positions[layer] = building.positions[layer][:, keep]  # type: ignore[index]
+        if replay is not None:
+            stats["replay_forwards"] += replay.forwards
+            stats["js_checks"] += replay.js_checks
+        stats["decisions"].append(ctx.decisions)
+        offset += n
+        if progress:
+            progress(ci + 1, len(chunks))
+    dtype = getattr(torch, config.storage_dtype)
+    stats.update(compress_s=time.perf_counter() - t0, prefill_s=prefill_s, press=press.name)
+    return CompressedMemory(
+        keys=[k[0].to(dtype).contiguous() for k in building.keys],  # type: ignore[index]
+        values=[v[0].to(dtype).contiguous() for v in building.values],  # type: ignore[index]
+        positions=[p.contiguous() for p in building.positions],  # type: ignore[union-attr]
+        original_length=offset,
+        sliding=list(f.sliding),
+        render_mode=renderer.mode,
+        header={"skill": skill.name, "instruction": skill.instruction},
+        stats=stats,
+    )

@@ -1,0 +1,189 @@
+"""Answering on a memory: prefill the query only, then decode token by token.
+
+The memory is a per-layer prefix fully visible to the query and never changed by it. Sampling
+reuses transformers' logits processors; stop strings are checked on the decoded text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from .cache import MemoryCache
+from .compress import ModelHandle, lm_logits, run
+from .memory import CompressedMemory
+
+
+def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[MemoryCache, int]:
+    """A fresh cache reading ``memory`` (no copy until a layer is first used) and the first position."""
+    f = lm.facts
+    if memory is None:
+        n = f.num_layers
+        return MemoryCache([None] * n, [None] * n, [None] * n, f.windows), 0
+    if memory.num_layers != f.num_layers:
+        raise ValueError(f"memory has {memory.num_layers} layers, model has {f.num_layers}")
+    keys = [k[None] for k in memory.keys]
+    values = [v[None] for v in memory.values]
+    pos = [p[0] for p in memory.positions]
+    cache = MemoryCache(keys, values, pos, f.windows)
+    cache.keep_new = False
+    return cache, memory.position_offset
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    ttft_s: float
+    decode_s: float
+    stats: dict = field(default_factory=dict)
+
+
+def stream_tokens(
+    lm: ModelHandle,
+    prompt_ids: Sequence[int],
+    memory: CompressedMemory | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[str, Generation | None]]:
+    """Yield (text delta, None) per step and finally ("", Generation)."""
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    cache, start = memory_cache(lm, memory)
+    f = lm.facts
+    if f.max_positions and start + len(prompt_ids) + max_new_tokens > f.max_positions:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + memory ({start}) + {max_new_tokens} new tokens exceed "
+            f"the model's {f.max_positions} positions"
+        )
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    eos = _eos_ids(lm)
+    device = lm.device
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    pos = start + torch.arange(len(prompt_ids), device=device)[None]
+    t0 = time.perf_counter()
+    out_ids: list[int] = []
+    text = ""
+    finish = "length"
+    ttft = 0.0
+    for step in range(max_new_tokens):
+        hidden = run(lm.model, cache, ids, pos)
+        logits = lm_logits(lm.model, f, hidden[:, -1])
+        if step == 0:
+            ttft = time.perf_counter() - t0
+        all_ids = torch.tensor([list(prompt_ids) + out_ids])
+        scores = processors(all_ids, logits)
+        if temperature > 0:
+            probs = torch.softmax(scores, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+        else:
+            nxt = int(scores.argmax(-1)[0])
+        if nxt in eos:
+            finish = "stop"
+            break
+        out_ids.append(nxt)
+        new_text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
+        hit = _first_stop(new_text, stop)
+        if hit is not None:
+            delta = new_text[len(text) : hit]
+            if delta:
+                yield delta, None
+            text = new_text[:hit]
+            finish = "stop"
+            break
+        if not new_text.endswith("\ufffd"):  # hold back incomplete multi-byte characters
+            delta = new_text[len(text) :]
+            text = new_text
+            if delta:
+                yield delta, None
+        ids = torch.tensor([[nxt]], device=device)
+        pos = pos[:, -1:] + 1
+    else:
+        text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
+    t_end = time.perf_counter()
+    yield "", Generation(text, out_ids, len(prompt_ids), finish, ttft, t_end - t0 - ttft)
+
+
+def generate(lm: ModelHandle, prompt_ids: Sequence[int], memory: CompressedMemory | None = None, **kw) -> Generation:
+    result = None
+    for _, result in stream_tokens(lm, prompt_ids, memory, **kw):
+        pass
+    assert result is not None
+    return result
+
+
+def score_continuations(
+    lm: ModelHandle, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]], memory: CompressedMemory | None
+) -> list[float]:
+    """Summed log-probability of each continuation after the prompt (label log-likelihood)."""
+    f = lm.facts
+    cache, start = memory_cache(lm, memory)
+    ids = torch.tensor([list(prompt_ids)])
+    pos = start + torch.arange(len(prompt_ids))[None]
+    hidden = run(lm.model, cache, ids, pos)
+    first = torch.log_softmax(lm_logits(lm.model, f, hidden[:, -1]), -1)[0]
+    scores = []
+    multi = [c for c in continuations if len(c) > 1]
+    for c in continuations:
+        total = float(first[c[0]])
+        if len(c) > 1:
+            sub, sub_start = _fork(cache), int(pos[0, -1]) + 1
+            cids = torch.tensor([list(c[:-1])])
+            cpos = sub_start + torch.arange(len(c) - 1)[None]
+            h = run(lm.model, sub, cids, cpos)
+            lp = torch.log_softmax(lm_logits(lm.model, f, h[0]), -1)
+            total += float(sum(lp[i, c[i + 1]] for i in range(len(c) - 1)))
+        scores.append(total)
+    del multi
+    return scores
+
+
+def _fork(cache: MemoryCache) -> MemoryCache:
+    """A cache whose prefix is everything ``cache`` holds now (the prompt included)."""
+    n = len(cache.windows)
+    assert cache.new_positions is not None
+    keys, values, pos = [], [], []
+    for i in range(n):
+        keys.append(cache.keys[i])
+        values.append(cache.values[i])
+        pp = cache.prefix_positions[i]
+        new = cache.new_positions[0]
+        pos.append(new if pp is None else torch.cat([pp, new]))
+    sub = MemoryCache(keys, values, pos, cache.windows)
+    sub.keep_new = False
+    return sub
+
+
+def _eos_ids(lm: ModelHandle) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(lm.model, "generation_config", None)
+    for src in (getattr(gen_cfg, "eos_token_id", None), getattr(lm.tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list | tuple):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+StreamCallback = Callable[[str], None]

@@ -1,0 +1,87 @@
+"""CompressedMemory: the per-layer K/V prefix a skill's demonstrations compress into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class CompressedMemory:
+    """Per-layer keys/values (stored after RoPE) with the original positions of the kept tokens.
+
+    ``keys[l]`` and ``values[l]`` have shape ``(kv_heads, layer_lengths[l], head_dim)``; every KV head
+    of a layer keeps the same number of tokens but may keep different ones, so ``positions[l]`` is
+    ``(kv_heads, layer_lengths[l])``. A query continues at ``original_length`` (the uncompressed
+    length), never at the compressed one. The memory is never mutated by a query.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    original_length: int
+    sliding: list[bool]
+    render_mode: str = "plain"
+    next_position: int | None = None  # first free RoPE index (differs from original_length for M-RoPE)
+    header: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        return [int(k.shape[-2]) for k in self.keys]
+
+    @property
+    def memory_tokens(self) -> int:
+        """Token slots kept, summed over layers (what a query attends to, divided by layers)."""
+        return sum(self.layer_lengths)
+
+    @property
+    def kept_ratio(self) -> float:
+        """Share of the demonstration tokens kept, averaged over the layers that can be pruned
+        (full-attention layers; sliding-window layers only ever keep their window)."""
+        if self.original_length == 0:
+            return 1.0
+        full = [n for n, s in zip(self.layer_lengths, self.sliding, strict=True) if not s]
+        lengths = full or self.layer_lengths
+        return sum(lengths) / (len(lengths) * self.original_length)
+
+    @property
+    def storage_ratio(self) -> float:
+        """Share of the full KV cache held, over all layers (sliding layers included)."""
+        if self.original_length == 0:
+            return 1.0
+        return self.memory_tokens / (self.num_layers * self.original_length)
+
+    @property
+    def position_offset(self) -> int:
+        return self.next_position if self.next_position is not None else self.original_length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def to(self, dtype: torch.dtype) -> CompressedMemory:
+        return CompressedMemory(
+            keys=[k.to(dtype) for k in self.keys],
+            values=[v.to(dtype) for v in self.values],
+            positions=self.positions,
+            original_length=self.original_length,
+            sliding=self.sliding,
+            render_mode=self.render_mode,
+            next_position=self.next_position,
+            header=dict(self.header),
+            stats=dict(self.stats),
+        )
+
+    def describe(self) -> str:
+        lens = self.layer_lengths
+        return (
+            f"{self.original_length} demonstration tokens -> kept {self.kept_ratio:.1%} "
+            f"(per layer min {min(lens)}, median {sorted(lens)[len(lens) // 2]}, max {max(lens)}; "
+            f"{self.nbytes() / 1e6:.1f} MB)"
+        )

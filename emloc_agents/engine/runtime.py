@@ -1,0 +1,115 @@
+"""The one hook into a transformers model: an attention function and a layer wrapper, both inert
+unless a forward runs inside ``active(cache)``.
+
+``instrument(model)`` registers the ``"emloc"`` attention implementation (so transformers builds no
+mask of its own) and wraps each decoder layer once. Inside ``active(cache)`` (a context variable, so
+threads never see each other's state):
+
+* attention masks come from the cache, per layer, from that layer's own key length and the original
+  positions (memory lengths differ per layer after pruning; sliding windows act on positions);
+* an observer may see each layer's post-RoPE queries and keys (importance scores without eager);
+* layers below ``cache.start_layer`` are skipped and layer ``start_layer`` receives a saved hidden
+  state (partial re-forwards during the pruning search);
+* the hidden state entering each layer can be recorded (the teacher pass).
+Outside ``active`` the attention function is plain SDPA with a causal mask, so the model still works
+for ordinary callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+if TYPE_CHECKING:
+    from .cache import MemoryCache
+
+ATTN_IMPLEMENTATION = "emloc"
+_ACTIVE: contextvars.ContextVar[MemoryCache | None] = contextvars.ContextVar("emloc_active", default=None)
+
+
+def _emloc_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    cache = _ACTIVE.get()
+    kwargs.pop("sliding_window", None)
+    kwargs.pop("is_causal", None)
+    if cache is None:
+        window = getattr(module, "sliding_window", None)
+        mask = _plain_causal_mask(query.shape[2], key.shape[2], window, query.device)
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
+    if cache.observer is not None:
+        cache.observer(module, layer, query, key, mask)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+def _plain_causal_mask(q_len: int, k_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= (q_pos - k_pos) < window
+    return mask[None, None]
+
+
+def _gate(layer: torch.nn.Module, index: int, forward: Any) -> Any:
+    """A decoder layer's forward that can be skipped, fed a saved state, or have its input recorded."""
+
+    def gated_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        cache = _ACTIVE.get()
+        if cache is not None:
+            if index < cache.start_layer:
+                return hidden_states  # skipped; layer start_layer receives cache.start_hidden
+            if index == cache.start_layer and cache.start_hidden is not None:
+                hidden_states = cache.start_hidden
+            if cache.record_hidden is not None:
+                cache.record_hidden[index] = hidden_states
+        return forward(hidden_states, *args, **kwargs)
+
+    gated_forward.__emloc_gate__ = True  # type: ignore[attr-defined]
+    return gated_forward
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder-layer list of a causal LM or of a VLM's language model."""
+    base = model
+    for attr in ("model", "language_model"):
+        if hasattr(base, attr) and not hasattr(base, "layers"):
+            base = getattr(base, attr)
+    if hasattr(base, "language_model") and not hasattr(base, "layers"):
+        base = base.language_model
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+    return layers
+
+
+def instrument(model: torch.nn.Module) -> None:
+    """Install the hook once (idempotent). The model keeps working for callers outside ``active``."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _emloc_attention)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if not getattr(layer.forward, "__emloc_gate__", False):
+            layer.forward = _gate(layer, i, layer.forward)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+@contextlib.contextmanager
+def active(cache: MemoryCache) -> Iterator[MemoryCache]:
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,110 @@
+"""LanguageModel: a loaded transformers model with its tokenizer, the facts the engine needs, and a
+fingerprint of everything that determines a memory's tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..engine import CompressedMemory, Renderer, instrument, model_facts
+from ..engine.decode import Generation, generate, score_continuations, stream_tokens
+from ..engine.prompt import choose_mode
+
+
+class LanguageModel:
+    """A causal LM prepared for EMLoC memories (``instrument`` installs the one hook)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, weights_id: str | None = None) -> None:
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.facts = model_facts(model)
+        instrument(model)
+        self._weights_id = weights_id
+        self._fingerprint: str | None = None
+        self._renderers: dict[str, Renderer] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def renderer(self, prompt_format: str = "auto") -> Renderer:
+        mode = choose_mode(self.tokenizer, prompt_format)
+        with self._lock:
+            if mode not in self._renderers:
+                self._renderers[mode] = Renderer(self.tokenizer, mode)
+            return self._renderers[mode]
+
+    def fingerprint(self) -> str:
+        """Hash of weights id (or the weights themselves), config, tokenizer, chat template and dtype."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            if self._weights_id:
+                h.update(self._weights_id.encode())
+            else:
+                for name, p in sorted(self.model.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+            h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+            vocab = self.tokenizer.get_vocab()
+            h.update(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode())
+            h.update(str(getattr(self.tokenizer, "chat_template", "")).encode())
+            h.update(str(self.dtype).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ---- the public generate of the contract ---------------------------------------------------
+
+    def _prompt_ids(self, prompt: str, memory: CompressedMemory | None, instruction: str = "") -> list[int]:
+        mode = memory.render_mode if memory is not None else "auto"
+        return self.renderer(mode).query(prompt, instruction=instruction, on_memory=memory is not None)
+
+    def generate(
+        self,
+        prompt: str,
+        memory: CompressedMemory | None = None,
+        max_new_tokens: int = 32,
+        *,
+        instruction: str = "",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> str:
+        """Answer ``prompt`` (rendered like a demonstration input) on ``memory`` (None: zero-shot)."""
+        return self.generate_ids(
+            self._prompt_ids(prompt, memory, instruction), memory, max_new_tokens,
+            temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+        ).text
+
+    def generate_ids(self, prompt_ids: Sequence[int], memory: CompressedMemory | None, max_new_tokens: int = 32, **kw: Any) -> Generation:
+        return generate(self, prompt_ids, memory, max_new_tokens=max_new_tokens, **kw)
+
+    def stream_ids(self, prompt_ids: Sequence[int], memory: CompressedMemory | None, max_new_tokens: int = 32, **kw: Any) -> Iterator[tuple[str, Generation | None]]:
+        return stream_tokens(self, prompt_ids, memory, max_new_tokens=max_new_tokens, **kw)
+
+    def score(self, prompt: str, options: Sequence[str], memory: CompressedMemory | None = None, instruction: str = "") -> list[float]:
+        """Log-likelihood of each option as the answer to ``prompt`` (label ranking)."""
+        ids = self._prompt_ids(prompt, memory, instruction)
+        renderer = self.renderer(memory.render_mode if memory is not None else "auto")
+        conts = [renderer.ids(o if renderer.mode == "chat" or o[:1].isspace() else " " + o) for o in options]
+        return score_continuations(self, ids, conts, memory)
+
+    def __repr__(self) -> str:
+        f = self.facts
+        return f"LanguageModel({self.name!r}, {f.model_type}, {f.num_layers} layers, {f.num_kv_heads} kv heads)"
