@@ -1,0 +1,174 @@
+"""Engine: exactness of chunk-wise prefill at keep ratio 1.0 per architecture, and pruning invariants."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from emloc_agents import EMLoCConfig, SkillError, compress
+from emloc_agents.engine import (
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    UniformPress,
+    UnsupportedModelError,
+    js_divergence,
+)
+from emloc_agents.engine.compress import lm_logits, run
+from emloc_agents.engine.decode import memory_cache
+from emloc_agents.models.lm import LanguageModel
+from emloc_agents.models.tiny import TINY_ARCHS, tiny_model
+
+from .conftest import make_skill
+
+FULL = dict(keep_ratios=(1.0,), storage_dtype="float32")
+
+
+def _query_logits(lm, memory, query: str) -> tuple[torch.Tensor, list[int]]:
+    ids = lm._prompt_ids(query, memory)
+    cache, start = memory_cache(lm, memory)
+    hidden = run(lm.model, cache, torch.tensor([ids]), start + torch.arange(len(ids))[None])
+    return lm_logits(lm.model, lm.facts, hidden[0]), ids
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_keep_all_reproduces_full_context(arch: str, chat: bool) -> None:
+    model, tok = tiny_model(arch, chat_template=chat)
+    reference = copy.deepcopy(model)  # untouched SDPA model, full prefix in one forward
+    lm = LanguageModel(model, tok, f"tiny-{arch}")
+    skill = make_skill(9)
+    query = "Review: the quick fox\nSentiment:"
+    r = lm.renderer()
+    full_prefix = r.prefix(skill.instruction).ids
+    for d in skill.demonstrations:
+        full_prefix += r.demo(d.input, d.output, skill.instruction).ids
+    answers = []
+    for per_chunk in (1, 4, 100):
+        mem = compress(lm, skill, EMLoCConfig(demos_per_chunk=per_chunk, **FULL))
+        assert mem.original_length == len(full_prefix)
+        logits, q = _query_logits(lm, mem, query)
+        with torch.no_grad():
+            ref = reference(torch.tensor([full_prefix + q])).logits[0, -len(q) :]
+        torch.testing.assert_close(logits, ref.float(), atol=1e-4, rtol=1e-4)
+        answers.append(lm.generate(query, mem, max_new_tokens=5))
+    with torch.no_grad():
+        ref_ids = reference.generate(
+            torch.tensor([full_prefix + q]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=2
+        )[0, len(full_prefix) + len(q) :]
+    expected = tok.decode(ref_ids, skip_special_tokens=True)
+    assert answers == [expected] * 3
+
+
+def test_sliding_window_layers_keep_only_their_window() -> None:
+    model, tok = tiny_model("gemma3_text")
+    lm = LanguageModel(model, tok, "tiny-gemma")
+    mem = compress(lm, make_skill(9), EMLoCConfig(**FULL))
+    window = lm.facts.windows[0]
+    for length, sliding in zip(mem.layer_lengths, mem.sliding, strict=True):
+        assert length == (window - 1 if sliding else mem.original_length)
+
+
+def test_pruning_invariants(tiny_llama) -> None:
+    mem = compress(tiny_llama, make_skill(12), EMLoCConfig(delta=0.05))
+    assert mem.original_length > 0
+    assert all(0 < n <= mem.original_length for n in mem.layer_lengths)
+    assert 0 < mem.kept_ratio < 1
+    for layer, (k, v, p) in enumerate(zip(mem.keys, mem.values, mem.positions, strict=True)):
+        assert k.shape == v.shape and p.shape == k.shape[:2], layer
+        assert bool((p[:, 1:] > p[:, :-1]).all()), "kept positions are increasing per head"
+        assert int(p.max()) < mem.original_length
+    decisions = [d for chunk in mem.stats["decisions"] for d in chunk]
+    assert decisions, "the search recorded its decisions"
+    for d in decisions:  # the JS bound holds for every accepted (pruned) layer
+        if d["ratio"] < 1.0:
+            assert d["js"] <= 0.05
+
+
+def test_kept_tokens_are_top_scoring(tiny_llama) -> None:
+    """Uniform press keeps, per head, exactly the top-k of EMLoC's importance scores."""
+    from emloc_agents.engine.presses import topk_per_head
+
+    seen = {}
+    press = UniformPress(0.3)
+    orig = press.select
+
+    def spy(ctx):
+        sel = orig(ctx)
+        seen["scores"], seen["sel"] = ctx.replay.scores, sel
+        return sel
+
+    press.select = spy  # type: ignore[method-assign]
+    compress(tiny_llama, make_skill(4), EMLoCConfig(demos_per_chunk=4), press=press)
+    for scores, idx in zip(seen["scores"], seen["sel"], strict=True):
+        k = idx.shape[-1]
+        assert torch.equal(idx, topk_per_head(scores, k))
+        worst_kept = torch.gather(scores, 1, idx).min(dim=1).values
+        mask = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx, False)
+        dropped_best = scores.masked_fill(~mask, float("-inf")).max(dim=1).values
+        assert bool((worst_kept >= dropped_best).all())
+
+
+def test_hooks_are_inert_outside_compression(tiny_llama) -> None:
+    """After compressing, the instrumented model still matches an uninstrumented copy."""
+    compress(tiny_llama, make_skill(4), EMLoCConfig())
+    fresh, _ = tiny_model("llama")
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama.model(ids).logits, fresh(ids).logits)
+
+
+def test_query_does_not_change_memory(tiny_llama) -> None:
+    mem = compress(tiny_llama, make_skill(8), EMLoCConfig())
+    before = [k.clone() for k in mem.keys] + [v.clone() for v in mem.values]
+    outs: list[str] = []
+
+    def ask() -> None:
+        outs.append(tiny_llama.generate("Review: fine\nSentiment:", mem, max_new_tokens=4))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = [k for k in mem.keys] + [v for v in mem.values]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert len(set(outs)) == 1 and len(outs) == 4
+
+
+@pytest.mark.parametrize("press", [SnapKVPress(0.2), StreamingLLMPress(0.2), RandomPress(0.2), UniformPress(0.2)])
+def test_fixed_ratio_baselines(tiny_llama, press) -> None:
+    mem = compress(tiny_llama, make_skill(8), EMLoCConfig(), press=press)
+    assert 0.15 <= mem.kept_ratio <= 0.35
+    assert tiny_llama.generate("Review: ok\nSentiment:", mem, max_new_tokens=2) is not None
+
+
+def test_js_divergence_properties() -> None:
+    p = torch.log_softmax(torch.randn(3, 50), -1)
+    q = torch.log_softmax(torch.randn(3, 50), -1)
+    assert torch.allclose(js_divergence(p, p), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(js_divergence(p, q), js_divergence(q, p))
+    assert bool((js_divergence(p, q) <= torch.log(torch.tensor(2.0)) + 1e-6).all())
+
+
+def test_bad_input(tiny_llama) -> None:
+    from emloc_agents import Demonstration, Skill
+
+    with pytest.raises(SkillError, match="no demonstrations"):
+        compress(tiny_llama, Skill(name="empty"), EMLoCConfig())
+    long = Skill(name="long", demonstrations=[Demonstration(input="word " * 3000, output="x")])
+    with pytest.raises(SkillError, match="exceed"):
+        compress(tiny_llama, long, EMLoCConfig())
+    with pytest.raises(ValueError, match="keep_ratios"):
+        EMLoCConfig(keep_ratios=(0.5, 0.1))
+
+
+def test_unsupported_architecture_is_named() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
+    with pytest.raises(UnsupportedModelError, match="supported: llama"):
+        LanguageModel(AutoModelForCausalLM.from_config(cfg), None, "gpt2")
