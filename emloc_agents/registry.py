@@ -1,0 +1,333 @@
+"""MemoryRegistry: named skills -> compressed memories, compressed once, kept in RAM and in a store.
+
+The registry joins the engine (tensors) and a byte store (bytes). A memory's key derives from
+everything that determines its tensors (model fingerprint, EMLoCConfig, skill content, format
+version), so a changed model, config or demonstration can never be served a stale memory. Reads
+that fail validation (corrupt, truncated, foreign) are logged, deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .config import EMLoCConfig
+from .engine.compress import compress
+from .engine.memory import CompressedMemory
+from .skills import Demonstration, Skill, SkillError, image_bytes
+from .store import DiskCacheStore, LockingByteStore, MemoryFormatError, dump_memory, load_memory
+from .store.format import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from .models.lm import LanguageModel
+
+log = logging.getLogger(__name__)
+SKILL_PREFIX = "skill:"
+MEMORY_PREFIX = "memory:"
+
+
+class UnknownSkillError(KeyError):
+    """A skill name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class MemoryInfo:
+    """How the last ``get`` obtained a memory (for usage metadata and the CLI)."""
+
+    source: Literal["ram", "store", "compressed"]
+    seconds: float
+    compressed_tokens: int = 0
+
+
+def skill_to_json(skill: Skill) -> bytes:
+    data = skill.model_dump(exclude={"demonstrations"})
+    data["demonstrations"] = [
+        {"input": d.input, "output": d.output, "images": [base64.b64encode(image_bytes(i)).decode() for i in d.images]}
+        for d in skill.demonstrations
+    ]
+    return json.dumps(data).encode()
+
+
+def skill_from_json(raw: bytes) -> Skill:
+    data = json.loads(raw)
+    data["demonstrations"] = [
+        Demonstration(input=d["input"], output=d["output"], images=[base64.b64decode(i) for i in d.get("images", [])])
+        for d in data.get("demonstrations", [])
+    ]
+    return Skill.model_validate(data)
+
+
+class MemoryRegistry:
+    """Skills by name; ``get(name)`` returns the compressed memory (RAM LRU -> store -> compress).
+
+    Args:
+        model: a model name for ``load_model`` (loaded on first use) or a loaded LanguageModel.
+        cache_dir: where the default diskcache store lives (``~/.cache/emloc-agents``).
+        store: any ``LockingByteStore`` (diskcache, Redis, in-memory); overrides ``cache_dir``.
+        config: the EMLoCConfig used to compress.
+        max_ram_memories: how many memories to keep decoded in RAM.
+        lock_expire: seconds after which a crashed compressor's lock frees itself.
+    """
+
+    def __init__(
+        self,
+        model: str | LanguageModel = "default",
+        cache_dir: str | Path | None = None,
+        store: LockingByteStore | None = None,
+        config: EMLoCConfig | None = None,
+        max_ram_memories: int = 8,
+        progress: bool = False,
+        lock_expire: float = 900.0,
+    ) -> None:
+        from .models.loader import default_cache_dir
+
+        self.model_name = model if isinstance(model, str) else model.name
+        self._lm = None if isinstance(model, str) else model
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self._store = store
+        self.config = config or EMLoCConfig()
+        self.max_ram_memories = max_ram_memories
+        self.progress = progress
+        self.lock_expire = lock_expire
+        self._ram: OrderedDict[str, CompressedMemory] = OrderedDict()
+        self._skills: dict[str, Skill] = {}
+        self._lock = threading.RLock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self.last_info: dict[str, MemoryInfo] = {}
+        self.compressions = 0
+
+    # ---- lazy backends ---------------------------------------------------------------------
+
+    @property
+    def lm(self) -> LanguageModel:
+        if self._lm is None:
+            from .models.loader import load_model
+
+            with self._lock:
+                if self._lm is None:
+                    self._lm = load_model(self.model_name, dtype=self.config.dtype)
+        return self._lm
+
+    @property
+    def store(self) -> LockingByteStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = DiskCacheStore(self.cache_dir / "store")
+        return self._store
+
+    # ---- skills ----------------------------------------------------------------------------
+
+    def add(self, skill: Skill, persist: bool = True) -> Skill:
+        """Register (or replace) a skill; nothing is compressed until first use."""
+        if not isinstance(skill, Skill):
+            raise TypeError(f"expected a Skill, got {type(skill).__name__}")
+        with self._lock:
+            self._skills[skill.name] = skill
+        if persist:
+            self.store.mset([(SKILL_PREFIX + skill.name, skill_to_json(skill))])
+        return skill
+
+    def remove(self, name: str) -> None:
+        """Forget a skill and delete its memories for this model and config."""
+        skill = self.skill(name)
+        key = self.key(skill)
+        with self._lock:
+            self._skills.pop(name, None)
+            self._ram.pop(key, None)
+        self.store.mdelete([SKILL_PREFIX + name, key])
+
+    def names(self) -> list[str]:
+        stored = {k.removeprefix(SKILL_PREFIX) for k in self.store.yield_keys(prefix=SKILL_PREFIX)}
+        return sorted(stored | set(self._skills))
+
+    def skills(self) -> list[Skill]:
+        return [self.skill(n) for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
+
+    def skill(self, name: str | Skill) -> Skill:
+        if isinstance(name, Skill):
+            return name
+        with self._lock:
+            if name in self._skills:
+                return self._skills[name]
+        raw = self.store.mget([SKILL_PREFIX + name])[0]
+        if raw is None:
+            known = ", ".join(self.names()) or "none"
+            raise UnknownSkillError(f"unknown skill {name!r}; registered skills: {known}")
+        try:
+            skill = skill_from_json(raw)
+        except (ValueError, KeyError) as e:
+            raise SkillError(f"stored skill {name!r} is unreadable: {e}") from e
+        with self._lock:
+            self._skills[name] = skill
+        return skill
+
+    # ---- memories --------------------------------------------------------------------------
+
+    def header(self, skill: Skill) -> dict[str, Any]:
+        """Everything that determines the tensors; the key is its hash."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model_name,
+            "model_fingerprint": self.lm.fingerprint(),
+            "config": self.config.model_dump(mode="json"),
+            "skill_hash": skill.content_hash(),
+        }
+
+    def key(self, skill: str | Skill) -> str:
+        header = self.header(self.skill(skill))
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
+        return MEMORY_PREFIX + digest
+
+    def get(self, skill: str | Skill) -> CompressedMemory:
+        """The skill's memory: from RAM, else the store, else compressed now (once across processes)."""
+        sk = self.skill(skill)
+        key = self.key(sk)
+        t0 = time.perf_counter()
+        with self._lock:
+            mem = self._ram.get(key)
+            if mem is not None:
+                self._ram.move_to_end(key)
+                self.last_info[sk.name] = MemoryInfo("ram", time.perf_counter() - t0)
+                return mem
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # threads of this process wait here; processes wait on the store lock
+            with self._lock:
+                if key in self._ram:
+                    self.last_info[sk.name] = MemoryInfo("ram", time.perf_counter() - t0)
+                    return self._ram[key]
+            mem = self._load(key, sk)
+            if mem is not None:
+                self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
+            else:
+                with self.store.lock("compress:" + key, expire=self.lock_expire, timeout=None):
+                    mem = self._load(key, sk)  # another process may have finished meanwhile
+                    if mem is not None:
+                        self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
+                    else:
+                        mem = self._compress(sk)
+                        self.store.mset([(key, dump_memory(mem, self.header(sk)))])
+                        self.last_info[sk.name] = MemoryInfo(
+                            "compressed", time.perf_counter() - t0, mem.original_length
+                        )
+            self._remember(key, mem)
+            return mem
+
+    def info(self, skill: str | Skill) -> MemoryInfo | None:
+        return self.last_info.get(self.skill(skill).name)
+
+    def warm(self, skills: list[str | Skill] | None = None) -> dict[str, MemoryInfo]:
+        """Precompress (or load) the given skills, all registered ones by default."""
+        out = {}
+        for s in skills if skills is not None else self.names():
+            sk = self.skill(s)
+            self.get(sk)
+            out[sk.name] = self.last_info[sk.name]
+        return out
+
+    def cached(self, skill: str | Skill) -> bool:
+        """Whether a valid memory for this skill is in the store (no compression)."""
+        return self.store.mget([self.key(skill)])[0] is not None
+
+    def _compress(self, skill: Skill) -> CompressedMemory:
+        bar = None
+        cb = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=None, desc=f"compressing {skill.name}", unit="chunk")
+
+            def cb(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        try:
+            mem = compress(self.lm, skill, self.config, progress=cb)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.compressions += 1
+        return mem
+
+    def _load(self, key: str, skill: Skill) -> CompressedMemory | None:
+        raw = self.store.mget([key])[0]
+        if raw is None:
+            return None
+        try:
+            mem = load_memory(raw)
+        except MemoryFormatError as e:
+            log.warning("memory %s for skill %r is corrupt (%s); rebuilding", key, skill.name, e)
+            self.store.mdelete([key])
+            return None
+        expected = self.header(skill)
+        stored = {k: mem.header.get(k) for k in expected}
+        if stored != expected:
+            log.warning("memory %s for skill %r belongs to another model/config/skill; rebuilding", key, skill.name)
+            self.store.mdelete([key])
+            return None
+        return mem
+
+    def _remember(self, key: str, mem: CompressedMemory) -> None:
+        with self._lock:
+            self._ram[key] = mem
+            self._ram.move_to_end(key)
+            while len(self._ram) > self.max_ram_memories:
+                self._ram.popitem(last=False)
+
+    # ---- one file per memory ---------------------------------------------------------------
+
+    def export(self, skill: str | Skill, path: str | Path) -> Path:
+        """Write the skill's memory (compressing it if needed) plus the skill itself to one file."""
+        sk = self.skill(skill)
+        mem = self.get(sk)
+        header = self.header(sk) | {"skill_json": skill_to_json(sk).decode()}
+        path = Path(path).expanduser()
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(dump_memory(mem, header))
+        tmp.replace(path)
+        return path
+
+    def import_file(self, path: str | Path) -> Skill:
+        """Register the skill in a memory file and its memory, if it matches this model and config."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such memory file: {path}")
+        mem = load_memory(path.read_bytes())
+        raw = mem.header.get("skill_json")
+        if not raw:
+            raise MemoryFormatError(f"{path}: no skill inside (not written by export)")
+        skill = skill_from_json(raw.encode())
+        expected = self.header(skill)
+        if {k: mem.header.get(k) for k in expected} != expected:
+            raise MemoryFormatError(
+                f"{path}: memory was made for model {mem.header.get('model')!r} / another config; "
+                f"this registry uses {self.model_name!r}"
+            )
+        self.add(skill)
+        self.store.mset([(self.key(skill), path.read_bytes())])
+        return skill
+
+    # ---- LangChain ---------------------------------------------------------------------------
+
+    def as_tools(self, chat: Any = None) -> list[Any]:
+        """One LangChain tool per skill, answering with ``chat`` bound to that skill."""
+        from .tools import skill_tools
+
+        return skill_tools(self, chat)
+
+    def __repr__(self) -> str:
+        return f"MemoryRegistry(model={self.model_name!r}, skills={len(self._skills)}, cache_dir={str(self.cache_dir)!r})"
