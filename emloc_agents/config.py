@@ -27,6 +27,13 @@ class EMLoCConfig(BaseModel):
     layer_group_size: int = Field(
         1, ge=1, description="Layers decided together (1 = the reference's layer-by-layer search)."
     )
+    search_scope: Literal["answers", "exact"] = Field(
+        "answers",
+        description="JS checks re-run only the answer rows ('answers', cheap) or the whole replay ('exact', reference).",
+    )
+    batch_candidates: bool = Field(
+        False, description="Check all keep ratios of a layer in one batched re-forward (pays off on GPUs)."
+    )
     protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."

@@ -172,3 +172,53 @@ def test_unsupported_architecture_is_named() -> None:
     cfg = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=100)
     with pytest.raises(UnsupportedModelError, match="supported: llama"):
         LanguageModel(AutoModelForCausalLM.from_config(cfg), None, "gpt2")
+
+
+@pytest.mark.parametrize("scope", ["exact", "answers"])
+def test_partial_reforward_without_pruning_matches_teacher(tiny_llama, scope: str) -> None:
+    """Re-running from any layer with nothing pruned reproduces the teacher (JS ~ 0), for the full
+    replay and for the answer-rows-only replay."""
+    from emloc_agents.engine.presses import Press
+
+    seen: list[float] = []
+
+    class Probe(Press):
+        needs_replay = True
+
+        def select(self, ctx):
+            n = ctx.facts.num_layers
+            for start in range(n):
+                seen.append(ctx.replay.divergence([None] * n, start_layer=start))
+            return [None] * n
+
+    compress(tiny_llama, make_skill(6), EMLoCConfig(search_scope=scope), press=Probe())
+    assert seen and max(seen) < 1e-6
+
+
+def test_batched_candidates_match_one_by_one(tiny_llama) -> None:
+    """The batched JS of several candidates equals checking them one at a time."""
+    from emloc_agents.engine.presses import Press, topk_per_head
+
+    pairs: list[tuple[float, float]] = []
+
+    class Probe(Press):
+        needs_replay = True
+
+        def select(self, ctx):
+            n = ctx.facts.num_layers
+            r = ctx.replay
+            trials = []
+            for k in (5, 12, 30):
+                trial: list = [None] * n
+                trial[n - 1] = topk_per_head(r.scores[n - 1], k)
+                trial[n - 2] = topk_per_head(r.scores[n - 2], k + 3)
+                trials.append(trial)
+            batched = r.divergences(trials, n - 2)
+            single = [r.divergence(t, n - 2) for t in trials]
+            pairs.extend(zip(batched, single, strict=True))
+            return [None] * n
+
+    compress(tiny_llama, make_skill(6), EMLoCConfig(), press=Probe())
+    assert pairs
+    for a, b in pairs:
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-7)

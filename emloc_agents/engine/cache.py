@@ -22,9 +22,11 @@ class MemoryCache(Cache):
 
     Args:
         prefix_keys / prefix_values: per layer ``(1|B, kv_heads, M_l, head_dim)`` or None (empty).
-        prefix_positions: per layer ``(M_l,)`` original positions used for sliding-window masks
-            (for pruned full-attention layers every prefix token is visible, so any row works).
+        prefix_positions: per layer ``(M_l,)`` or ``(B, M_l)`` original positions, for the causal and
+            sliding-window masks (memory tokens precede every query; for pruned full-attention
+            layers any head's positions will do).
         windows: per layer sliding window (``None`` = full attention).
+        prefix_valid: optional per layer ``(B, M_l)`` visibility of prefix tokens.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class MemoryCache(Cache):
         prefix_values: Sequence[torch.Tensor | None],
         prefix_positions: Sequence[torch.Tensor | None],
         windows: Sequence[int | None],
+        prefix_valid: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(layers=[])
         n = len(windows)
@@ -40,6 +43,7 @@ class MemoryCache(Cache):
         self.prefix_values = list(prefix_values)
         self.prefix_positions = list(prefix_positions)
         self.windows = list(windows)
+        self.prefix_valid = list(prefix_valid) if prefix_valid is not None else [None] * n
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -109,12 +113,19 @@ class MemoryCache(Cache):
         if m == 0:
             mask = new_mask
         else:
-            if window:
-                ppos = self.prefix_positions[layer_idx]
+            ppos = self.prefix_positions[layer_idx]
+            pvalid = self.prefix_valid[layer_idx]
+            if window or pvalid is not None or (ppos is not None and ppos.dim() == 2):
                 assert ppos is not None
-                pre_mask = (q_pos - ppos.to(q_pos.device)[None, None, :]) < window
+                ppos = ppos.to(q_pos.device)
+                ppos = ppos[:, None, :] if ppos.dim() == 2 else ppos[None, None, :]
+                pre_mask = ppos <= q_pos
+                if window:
+                    pre_mask = pre_mask & ((q_pos - ppos) < window)
+                if pvalid is not None:
+                    pre_mask = pre_mask & pvalid[:, None, :]
             else:
-                pre_mask = torch.ones(q_pos.shape[0], q_len, m, dtype=torch.bool, device=q_pos.device)
+                pre_mask = torch.ones(1, q_len, m, dtype=torch.bool, device=q_pos.device)
             mask = torch.cat([pre_mask.expand(new_mask.shape[0], q_len, m), new_mask], dim=-1)
         if mask.shape[-1] != k_len:
             raise RuntimeError(f"layer {layer_idx}: mask covers {mask.shape[-1]} keys, attention has {k_len}")

@@ -131,29 +131,119 @@ class Replay:
     teacher: torch.Tensor | None = None
     hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: list[torch.Tensor] = field(default_factory=list)
+    replay_k: list[torch.Tensor] = field(default_factory=list)
+    replay_v: list[torch.Tensor] = field(default_factory=list)
+    scope: str = "answers"
+    _memo: dict[int, Any] = field(default_factory=dict, repr=False)
     forwards: float = 0.0  # replay-forward equivalents spent (partial forwards count by depth)
     js_checks: int = 0
 
-    def cache(self, selection: Selection, start_layer: int = 0) -> MemoryCache:
+    def cache(self, selection: Selection, start_layer: int = 0, with_replay: bool = False) -> MemoryCache:
+        """Memory + (selected) chunk for layers >= start_layer; optionally the teacher's replay K/V
+        too, with the answer rows hidden (they are recomputed as the new tokens)."""
         f = self.lm.facts
-        keys, values, pos = [], [], []
+        keys, values, pos, valid = [], [], [], []
+        b = self.ids.shape[0]
         for layer in range(f.num_layers):
             if layer < start_layer:
-                keys.append(None), values.append(None), pos.append(None)
+                keys.append(None), values.append(None), pos.append(None), valid.append(None)
                 continue
-            mk, mv, mp = self.building.prefix(layer)
-            ck, cv = self.chunk_k[layer], self.chunk_v[layer]
-            cp = self.chunk_pos
-            idx = selection[layer]
-            if idx is not None:
-                ck, cv, cp = _gather(ck, idx), _gather(cv, idx), self.chunk_pos[idx[0]]
-            keys.append(_cat(mk, ck, 2))
-            values.append(_cat(mv, cv, 2))
-            pos.append(_cat(mp, cp, 0))
-        cache = MemoryCache(keys, values, pos, f.windows)
+            k, v, p, ok = self._layer_prefix(layer, selection[layer], with_replay)
+            keys.append(k), values.append(v), pos.append(p), valid.append(ok)
+        cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
         cache.keep_new = False
         cache.start_layer = start_layer
         return cache
+
+    def _layer_prefix(self, layer: int, idx: torch.Tensor | None, with_replay: bool) -> tuple[Any, Any, Any, Any]:
+        """One layer's prefix tensors, memoised per selection object: layers above the one being
+        searched are already decided, so their tensors are built once, not once per check."""
+        hit = self._memo.get(layer)  # one entry per layer bounds the memory to one cache's worth
+        if hit is not None and hit[0] is idx and hit[1] == with_replay:
+            return hit[2]
+        b = self.ids.shape[0]
+        mk, mv, mp = self.building.prefix(layer)
+        ck, cv, cp = self.chunk_k[layer], self.chunk_v[layer], self.chunk_pos
+        if idx is not None:
+            ck, cv, cp = _gather(ck, idx), _gather(cv, idx), self.chunk_pos[idx[0]]
+        k, v, p = _cat(mk, ck, 2), _cat(mv, cv, 2), _cat(mp, cp, 0)
+        ok = None
+        if with_replay:
+            k = torch.cat([k.expand(b, -1, -1, -1), self.replay_k[layer]], dim=2)
+            v = torch.cat([v.expand(b, -1, -1, -1), self.replay_v[layer]], dim=2)
+            ok = torch.cat([torch.ones(b, p.shape[0], dtype=torch.bool), self.valid & ~self.rows], dim=1)
+            p = torch.cat([p[None].expand(b, -1), self.positions], dim=1)
+        self._memo[layer] = (idx, with_replay, (k, v, p, ok))
+        return k, v, p, ok
+
+    def _layer_prefix_padded(self, layer: int, idx: torch.Tensor | None, width: int) -> tuple[Any, Any, Any, Any]:
+        """Like ``_layer_prefix(with_replay=True)`` with the chunk part padded to ``width`` tokens."""
+        k, v, p, ok = self._layer_prefix(layer, idx, True) if idx is None else self._build(layer, idx)
+        n_sel = self.chunk_k[layer].shape[-2] if idx is None else idx.shape[-1]
+        if n_sel == width:
+            return k, v, p, ok
+        b, h, _, d = k.shape
+        m = self.building.length(layer)
+        pad = width - n_sel
+        split = m + n_sel
+        zk = k.new_zeros(b, h, pad, d)
+        k = torch.cat([k[:, :, :split], zk, k[:, :, split:]], dim=2)
+        v = torch.cat([v[:, :, :split], zk, v[:, :, split:]], dim=2)
+        p = torch.cat([p[:, :split], p.new_zeros(b, pad), p[:, split:]], dim=1)
+        ok = torch.cat([ok[:, :split], ok.new_zeros(b, pad), ok[:, split:]], dim=1)
+        return k, v, p, ok
+
+    def _build(self, layer: int, idx: torch.Tensor) -> tuple[Any, Any, Any, Any]:
+        b = self.ids.shape[0]
+        mk, mv, mp = self.building.prefix(layer)
+        ck, cv, cp = _gather(self.chunk_k[layer], idx), _gather(self.chunk_v[layer], idx), self.chunk_pos[idx[0]]
+        k = torch.cat([_cat(mk, ck, 2).expand(b, -1, -1, -1), self.replay_k[layer]], dim=2)
+        v = torch.cat([_cat(mv, cv, 2).expand(b, -1, -1, -1), self.replay_v[layer]], dim=2)
+        p = _cat(mp, cp, 0)
+        ok = torch.cat([torch.ones(b, p.shape[0], dtype=torch.bool), self.valid & ~self.rows], dim=1)
+        return k, v, torch.cat([p[None].expand(b, -1), self.positions], dim=1), ok
+
+    def divergences(self, trials: list[Selection], start_layer: int) -> list[float]:
+        """JS of several candidate selections at once: with ``scope="answers"`` they run as one
+        batch (the re-forward of a few rows is bound by reading the weights, so candidates are
+        almost free); with ``scope="exact"`` one after the other."""
+        if self.scope == "exact" or len(trials) == 1:
+            return [self.divergence(t, start_layer) for t in trials]
+        f = self.lm.facts
+        assert self.teacher is not None
+        c = len(trials)
+        keys, values, pos, valid = [], [], [], []
+        for layer in range(f.num_layers):
+            if layer < start_layer:
+                keys.append(None), values.append(None), pos.append(None), valid.append(None)
+                continue
+            idxs = [t[layer] for t in trials]
+            if all(i is idxs[0] for i in idxs):
+                k, v, p, ok = self._layer_prefix(layer, idxs[0], True)
+                keys.append(k.repeat(c, 1, 1, 1)), values.append(v.repeat(c, 1, 1, 1))
+                pos.append(p.repeat(c, 1)), valid.append(ok.repeat(c, 1))
+                continue
+            width = max(self.chunk_k[layer].shape[-2] if i is None else i.shape[-1] for i in idxs)
+            parts = [self._layer_prefix_padded(layer, i, width) for i in idxs]
+            keys.append(torch.cat([x[0] for x in parts])), values.append(torch.cat([x[1] for x in parts]))
+            pos.append(torch.cat([x[2] for x in parts])), valid.append(torch.cat([x[3] for x in parts]))
+        cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
+        cache.keep_new = False
+        cache.start_layer = start_layer
+        ids, rpos, rvalid, gather_idx = self._answer_rows()
+        h = self.hidden_in[start_layer]
+        cache.start_hidden = torch.gather(h, 1, gather_idx[..., None].expand(-1, -1, h.shape[-1])).repeat(c, 1, 1)
+        hidden = run(self.lm.model, cache, ids.repeat(c, 1), rpos.repeat(c, 1), rvalid.repeat(c, 1))
+        b = ids.shape[0]
+        out = []
+        for i in range(c):
+            hs = hidden[i * b : (i + 1) * b][rvalid]
+            student = torch.log_softmax(lm_logits(self.lm.model, f, hs), dim=-1)
+            out.append(float(js_divergence(self.teacher, student).mean()))
+        share = float(rvalid.sum()) / float(self.valid.sum())
+        self.forwards += share * (f.num_layers - start_layer) / f.num_layers
+        self.js_checks += c
+        return out
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = lm_logits(self.lm.model, self.lm.facts, hidden[self.rows])
@@ -173,7 +263,10 @@ class Replay:
             raw[layer] = chunk_attention(module, q, k, mask, self.rows, start, start + n)
 
         cache.observer = observe
+        cache.keep_new = True
         hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+        self.replay_k = [cache.chunk_kv(i)[0] for i in range(f.num_layers)]
+        self.replay_v = [cache.chunk_kv(i)[1] for i in range(f.num_layers)]
         self.forwards += 1
         self.teacher = self.log_probs(hidden)
         self.scores = []
@@ -186,14 +279,47 @@ class Replay:
             self.scores.append(s)
 
     def divergence(self, selection: Selection, start_layer: int) -> float:
+        """Mean JS to the teacher at the answer rows with ``selection`` applied from ``start_layer`` up.
+
+        ``scope="exact"`` re-runs the whole replay from the saved hidden state (the reference);
+        ``scope="answers"`` re-runs only the answer rows, reading the other replay rows' K/V from
+        the teacher pass: ~T/|answers| times cheaper, and it measures the pruning's effect on the
+        tokens that produce the answers directly."""
         f = self.lm.facts
-        cache = self.cache(selection, start_layer)
-        cache.start_hidden = self.hidden_in[start_layer]
-        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
-        self.forwards += (f.num_layers - start_layer) / f.num_layers
-        self.js_checks += 1
         assert self.teacher is not None
-        return float(js_divergence(self.teacher, self.log_probs(hidden)).mean())
+        if self.scope == "exact":
+            cache = self.cache(selection, start_layer)
+            cache.start_hidden = self.hidden_in[start_layer]
+            hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+            student = self.log_probs(hidden)
+            share = 1.0
+        else:
+            cache = self.cache(selection, start_layer, with_replay=True)
+            ids, pos, valid, gather_idx = self._answer_rows()
+            cache.start_hidden = torch.gather(
+                self.hidden_in[start_layer], 1, gather_idx[..., None].expand(-1, -1, self.hidden_in[start_layer].shape[-1])
+            )
+            hidden = run(self.lm.model, cache, ids, pos, valid)
+            student = torch.log_softmax(lm_logits(self.lm.model, f, hidden[valid]), dim=-1)
+            share = float(valid.sum()) / float(self.valid.sum())
+        self.forwards += share * (f.num_layers - start_layer) / f.num_layers
+        self.js_checks += 1
+        return float(js_divergence(self.teacher, student).mean())
+
+    def _answer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The answer rows of each replayed demonstration, packed left (B, r) with their positions."""
+        counts = self.rows.sum(1)
+        r = int(counts.max())
+        b = self.ids.shape[0]
+        gather_idx = torch.zeros(b, r, dtype=torch.long)
+        valid = torch.zeros(b, r, dtype=torch.bool)
+        for i in range(b):
+            idx = self.rows[i].nonzero().flatten()
+            gather_idx[i, : len(idx)] = idx
+            valid[i, : len(idx)] = True
+        ids = torch.gather(self.ids, 1, gather_idx)
+        pos = torch.gather(self.positions, 1, gather_idx)
+        return ids, pos, valid, gather_idx
 
 
 def chunk_attention(
@@ -291,7 +417,7 @@ def _window_observer(facts: ModelFacts, window: int, store: dict[int, torch.Tens
 def press_for(config: EMLoCConfig) -> Press:
     if not config.prunes:
         return Press()
-    return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size)
+    return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size, config.batch_candidates)
 
 
 def compress(
@@ -342,7 +468,8 @@ def compress(
         replay = None
         if press.needs_replay and chunk.demos:
             ids, rpos, valid, rows = _replay_batch(chunk.demos, offset + n, pad_id)
-            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, valid, rows)
+            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, valid, rows,
+                            scope=config.search_scope)
             replay.run_teacher(config.pool_kernel, protected)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,

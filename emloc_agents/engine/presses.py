@@ -49,6 +49,7 @@ class EMLoCPress(Press):
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     delta: float = 0.005
     layer_group_size: int = 1
+    batch_candidates: bool = False
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -60,24 +61,28 @@ class EMLoCPress(Press):
         prunable = [i for i in range(n_layers) if not ctx.facts.sliding[i]]
         groups = [prunable[max(0, j - self.layer_group_size) : j] for j in range(len(prunable), 0, -self.layer_group_size)]
         for group in groups:  # top-down
-            for ratio in self.keep_ratios:
-                if ratio >= 1.0:
-                    break
-                k = budget(ctx.n, ratio, ctx.n_protected)
-                if k >= ctx.n:
-                    break
+            ratios = [r for r in self.keep_ratios if r < 1.0 and budget(ctx.n, r, ctx.n_protected) < ctx.n]
+            trials = []
+            for ratio in ratios:
                 trial = list(decided)
+                k = budget(ctx.n, ratio, ctx.n_protected)
                 for layer in group:
                     trial[layer] = topk_per_head(replay.scores[layer], k)
-                js = replay.divergence(trial, start_layer=group[0])
-                if js <= self.delta:
-                    decided = trial
-                    for layer in group:
-                        ctx.record(layer, ratio, js)
-                    break
-            else:
-                for layer in group:
-                    ctx.record(layer, 1.0, None)
+                trials.append(trial)
+            chosen, chosen_js = 1.0, None
+            if not self.batch_candidates:  # one candidate at a time, stop at the first that passes
+                for ratio, trial in zip(ratios, trials, strict=True):
+                    js = replay.divergence(trial, start_layer=group[0])
+                    if js <= self.delta:
+                        chosen, chosen_js, decided = ratio, js, trial
+                        break
+            elif trials:
+                for ratio, trial, js in zip(ratios, trials, replay.divergences(trials, group[0]), strict=True):
+                    if js <= self.delta:
+                        chosen, chosen_js, decided = ratio, js, trial
+                        break
+            for layer in group:
+                ctx.record(layer, chosen, chosen_js)
         return decided
 
 

@@ -1,0 +1,77 @@
+"""`emloc bench`: argument parsing for ``run_bench``. Bad input -> one line on stderr, exit 2.
+
+``--compare`` is a flag: after the run, print the ``compare`` lines of that run on stdout.
+(To compare an existing run, load its ``summary.json`` and call ``emloc_agents.bench.compare``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..engine import PromptError, UnsupportedModelError
+from ..skills import SkillError
+from .compare import compare
+from .methods import METHODS
+from .run import SCORINGS, BenchError, run_bench
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print usage too)
+        raise BenchError(message)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for n in names:
+        if n not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="emloc bench", description="Accuracy, fidelity and cost of EMLoC memories vs baselines.")
+    p.add_argument("--task", action="append", required=True, metavar="DIR", help="task folder (repeatable)")
+    p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | tiny-llama | DIR")
+    p.add_argument("--methods", type=_methods, default="zero-shot,full-icl,emloc",
+                   help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--shots", type=_ints, default="16", help="comma list of demonstration counts")
+    p.add_argument("--seeds", type=_ints, default="0", help="comma list of demonstration-sampling seeds")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N test items (default: all)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default results/bench-<timestamp>)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="keep ratio of uniform/snapkv/streaming-llm/random (default: EMLoC's kept ratio "
+                        "for the same shots/seed when emloc runs, else 0.2)")
+    p.add_argument("--scoring", choices=SCORINGS, default="loglik",
+                   help="loglik: argmax label log-likelihood; generate: label the greedy answer starts with")
+    p.add_argument("--compare", action="store_true", help="print the headline ratios after the run")
+    return p
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    from ..models.sources import ModelSourceError
+
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        out = args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        rows = run_bench(
+            args.task, model=args.model, methods=args.methods, shots=args.shots, seeds=args.seeds,
+            limit=args.limit, out=out, ratio=args.ratio, scoring=args.scoring,
+        )
+    except (BenchError, SkillError, PromptError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"emloc bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"emloc bench: {len(rows)} rows written to {out}/summary.json", file=sys.stderr)
+    if args.compare:
+        print("\n".join(compare(rows)))
+    return 0

@@ -1,0 +1,116 @@
+"""Benchmark methods: how each one turns a skill into what a query runs on.
+
+- ``zero-shot``: no demonstrations; the query stands alone (with the instruction).
+- ``full-icl``: no memory; every query is the full rendered prompt (instruction + demonstrations +
+  query), prefilled from scratch each time. Accuracy and TTFT are both measured on this honest
+  recompute path.
+- ``full-icl-cached``: the uncompressed memory (``keep_ratios=(1.0,)``), prefilled once and reused.
+- ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked).
+- ``uniform``, ``snapkv``, ``streaming-llm``, ``random``: fixed-ratio presses. Their ratio is the
+  explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
+  earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..config import EMLoCConfig
+from ..engine import CompressedMemory, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress, compress
+from ..engine.prompt import Renderer
+from ..skills import Skill
+from ..store.format import dump_memory
+
+METHODS: tuple[str, ...] = (
+    "zero-shot", "full-icl", "full-icl-cached", "emloc", "uniform", "snapkv", "streaming-llm", "random",
+)
+FIXED_RATIO_PRESSES = {
+    "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
+}
+DEFAULT_RATIO = 0.2
+
+
+@dataclass
+class Prepared:
+    """One method built for one skill: what queries run on, and the build measurements."""
+
+    method: str
+    memory: CompressedMemory | None = None
+    prefix_ids: list[int] | None = None  # full-icl: prepended to every query and recomputed each time
+    original_tokens: int | None = None
+    memory_tokens: float | None = None  # mean kept tokens per layer
+    kept_ratio: float | None = None
+    compress_s: float | None = None
+    disk_bytes: int | None = None
+    press_ratio: float | None = None
+    ratio_source: str | None = None  # "--ratio", "emloc" or "default"
+    replay_forwards: float | None = None  # compression cost in full-forward equivalents (replay presses)
+
+    def renderer(self, lm) -> Renderer:
+        return lm.renderer(self.memory.render_mode if self.memory is not None else "auto")
+
+    def query_ids(self, lm, text: str, instruction: str) -> list[int]:
+        """Token ids of one query, exactly as ``LanguageModel.score``/``generate`` would render them."""
+        r = self.renderer(lm)
+        if self.prefix_ids is not None:
+            return self.prefix_ids + r.query(text, instruction=instruction, on_memory=True)
+        return r.query(text, instruction=instruction, on_memory=self.memory is not None)
+
+    def label_ids(self, lm, labels: Sequence[str]) -> list[list[int]]:
+        """Continuation ids per label (same rule as ``LanguageModel.score``)."""
+        r = self.renderer(lm)
+        return [r.ids(o if r.mode == "chat" or o[:1].isspace() else " " + o) for o in labels]
+
+
+def order_methods(methods: Sequence[str]) -> list[str]:
+    """Canonical run order (emloc before the fixed-ratio presses that may reuse its ratio)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in set(methods)]
+
+
+def _from_memory(method: str, mem: CompressedMemory) -> Prepared:
+    return Prepared(
+        method=method,
+        memory=mem,
+        original_tokens=mem.original_length,
+        memory_tokens=mem.memory_tokens / mem.num_layers,
+        kept_ratio=mem.kept_ratio,
+        compress_s=float(mem.stats.get("compress_s", 0.0)),
+        disk_bytes=len(dump_memory(mem)),
+        replay_forwards=mem.stats.get("replay_forwards") if mem.stats.get("press") in ("emloc", "uniform") else None,
+    )
+
+
+def prepare(
+    lm, method: str, skill: Skill, *, seed: int = 0, ratio: float | None = None, emloc_ratio: float | None = None
+) -> Prepared:
+    """Build ``method`` for ``skill`` on ``lm``."""
+    if method == "zero-shot":
+        return Prepared(method)
+    if method == "full-icl":
+        r = lm.renderer("auto")
+        ids = r.prefix(skill.instruction).ids
+        for d in skill.demonstrations:
+            ids = ids + r.demo(d.input, d.output, skill.instruction).ids
+        n = len(ids)
+        return Prepared(method, prefix_ids=ids, original_tokens=n, memory_tokens=float(n), kept_ratio=1.0)
+    if method == "full-icl-cached":
+        return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
+    if method == "emloc":
+        return _from_memory(method, compress(lm, skill, EMLoCConfig()))
+    if method in FIXED_RATIO_PRESSES:
+        if ratio is not None:
+            r_used, source = ratio, "--ratio"
+        elif emloc_ratio is not None:
+            r_used, source = emloc_ratio, "emloc"
+        else:
+            r_used, source = DEFAULT_RATIO, "default"
+        cls = FIXED_RATIO_PRESSES[method]
+        press = cls(ratio=r_used, seed=seed) if cls is RandomPress else cls(ratio=r_used)
+        prepared = _from_memory(method, compress(lm, skill, EMLoCConfig(), press=press))
+        prepared.press_ratio, prepared.ratio_source = r_used, source
+        return prepared
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,102 @@
+"""PNG plots from summary rows (matplotlib, Agg backend). A plot without data is skipped."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(rows: Sequence[dict], what: str) -> str:
+    tasks = sorted({r["task"] for r in rows})
+    models = sorted({r["model"] for r in rows})
+    return f"{what} ({', '.join(models)}; {', '.join(tasks)})"
+
+
+def accuracy_vs_kept_ratio(rows: Sequence[dict], path: Path) -> Path | None:
+    pts = [r for r in rows if r.get("accuracy") is not None and r.get("kept_ratio") is not None]
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in pts):
+        sel = [r for r in pts if r["method"] == method]
+        ax.scatter([r["kept_ratio"] for r in sel], [r["accuracy"] for r in sel], label=method)
+    zero = [r["accuracy"] for r in rows if r["method"] == "zero-shot" and r.get("accuracy") is not None]
+    for i, acc in enumerate(zero):  # zero-shot keeps nothing: reference lines
+        ax.axhline(acc, color="grey", linestyle="--", linewidth=0.8, label="zero-shot" if i == 0 else None)
+    ax.set_xlabel("kept ratio (share of demonstration tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(_title(rows, "accuracy vs kept ratio"), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
+    pts = [r for r in rows if r.get("accuracy") is not None]
+    if len({r["shots"] for r in pts}) < 2:
+        return None
+    by: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in pts:  # mean over tasks and seeds
+        by[(r["method"], r["shots"])].append(r["accuracy"])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in pts):
+        xs = sorted(s for m, s in by if m == method)
+        ax.plot(xs, [mean(by[(method, s)]) for s in xs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("shots")
+    ax.set_ylabel("accuracy (mean over tasks, seeds)")
+    ax.set_title(_title(rows, "accuracy vs shots"), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
+    pts = [
+        r for r in rows
+        if r["method"] in ("full-icl", "emloc") and r.get("ttft_s") is not None and r.get("original_tokens")
+    ]
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("full-icl", "emloc"):
+        sel = sorted((r for r in pts if r["method"] == method), key=lambda r: r["original_tokens"])
+        if sel:
+            ax.plot([r["original_tokens"] for r in sel], [r["ttft_s"] for r in sel], marker="o", label=method)
+    ax.set_xlabel("demonstration tokens (uncompressed)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(_title(rows, "TTFT vs context"), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:
+    """Write the plots that have data into ``out``; returns the files written."""
+    out = Path(out)
+    made = [
+        accuracy_vs_kept_ratio(rows, out / "accuracy_vs_kept_ratio.png"),
+        accuracy_vs_shots(rows, out / "accuracy_vs_shots.png"),
+        ttft_vs_tokens(rows, out / "ttft_vs_tokens.png"),
+    ]
+    return [p for p in made if p is not None]

@@ -1,0 +1,259 @@
+"""run_bench: accuracy, fidelity and cost of each method on classification tasks.
+
+For every task x shots x seed, the skill is ``Task.skill(shots, seed)``; each method is built once
+(see ``methods.py``) and evaluated on the first ``limit`` test items in file order. Outputs in ``out``:
+
+- ``items.jsonl``: one prediction per line (task, method, shots, seed, index, label, prediction, correct).
+- ``summary.json`` / ``summary.csv``: one row per task/method/shots/seed (``SUMMARY_FIELDS``).
+- ``config.json``: the arguments, the resolved model name and the machine.
+- ``*.png``: plots (``plots.py``), when matplotlib is installed.
+
+Measurement notes:
+- ``ttft_s`` / ``decode_tokens_per_s``: greedy generation of ``TIMING_TOKENS`` tokens on the first
+  ``timing_items`` items (after one warm-up call). For ``full-icl`` the whole prompt is prefilled
+  per call, so its TTFT includes the demonstrations; memory methods prefill only the query.
+- ``peak_rss_mb``: the process's peak resident set size (``ru_maxrss``) read after the method ran.
+  It is monotone over the run (model weights + everything before), so only its growth from one
+  row to the next says anything about a method; a clean per-method peak needs one process each.
+- ``agreement``: share of items whose prediction equals full-icl's for the same task/shots/seed
+  (null when full-icl was not run). ``zero-shot`` is evaluated once per task and reused across
+  shots/seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import score_continuations
+from ..tasks import Task
+from .methods import Prepared, order_methods, prepare
+from .metrics import accuracy, agreement, wilson_ci
+
+SUMMARY_FIELDS = [
+    "task", "model", "method", "shots", "seed", "scoring", "n", "accuracy", "accuracy_ci95",
+    "kept_ratio", "original_tokens", "memory_tokens", "compress_s", "ttft_s", "decode_tokens_per_s",
+    "peak_rss_mb", "disk_bytes", "agreement", "press_ratio", "ratio_source", "replay_forwards", "eval_s",
+]
+SCORINGS = ("loglik", "generate")
+TIMING_TOKENS = 16
+
+
+class BenchError(ValueError):
+    """Bad benchmark input (missing task folder, unknown method, impossible shots ...)."""
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # > cpu_count: timings contended
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def match_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label a generation starts with (case-insensitive, longest label first), else None."""
+    t = text.strip().lower()
+    for label in sorted(labels, key=len, reverse=True):
+        if t.startswith(label.strip().lower()):
+            return label
+    return None
+
+
+def load_tasks(folders: Sequence[str | Path]) -> list[Task]:
+    tasks = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise BenchError(f"task folder not found: {path}")
+        task = Task.load(path)  # SkillError (a ValueError) for a folder without task.json
+        if not task.test:
+            raise BenchError(f"task {task.name}: no test items in {path / 'test.jsonl'}")
+        if len(task.labels) < 2:
+            raise BenchError(f"task {task.name}: needs at least two labels")
+        tasks.append(task)
+    return tasks
+
+
+def _predict(lm, task: Task, prep: Prepared, text: Any, scoring: str, label_ids: list[list[int]]) -> tuple[str | None, Any]:
+    ids = prep.query_ids(lm, task.format_input(text), task.instruction)
+    if scoring == "loglik":
+        scores = score_continuations(lm, ids, label_ids, prep.memory)
+        return task.labels[max(range(len(scores)), key=scores.__getitem__)], scores
+    gen = lm.generate_ids(ids, prep.memory, max_new_tokens=max(len(x) for x in label_ids) + 2)
+    return match_label(gen.text, task.labels), gen.text
+
+
+def _timing(lm, task: Task, prep: Prepared, items: Sequence[Any]) -> tuple[float | None, float | None]:
+    """Mean TTFT and decode tokens/s of greedy generation on ``items``."""
+    ttfts, tokens, decode_s = [], 0, 0.0
+    for ex in items:
+        ids = prep.query_ids(lm, task.format_input(ex.text), task.instruction)
+        g = lm.generate_ids(ids, prep.memory, max_new_tokens=TIMING_TOKENS)
+        ttfts.append(g.ttft_s)
+        tokens += len(g.token_ids) - (1 if g.finish_reason == "length" else 0)  # forwards after the first
+        decode_s += g.decode_s
+    ttft = sum(ttfts) / len(ttfts) if ttfts else None
+    rate = tokens / decode_s if tokens > 0 and decode_s > 0 else None
+    return ttft, rate
+
+
+def _evaluate(lm, task: Task, prep: Prepared, items: Sequence[Any], scoring: str, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    label_ids = prep.label_ids(lm, task.labels)
+    preds, extras = [], []
+    t0 = time.perf_counter()
+    for ex in tqdm(items, desc=desc, disable=not progress, leave=False, file=sys.stderr):
+        p, extra = _predict(lm, task, prep, ex.text, scoring, label_ids)
+        preds.append(p)
+        extras.append(extra)
+    return preds, extras, time.perf_counter() - t0
+
+
+def write_summary(rows: list[dict], out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    with (out / "summary.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else ("" if v is None else v) for k, v in r.items()})
+
+
+def run_bench(
+    tasks: Sequence[str | Path],
+    model: Any = "default",
+    methods: Sequence[str] = ("zero-shot", "full-icl", "emloc"),
+    shots: Sequence[int] = (16,),
+    seeds: Sequence[int] = (0,),
+    limit: int | None = None,
+    out: str | Path = "results/bench",
+    ratio: float | None = None,
+    scoring: str = "loglik",
+    *,
+    timing_items: int = 3,
+    progress: bool = True,
+    plots: bool = True,
+) -> list[dict]:
+    """Run the benchmark (see module docstring) and return the summary rows.
+
+    ``model`` is a name for ``load_model`` (or a loaded ``LanguageModel``). ``ratio`` fixes the
+    ratio of the fixed-ratio presses; None matches EMLoC's kept ratio when emloc ran (else 0.2).
+    """
+    try:
+        methods = order_methods(methods)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    if not methods:
+        raise BenchError("no methods given")
+    if scoring not in SCORINGS:
+        raise BenchError(f"unknown scoring {scoring!r}; choose loglik or generate")
+    if not shots or any(s < 1 for s in shots):
+        raise BenchError("shots must be positive integers")
+    if not seeds:
+        raise BenchError("no seeds given")
+    if limit is not None and limit < 1:
+        raise BenchError("limit must be a positive integer")
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise BenchError(f"ratio must lie in (0, 1], got {ratio}")
+    loaded = load_tasks(tasks)
+    for task in loaded:
+        if max(shots) > len(task.pool):
+            raise BenchError(f"task {task.name}: {max(shots)} shots asked, pool has {len(task.pool)}")
+
+    from ..models.loader import load_model
+
+    lm = load_model(model)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tasks": [str(Path(t).expanduser().resolve()) for t in tasks], "model": str(getattr(model, "name", model)),
+        "resolved_model": lm.name, "methods": methods, "shots": list(shots), "seeds": list(seeds), "limit": limit,
+        "out": str(out), "ratio": ratio, "scoring": scoring, "timing_items": timing_items,
+        "timing_tokens": TIMING_TOKENS, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for _ in range(3):  # first forwards are slower (allocator, kernels); keep them out of the numbers
+        lm.generate_ids(lm.renderer("auto").query("warm up", on_memory=False), None, max_new_tokens=2)
+
+    rows: list[dict] = []
+    with (out / "items.jsonl").open("w") as items_fh:
+        for task in loaded:
+            items = task.test[:limit] if limit else task.test
+            labels = [ex.label for ex in items]
+            zero_shot: tuple | None = None  # (preds, extras, eval_s, ttft, rate) reused across shots/seeds
+            for n_shots in shots:
+                for seed in seeds:
+                    skill = task.skill(n_shots, seed)
+                    group: dict[str, tuple[dict, list]] = {}
+                    emloc_ratio = None
+                    for method in methods:
+                        prep = prepare(lm, method, skill, seed=seed, ratio=ratio, emloc_ratio=emloc_ratio)
+                        if method == "emloc":
+                            emloc_ratio = prep.kept_ratio
+                        if method == "zero-shot" and zero_shot is not None:
+                            preds, extras, eval_s, ttft, rate = zero_shot
+                        else:
+                            desc = f"{task.name} {method} {n_shots}-shot seed {seed}"
+                            preds, extras, eval_s = _evaluate(lm, task, prep, items, scoring, desc, progress)
+                            ttft, rate = _timing(lm, task, prep, items[:timing_items])
+                            if method == "zero-shot":
+                                zero_shot = (preds, extras, eval_s, ttft, rate)
+                        k = sum(p == y for p, y in zip(preds, labels, strict=True))
+                        row = {
+                            "task": task.name, "model": lm.name, "method": method, "shots": n_shots, "seed": seed,
+                            "scoring": scoring, "n": len(items), "accuracy": accuracy(preds, labels),
+                            "accuracy_ci95": wilson_ci(k, len(items)), "kept_ratio": prep.kept_ratio,
+                            "original_tokens": prep.original_tokens, "memory_tokens": prep.memory_tokens,
+                            "compress_s": prep.compress_s, "ttft_s": ttft, "decode_tokens_per_s": rate,
+                            "peak_rss_mb": peak_rss_mb(), "disk_bytes": prep.disk_bytes, "agreement": None,
+                            "press_ratio": prep.press_ratio, "ratio_source": prep.ratio_source, "replay_forwards": prep.replay_forwards,
+                            "eval_s": eval_s,
+                        }
+                        group[method] = (row, preds)
+                        for i, (ex, p, extra) in enumerate(zip(items, preds, extras, strict=True)):
+                            rec = {"task": task.name, "method": method, "shots": n_shots, "seed": seed, "index": i,
+                                   "label": ex.label, "prediction": p, "correct": p == ex.label,
+                                   "scores" if scoring == "loglik" else "output": extra}
+                            items_fh.write(json.dumps(rec) + "\n")
+                        items_fh.flush()
+                        del prep
+                    if "full-icl" in group:
+                        reference = group["full-icl"][1]
+                        for row, preds in group.values():
+                            row["agreement"] = agreement(preds, reference)
+                    rows.extend(row for row, _ in group.values())
+                    write_summary(rows, out)  # partial results survive an interrupted run
+    config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    config["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    if plots:
+        try:
+            from .plots import make_plots
+
+            make_plots(rows, out)
+        except ImportError:
+            print("emloc bench: matplotlib not installed; skipping plots", file=sys.stderr)
+    return rows

@@ -1,0 +1,126 @@
+"""emloc bench on a tiny task folder and the tiny random-weight model (fast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from emloc_agents.bench import SUMMARY_FIELDS, accuracy, agreement, compare, wilson_ci
+from emloc_agents.bench.cli import bench_main
+from emloc_agents.bench.methods import prepare
+from emloc_agents.bench.run import match_label
+from emloc_agents.tasks import Task
+
+GOOD = ["great fun", "a joy to watch", "warm and witty", "moving and smart", "wonderful cast", "pure delight"]
+BAD = ["dull and slow", "a tedious mess", "flat and lifeless", "boring plot", "awful script", "a waste of time"]
+
+
+def make_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.json").write_text(json.dumps({
+        "name": "mini", "description": "tiny sentiment", "instruction": "Classify the sentiment.",
+        "input_template": "Review: {text}\nSentiment:", "labels": ["negative", "positive"],
+    }))
+    pool = [{"text": t, "label": "positive"} for t in GOOD] + [{"text": t, "label": "negative"} for t in BAD]
+    (folder / "pool.jsonl").write_text("\n".join(json.dumps(r) for r in pool) + "\n")
+    test = [{"text": "so much fun", "label": "positive"}, {"text": "slow and dull", "label": "negative"},
+            {"text": "a smart joy", "label": "positive"}, {"text": "tedious waste", "label": "negative"}]
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in test) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    task = make_task(root / "mini")
+    out = root / "out"
+    argv = ["--task", str(task), "--model", "tiny-llama", "--methods", "zero-shot,full-icl,emloc,snapkv",
+            "--shots", "4", "--limit", "4", "--out", str(out), "--compare"]
+    assert bench_main(argv) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_outputs_and_fields(bench_run):
+    out, rows = bench_run
+    for name in ("summary.json", "summary.csv", "config.json", "items.jsonl", "accuracy_vs_kept_ratio.png",
+                 "ttft_vs_tokens.png"):
+        assert (out / name).is_file(), name
+    assert [r["method"] for r in rows] == ["zero-shot", "full-icl", "emloc", "snapkv"]
+    for r in rows:
+        assert set(SUMMARY_FIELDS) <= set(r), set(SUMMARY_FIELDS) - set(r)
+        assert r["n"] == 4 and r["shots"] == 4 and r["seed"] == 0 and r["model"] == "tiny-llama"
+        lo, hi = r["accuracy_ci95"]
+        assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
+        assert r["ttft_s"] > 0 and r["peak_rss_mb"] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["full-icl"]["agreement"] == 1.0
+    assert by["zero-shot"]["kept_ratio"] is None and by["zero-shot"]["disk_bytes"] is None
+    assert by["full-icl"]["kept_ratio"] == 1.0 and by["full-icl"]["compress_s"] is None
+    em, snap = by["emloc"], by["snapkv"]
+    assert 0 < em["kept_ratio"] <= 1.0 and em["compress_s"] > 0 and em["disk_bytes"] > 0
+    assert em["original_tokens"] == by["full-icl"]["original_tokens"]
+    assert snap["ratio_source"] == "emloc" and snap["press_ratio"] == pytest.approx(em["kept_ratio"])
+    items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 16 and {"task", "method", "shots", "seed", "index", "label", "prediction", "correct"} <= set(items[0])
+    with (out / "summary.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "tiny-llama" and config["machine"]["cpu_count"] and config["machine"]["torch"]
+    lines = compare(rows)
+    assert any("full-icl ttft / emloc ttft" in x for x in lines)
+    assert any("emloc kept ratio" in x for x in lines)
+
+
+def test_scoring_matches_language_model(tiny_llama, tmp_path):
+    """The bench's query rendering and label scoring equal LanguageModel.score on every path."""
+    task = Task.load(make_task(tmp_path / "mini"))
+    skill = task.skill(4, 0)
+    text = task.format_input(task.test[0].text)
+    full = prepare(tiny_llama, "full-icl", skill)
+    cached = prepare(tiny_llama, "full-icl-cached", skill)
+    for prep in (prepare(tiny_llama, "zero-shot", skill), cached):
+        from emloc_agents.engine import score_continuations
+
+        got = score_continuations(tiny_llama, prep.query_ids(tiny_llama, text, task.instruction),
+                                  prep.label_ids(tiny_llama, task.labels), prep.memory)
+        want = tiny_llama.score(text, task.labels, prep.memory, task.instruction)
+        assert got == pytest.approx(want, abs=1e-5)
+    # full-icl recomputes the same prompt the uncompressed memory holds
+    assert full.original_tokens == cached.memory.original_length
+
+
+def test_metrics_by_hand():
+    assert accuracy(["a", "b", "a", "a"], ["a", "b", "b", "a"]) == 0.75
+    assert accuracy([], []) is None
+    with pytest.raises(ValueError):
+        accuracy(["a"], [])
+    lo, hi = wilson_ci(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_ci(0, 5)[0] == 0.0 and wilson_ci(5, 5)[1] == 1.0
+    assert wilson_ci(0, 0) is None
+    assert agreement(["x", "y", None], ["x", "z", None]) == pytest.approx(2 / 3)
+    assert match_label(" Positive, clearly", ["negative", "positive"]) == "positive"
+    assert match_label("maybe", ["negative", "positive"]) is None
+
+
+@pytest.mark.parametrize("argv_tail, needle", [
+    (["--methods", "zero-shot,telepathy"], "unknown method"),
+    (["--shots", "four"], "integers"),
+    (["--shots", "99"], "shots"),
+    (["--scoring", "vibes"], "scoring"),
+])
+def test_bad_input_exit_2(tmp_path, capsys, argv_tail, needle):
+    task = make_task(tmp_path / "mini")
+    code = bench_main(["--task", str(task), "--model", "tiny-llama", "--out", str(tmp_path / "o"), *argv_tail])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_task_folder_exit_2(tmp_path, capsys):
+    assert bench_main(["--task", str(tmp_path / "nope"), "--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert "task folder not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
