@@ -159,9 +159,7 @@ class EMLoCChatModel(BaseChatModel):
             created = info.compressed_tokens if info and info.source == "compressed" else 0
             instruction = skill.instruction
         lm = registry.lm
-        turns = to_turns(messages)
-        mode = memory.render_mode if memory is not None else "auto"
-        ids = lm.renderer(mode).conversation(turns, instruction=instruction, on_memory=memory is not None)
+        ids = lm.encode_conversation(to_turns(messages), instruction=instruction, memory=memory)
         stops = list(stop or self.stop or [])
         gen_kw = dict(
             max_new_tokens=int(kwargs.pop("max_tokens", self.max_tokens)),

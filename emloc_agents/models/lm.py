@@ -92,6 +92,22 @@ class LanguageModel:
             temperature=temperature, top_p=top_p, stop=stop, seed=seed,
         ).text
 
+    @property
+    def is_vision(self) -> bool:
+        """Whether the model takes images (vision-language models; see engine/vision.py)."""
+        return False
+
+    def encode_conversation(
+        self, turns: list[dict[str, Any]], instruction: str = "", memory: CompressedMemory | None = None
+    ) -> list[int]:
+        """Prompt ids for chat turns (``{"role", "content", "images"?}``) that continue ``memory``
+        (or stand alone when it is None). Text-only models refuse images with a clear error."""
+        if any(t.get("images") for t in turns) and not self.is_vision:
+            raise ValueError(f"{self.name} is a text-only model: it cannot take images")
+        mode = memory.render_mode if memory is not None else "auto"
+        plain = [{"role": t["role"], "content": t["content"]} for t in turns]
+        return self.renderer(mode).conversation(plain, instruction=instruction, on_memory=memory is not None)
+
     def generate_ids(self, prompt_ids: Sequence[int], memory: CompressedMemory | None, max_new_tokens: int = 32, **kw: Any) -> Generation:
         return generate(self, prompt_ids, memory, max_new_tokens=max_new_tokens, **kw)
 
