@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    from .models.sources import ModelSourceError
+    from .store import MemoryFormatError
+
     try:
         return int(args.func(args))
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, ModelSourceError, MemoryFormatError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"emloc: error: {msg}", file=sys.stderr)
         return 2

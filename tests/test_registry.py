@@ -1,0 +1,176 @@
+"""MemoryRegistry: persistence, keys, corruption, concurrency across processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from emloc_agents import Demonstration, EMLoCConfig, MemoryRegistry, Skill
+from emloc_agents.registry import UnknownSkillError
+from emloc_agents.store import MemoryStore
+
+from . import registry_workers
+from .conftest import make_skill
+
+
+@pytest.fixture
+def registry(tmp_path: Path, tiny_llama) -> MemoryRegistry:
+    reg = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    reg.add(make_skill(8))
+    return reg
+
+
+def test_lazy_compress_then_ram_then_store(registry: MemoryRegistry, tmp_path: Path, tiny_llama) -> None:
+    assert not registry.cached("sentiment")
+    mem = registry.get("sentiment")
+    assert registry.last_info["sentiment"].source == "compressed"
+    assert registry.get("sentiment") is mem
+    assert registry.last_info["sentiment"].source == "ram"
+    other = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    again = other.get("sentiment")
+    assert other.last_info["sentiment"].source == "store" and other.compressions == 0
+    assert again.layer_lengths == mem.layer_lengths
+    assert other.names() == ["sentiment"]
+
+
+def test_unknown_skill_lists_registered(registry: MemoryRegistry) -> None:
+    with pytest.raises(UnknownSkillError, match="registered skills: sentiment"):
+        registry.get("nope")
+
+
+def test_ram_lru_is_bounded(tmp_path: Path, tiny_llama) -> None:
+    reg = MemoryRegistry(model=tiny_llama, store=MemoryStore(), max_ram_memories=2)
+    for i in range(3):
+        reg.add(make_skill(4 + i, name=f"s{i}"))
+        reg.get(f"s{i}")
+    assert len(reg._ram) == 2
+    reg.get("s0")
+    assert reg.last_info["s0"].source == "store"
+
+
+def _image(color: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_key_changes_with_what_determines_the_tensors(registry: MemoryRegistry, tmp_path: Path, tiny_llama) -> None:
+    base = make_skill(8)
+    key = registry.key(base)
+    changed_text = base.model_copy(update={"demonstrations": [*base.demonstrations[:-1], Demonstration(input="x", output="y")]})
+    assert registry.key(changed_text) != key
+    assert registry.key(base.model_copy(update={"instruction": "Other."})) != key
+    assert registry.key(base.model_copy(update={"description": "only words"})) == key
+    other_config = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path, config=EMLoCConfig(delta=0.01))
+    assert other_config.key(base) != key
+    other_model = MemoryRegistry(model="tiny-qwen2", cache_dir=tmp_path)
+    assert other_model.key(base) != key
+    red = Skill(name="img", demonstrations=[Demonstration(input="a", output="b", images=[_image("red")])])
+    blue = Skill(name="img", demonstrations=[Demonstration(input="a", output="b", images=[_image("blue")])])
+    assert red.content_hash() != blue.content_hash()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_corrupt_entry_is_rebuilt_not_served(registry: MemoryRegistry, tmp_path: Path, tiny_llama, damage: str, caplog) -> None:
+    good = registry.get("sentiment")
+    key = registry.key("sentiment")
+    raw = registry.store.mget([key])[0]
+    assert raw is not None
+    bad = {"truncate": raw[: len(raw) // 2], "flip": raw[:-10] + bytes([raw[-10] ^ 0xFF]) + raw[-9:], "foreign": b"\x00" * 64}[damage]
+    registry.store.mset([(key, bad)])
+    fresh = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    mem = fresh.get("sentiment")
+    assert fresh.last_info["sentiment"].source == "compressed"
+    assert mem.layer_lengths == good.layer_lengths
+    assert any("corrupt" in r.message for r in caplog.records)
+
+
+def test_entry_for_another_model_is_not_served(registry: MemoryRegistry, tmp_path: Path, tiny_llama) -> None:
+    other = MemoryRegistry(model="tiny-qwen2", cache_dir=tmp_path)
+    other.add(make_skill(8))
+    other.get("sentiment")
+    # plant the other model's memory under this registry's key: the header check refuses it
+    registry.store.mset([(registry.key("sentiment"), other.store.mget([other.key("sentiment")])[0])])
+    fresh = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    fresh.get("sentiment")
+    assert fresh.last_info["sentiment"].source == "compressed"
+
+
+def test_export_import_roundtrip(registry: MemoryRegistry, tmp_path: Path, tiny_llama) -> None:
+    mem = registry.get("sentiment")
+    path = registry.export("sentiment", tmp_path / "sentiment.emloc")
+    target = MemoryRegistry(model=tiny_llama, store=MemoryStore())
+    skill = target.import_file(path)
+    assert skill.name == "sentiment"
+    assert target.get("sentiment").layer_lengths == mem.layer_lengths
+    assert target.last_info["sentiment"].source == "store"
+    wrong = MemoryRegistry(model="tiny-qwen2", store=MemoryStore())
+    with pytest.raises(ValueError, match="made for model"):
+        wrong.import_file(path)
+
+
+def test_remove(registry: MemoryRegistry) -> None:
+    registry.get("sentiment")
+    registry.remove("sentiment")
+    assert registry.names() == []
+    with pytest.raises(UnknownSkillError):
+        registry.get("sentiment")
+
+
+# ---- across processes ------------------------------------------------------------------------
+
+
+def _spawn(target, *args) -> mp.Process:
+    p = mp.get_context("spawn").Process(target=target, args=args)
+    p.start()
+    return p
+
+
+def test_restart_loads_without_forward_pass(tmp_path: Path) -> None:
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    reg.add(make_skill(8))
+    mem = reg.get("sentiment")
+    out = tmp_path / "out.txt"
+    p = _spawn(registry_workers.load_without_forward, str(tmp_path), str(out))
+    p.join(120)
+    assert p.exitcode == 0
+    source, length, _seconds = out.read_text().split()
+    assert source == "store" and int(length) == mem.original_length
+
+
+def test_four_processes_compress_once(tmp_path: Path) -> None:
+    outs = [tmp_path / f"out{i}.txt" for i in range(4)]
+    procs = [_spawn(registry_workers.race, str(tmp_path), str(o)) for o in outs]
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    results = [o.read_text().split() for o in outs]
+    assert sum(int(c) for c, _ in results) == 1
+    assert len({n for _, n in results}) == 1
+
+
+def test_kill_during_compression_leaves_no_entry(tmp_path: Path) -> None:
+    marker = tmp_path / "compressing"
+    p = _spawn(registry_workers.compress_then_hang, str(tmp_path), str(marker))
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert time.time() < deadline and p.is_alive(), "child never reached compression"
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path, lock_expire=2.0)
+    assert reg.names() == ["sentiment"]
+    assert not reg.cached("sentiment"), "a killed compression left an entry"
+    t0 = time.time()
+    reg.get("sentiment")
+    assert reg.last_info["sentiment"].source == "compressed"
+    assert time.time() - t0 < 60  # waited at most for the dead holder's lock to expire
