@@ -51,7 +51,7 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     inner = getattr(model, "model", None)
     if inner is None:
         raise TypeError(f"{type(model).__name__} has no .model backbone")
-    return getattr(inner, "language_model", inner)
+    return getattr(inner, "language_model", None) or getattr(inner, "text_model", None) or inner  # VLMs
 
 
 @torch.inference_mode()
@@ -63,12 +63,32 @@ def lm_logits(model: torch.nn.Module, facts: ModelFacts, hidden: torch.Tensor) -
 
 
 def run(
-    model: torch.nn.Module, cache: MemoryCache, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
+    model: torch.nn.Module,
+    cache: MemoryCache,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    rope_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One forward of ``ids`` (B, T) at ``positions`` on ``cache``; returns last hidden states."""
+    """One forward of ``ids`` (B, T) at ``positions`` on ``cache``; returns last hidden states.
+
+    VLMs (engine/vision.py): ``inputs_embeds`` (B, T, H) replaces the token embeddings (image features
+    merged), and ``rope_positions`` (3, B, T) are M-RoPE ids while ``positions`` stay the 1-D sequence
+    order for the masks. Without ``rope_positions`` RoPE gets ``positions + cache.rope_delta`` (0 for
+    1-D models); a forward with explicit ids sets the delta for the tokens that follow it."""
     cache.begin(positions, valid)
+    delta = getattr(cache, "rope_delta", 0)
+    if rope_positions is None:
+        rope_positions = positions + delta if delta else positions
+    else:
+        cache.rope_delta = int(rope_positions.max()) - int(positions.max())  # type: ignore[attr-defined]
     with active(cache), torch.inference_mode():
-        out = backbone(model)(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+        out = backbone(model)(
+            input_ids=None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds,
+            position_ids=rope_positions, cache=cache, use_cache=True,
+        )
     return out.last_hidden_state
 
 
@@ -137,6 +157,13 @@ class Replay:
     _memo: dict[int, Any] = field(default_factory=dict, repr=False)
     forwards: float = 0.0  # replay-forward equivalents spent (partial forwards count by depth)
     js_checks: int = 0
+    embeds: torch.Tensor | None = None  # (B, T, H) VLM input embeddings of the replay
+    rope: torch.Tensor | None = None  # (3, B, T) M-RoPE ids of the replay (Qwen2-VL)
+
+    def _rope_rows(self, gather_idx: torch.Tensor) -> torch.Tensor | None:
+        if self.rope is None:
+            return None
+        return torch.gather(self.rope, 2, gather_idx[None].expand(3, -1, -1))
 
     def cache(self, selection: Selection, start_layer: int = 0, with_replay: bool = False) -> MemoryCache:
         """Memory + (selected) chunk for layers >= start_layer; optionally the teacher's replay K/V
@@ -233,7 +260,9 @@ class Replay:
         ids, rpos, rvalid, gather_idx = self._answer_rows()
         h = self.hidden_in[start_layer]
         cache.start_hidden = torch.gather(h, 1, gather_idx[..., None].expand(-1, -1, h.shape[-1])).repeat(c, 1, 1)
-        hidden = run(self.lm.model, cache, ids.repeat(c, 1), rpos.repeat(c, 1), rvalid.repeat(c, 1))
+        rope = self._rope_rows(gather_idx)
+        hidden = run(self.lm.model, cache, ids.repeat(c, 1), rpos.repeat(c, 1), rvalid.repeat(c, 1),
+                     rope_positions=None if rope is None else rope.repeat(1, c, 1))
         b = ids.shape[0]
         out = []
         for i in range(c):
@@ -264,7 +293,8 @@ class Replay:
 
         cache.observer = observe
         cache.keep_new = True
-        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid,
+                     inputs_embeds=self.embeds, rope_positions=self.rope)
         self.replay_k = [cache.chunk_kv(i)[0] for i in range(f.num_layers)]
         self.replay_v = [cache.chunk_kv(i)[1] for i in range(f.num_layers)]
         self.forwards += 1
@@ -290,7 +320,7 @@ class Replay:
         if self.scope == "exact":
             cache = self.cache(selection, start_layer)
             cache.start_hidden = self.hidden_in[start_layer]
-            hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid)
+            hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid, rope_positions=self.rope)
             student = self.log_probs(hidden)
             share = 1.0
         else:
@@ -299,7 +329,7 @@ class Replay:
             cache.start_hidden = torch.gather(
                 self.hidden_in[start_layer], 1, gather_idx[..., None].expand(-1, -1, self.hidden_in[start_layer].shape[-1])
             )
-            hidden = run(self.lm.model, cache, ids, pos, valid)
+            hidden = run(self.lm.model, cache, ids, pos, valid, rope_positions=self._rope_rows(gather_idx))
             student = torch.log_softmax(lm_logits(self.lm.model, f, hidden[valid]), dim=-1)
             share = float(valid.sum()) / float(self.valid.sum())
         self.forwards += share * (f.num_layers - start_layer) / f.num_layers
@@ -351,6 +381,7 @@ class Chunk:
     ids: list[int]
     protected: list[bool]
     demos: list[Segment]
+    parts: list[Segment] = field(default_factory=list)  # prefix (first chunk) + demos, for VLM embeddings
 
 
 def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_prefix: bool) -> list[Chunk]:
@@ -365,7 +396,7 @@ def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_p
         for d in group:
             ids += d.ids
             protected += d.answer
-        chunks.append(Chunk(ids, protected, group))
+        chunks.append(Chunk(ids, protected, group, ([prefix] if start == 0 else []) + group))
     return chunks
 
 
@@ -432,12 +463,14 @@ def compress(
     press = press or press_for(config)
     if not skill.demonstrations:
         raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")
-    if skill.has_images:
+    vision = getattr(lm, "vision", None)  # VisionAdapter for VLMs (engine/vision.py)
+    if skill.has_images and vision is None:
         raise SkillError(f"skill {skill.name!r} has images but {lm.facts.model_type} is a text-only model")
     f = lm.facts
     renderer = lm.renderer(config.prompt_format)
     prefix = renderer.prefix(skill.instruction)
-    demos = [renderer.demo(d.input, d.output, skill.instruction) for d in skill.demonstrations]
+    demos = [renderer.demo(d.input, d.output, skill.instruction, **({"images": d.images} if d.images else {}))
+             for d in skill.demonstrations]
     chunks = plan_chunks(prefix, demos, config.demos_per_chunk, config.protect_prefix)
     total = sum(len(c.ids) for c in chunks)
     if f.max_positions and total >= f.max_positions:
@@ -447,6 +480,7 @@ def compress(
     device = lm.device
     building = _Building.empty(f.num_layers)
     offset = 0
+    rope_next = 0  # next free RoPE index (differs from offset for M-RoPE VLMs)
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"chunks": len(chunks), "replay_forwards": 0.0, "js_checks": 0, "decisions": []}
     prefill_s = 0.0
@@ -459,7 +493,11 @@ def compress(
         if press.needs_window_scores:
             cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, building.length)
         tp = time.perf_counter()
-        run(lm.model, cache, torch.tensor([chunk.ids], device=device), pos)
+        embeds = rope = None
+        rope_end = rope_next + n
+        if vision is not None:
+            embeds, rope, rope_end = vision.segments_inputs(chunk.parts, rope_next)
+        run(lm.model, cache, torch.tensor([chunk.ids], device=device), pos, inputs_embeds=embeds, rope_positions=rope)
         prefill_s += time.perf_counter() - tp
         chunk_k, chunk_v = zip(*(cache.chunk_kv(i) for i in range(f.num_layers)), strict=True)
         del cache
@@ -470,6 +508,8 @@ def compress(
             ids, rpos, valid, rows = _replay_batch(chunk.demos, offset + n, pad_id)
             replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, valid, rows,
                             scope=config.search_scope)
+            if vision is not None:
+                replay.embeds, replay.rope = vision.batch_inputs(chunk.demos, ids.shape[1], rope_end)
             replay.run_teacher(config.pool_kernel, protected)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,
@@ -496,6 +536,7 @@ def compress(
             stats["js_checks"] += replay.js_checks
         stats["decisions"].append(ctx.decisions)
         offset += n
+        rope_next = rope_end
         if progress:
             progress(ci + 1, len(chunks))
     dtype = getattr(torch, config.storage_dtype)
@@ -507,6 +548,7 @@ def compress(
         original_length=offset,
         sliding=list(f.sliding),
         render_mode=renderer.mode,
+        next_position=rope_next if vision is not None and vision.mrope else None,
         header={"skill": skill.name, "instruction": skill.instruction},
         stats=stats,
     )

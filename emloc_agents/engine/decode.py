@@ -31,7 +31,8 @@ def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[Memo
     pos = [p[0] for p in memory.positions]
     cache = MemoryCache(keys, values, pos, f.windows)
     cache.keep_new = False
-    return cache, memory.position_offset
+    cache.rope_delta = memory.position_offset - memory.original_length  # type: ignore[attr-defined]  # M-RoPE
+    return cache, memory.original_length
 
 
 @dataclass
@@ -55,18 +56,24 @@ def stream_tokens(
     stop: Sequence[str] = (),
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> Iterator[tuple[str, Generation | None]]:
-    """Yield (text delta, None) per step and finally ("", Generation)."""
+    """Yield (text delta, None) per step and finally ("", Generation).
+
+    ``logits_processor`` (e.g. a grammar constraint) runs on the raw logits before the sampling
+    warpers, so temperature/top-p only ever choose among the tokens it allows."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     cache, start = memory_cache(lm, memory)
+    vision = getattr(lm, "vision", None)  # prompts with images (engine/vision.py PromptIds)
+    embeds, rope = (None, None) if vision is None else vision.prompt_inputs(prompt_ids, start + getattr(cache, "rope_delta", 0))
     f = lm.facts
     if f.max_positions and start + len(prompt_ids) + max_new_tokens > f.max_positions:
         raise ValueError(
             f"prompt ({len(prompt_ids)} tokens) + memory ({start}) + {max_new_tokens} new tokens exceed "
             f"the model's {f.max_positions} positions"
         )
-    processors = LogitsProcessorList()
+    processors = LogitsProcessorList(logits_processor or [])
     if temperature > 0:
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
@@ -83,7 +90,8 @@ def stream_tokens(
     finish = "length"
     ttft = 0.0
     for step in range(max_new_tokens):
-        hidden = run(lm.model, cache, ids, pos)
+        hidden = run(lm.model, cache, ids, pos, inputs_embeds=embeds, rope_positions=rope)
+        embeds = rope = None
         logits = lm_logits(lm.model, f, hidden[:, -1])
         if step == 0:
             ttft = time.perf_counter() - t0
@@ -167,6 +175,7 @@ def _fork(cache: MemoryCache) -> MemoryCache:
         pos.append(new if pp is None else torch.cat([pp, new]))
     sub = MemoryCache(keys, values, pos, cache.windows)
     sub.keep_new = False
+    sub.rope_delta = getattr(cache, "rope_delta", 0)  # type: ignore[attr-defined]
     return sub
 
 

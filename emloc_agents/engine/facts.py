@@ -10,7 +10,8 @@ import torch
 from .runtime import decoder_layers
 
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
-SUPPORTED = SUPPORTED_TEXT
+SUPPORTED_VISION = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")  # engine/vision.py
+SUPPORTED = SUPPORTED_TEXT + SUPPORTED_VISION
 
 
 class UnsupportedModelError(TypeError):

@@ -15,6 +15,7 @@ DEMO_SEPARATOR = "\n\n"
 class Segment:
     ids: list[int] = field(default_factory=list)
     answer: list[bool] = field(default_factory=list)
+    mm: dict[str, Any] | None = None  # processor outputs for this segment's images (VLMs; engine/vision.py)
 
     def add(self, ids: list[int], is_answer: bool = False) -> None:
         self.ids.extend(ids)

@@ -90,6 +90,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             base = getattr(base, attr)
     if hasattr(base, "language_model") and not hasattr(base, "layers"):
         base = base.language_model
+    if hasattr(base, "text_model") and not hasattr(base, "layers"):  # Idefics3 / SmolVLM
+        base = base.text_model
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
@@ -103,7 +105,10 @@ def instrument(model: torch.nn.Module) -> None:
     for i, layer in enumerate(layers):
         if not getattr(layer.forward, "__emloc_gate__", False):
             layer.forward = _gate(layer, i, layer.forward)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if getattr(model.config, "vision_config", None) is not None:  # VLM: the vision tower keeps its own
+        model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
+    else:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 @contextlib.contextmanager

@@ -19,12 +19,24 @@ from ..engine.prompt import choose_mode
 class LanguageModel:
     """A causal LM prepared for EMLoC memories (``instrument`` installs the one hook)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, weights_id: str | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, name: str, weights_id: str | None = None, processor: Any = None
+    ) -> None:
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.facts = model_facts(model)
+        self.processor = processor
+        self.vision: Any = None  # engine.vision.VisionAdapter for vision-language models
+        from ..engine.vision import VisionAdapter, is_vision_model
+
+        if is_vision_model(model):
+            if processor is None:
+                raise ValueError(f"{name}: a vision-language model needs its processor (processor=...)")
+            if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+                tokenizer.chat_template = processor.chat_template
+            self.vision = VisionAdapter(model, processor)
         instrument(model)
         self._weights_id = weights_id
         self._fingerprint: str | None = None
@@ -47,7 +59,12 @@ class LanguageModel:
         mode = choose_mode(self.tokenizer, prompt_format)
         with self._lock:
             if mode not in self._renderers:
-                self._renderers[mode] = Renderer(self.tokenizer, mode)
+                if self.vision is not None:
+                    from ..engine.vision import VisionRenderer
+
+                    self._renderers[mode] = VisionRenderer(self.tokenizer, mode, self.processor)
+                else:
+                    self._renderers[mode] = Renderer(self.tokenizer, mode)
             return self._renderers[mode]
 
     def fingerprint(self) -> str:
@@ -65,6 +82,9 @@ class LanguageModel:
             h.update(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode())
             h.update(str(getattr(self.tokenizer, "chat_template", "")).encode())
             h.update(str(self.dtype).encode())
+            image_processor = getattr(self.processor, "image_processor", None)
+            if image_processor is not None:  # VLMs: resizing/patching changes the memory too
+                h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -95,7 +115,7 @@ class LanguageModel:
     @property
     def is_vision(self) -> bool:
         """Whether the model takes images (vision-language models; see engine/vision.py)."""
-        return False
+        return self.vision is not None
 
     def encode_conversation(
         self, turns: list[dict[str, Any]], instruction: str = "", memory: CompressedMemory | None = None
@@ -105,6 +125,8 @@ class LanguageModel:
         if any(t.get("images") for t in turns) and not self.is_vision:
             raise ValueError(f"{self.name} is a text-only model: it cannot take images")
         mode = memory.render_mode if memory is not None else "auto"
+        if self.is_vision:  # images stay on the turns; the ids carry the processor outputs (PromptIds.mm)
+            return self.renderer(mode).conversation(list(turns), instruction=instruction, on_memory=memory is not None)
         plain = [{"role": t["role"], "content": t["content"]} for t in turns]
         return self.renderer(mode).conversation(plain, instruction=instruction, on_memory=memory is not None)
 

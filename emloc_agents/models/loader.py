@@ -43,14 +43,25 @@ def _load(name: str, dtype: str, cache_dir: Path) -> LanguageModel:
         name = os.environ.get("EMLOC_DEFAULT_MODEL", DEFAULT_MODEL)
     if name.startswith("tiny-"):
         from .tiny import tiny_model
+        from .tiny_vlm import TINY_VLM_ARCHS, load_tiny_vlm
 
-        model, tok = tiny_model(name.removeprefix("tiny-"))
+        arch = name.removeprefix("tiny-").replace("-", "_")
+        if arch in TINY_VLM_ARCHS:
+            return load_tiny_vlm(arch)
+        model, tok = tiny_model(arch)
         return LanguageModel(model.to(torch_dtype), tok, name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .sources import resolve_model_dir
 
     directory = resolve_model_dir(name, cache_dir=cache_dir)
+    config = AutoConfig.from_pretrained(directory)
+    if getattr(config, "vision_config", None) is not None:  # a vision-language checkpoint
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(directory)
+        vlm = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype)
+        return LanguageModel(vlm, processor.tokenizer, name, weights_id=_weights_id(directory), processor=processor)
     tok = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
     return LanguageModel(model, tok, name, weights_id=_weights_id(directory))
