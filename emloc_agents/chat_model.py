@@ -1,28 +1,45 @@
 """EMLoCChatModel: a LangChain chat model that answers on the compressed memory of the skill named
 per call (declared ``skill`` field, ``skill=`` kwarg, ``.bind(skill=...)`` or a configurable field).
-No skill means zero-shot. The model and registry load lazily on first use and are shared."""
+No skill means zero-shot. The model and registry load lazily on first use and are shared.
+
+Tool calling and structured output use constrained decoding (llguidance, see ``structured.py``):
+the output is forced to be a valid ``{"name", "arguments"}`` tool call or a document of the
+requested JSON schema, so they work on small models too.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import io
+import json
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    HumanMessage,
+    ChatMessage,
     SystemMessage,
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field
 
 from .engine.decode import Generation
 from .engine.memory import CompressedMemory
@@ -30,60 +47,177 @@ from .registry import MemoryRegistry
 
 _REGISTRIES: dict[tuple[str, str | None], MemoryRegistry] = {}
 _REG_LOCK = threading.Lock()
+_SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
+                   "server_tool_call", "server_tool_result", "invalid_tool_call"}
+_REFUSED_BLOCKS = {"audio", "input_audio", "file", "video", "document", "pdf", "input_file"}
 
 
 class UnsupportedContentError(ValueError):
-    """A message content block this model cannot take (images on a text model, audio, files)."""
+    """A message content block this model cannot take (audio, files, remote URLs, bad images)."""
 
 
-def _text_of(message: BaseMessage) -> str:
-    """The text of a message; non-text blocks raise a clear error (this is a text-only model)."""
+# ---- messages -> turns ------------------------------------------------------------------------
+
+
+def _open_image(data: bytes, what: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UnsupportedContentError(f"{what} is not a readable image: {e}") from e
+    return img
+
+
+def _b64(data: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise UnsupportedContentError(f"{what}: invalid base64 image data") from e
+
+
+def _image_from_url(url: str) -> Any:
+    """A data URL, a file:// URL or a local path -> PIL image; remote URLs are refused."""
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.startswith("data:image/"):
+            raise UnsupportedContentError(f"unsupported data URL type {header[5:].split(';')[0]!r} (images only)")
+        if ";base64" not in header:
+            raise UnsupportedContentError("image data URLs must be base64-encoded")
+        return _open_image(_b64(data, "image data URL"), "image data URL")
+    if url.startswith(("http://", "https://")):
+        raise UnsupportedContentError(
+            f"remote image URLs cannot be fetched (no network access): {url[:80]}; "
+            "pass the image as base64 or as a local file path"
+        )
+    path = Path(url.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise UnsupportedContentError(f"image not found: {url[:200]}")
+    return _open_image(path.read_bytes(), str(path))
+
+
+def _image_of(block: dict[str, Any]) -> Any:
+    kind = block.get("type")
+    if kind == "image_url":
+        ref = block.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise UnsupportedContentError("image_url block without a url")
+        return _image_from_url(url)
+    # LangChain v1 standard block, its v0 form (source_type) and the Anthropic form (source)
+    source = block.get("source")
+    if isinstance(source, dict):
+        if source.get("type") == "base64":
+            return _open_image(_b64(source.get("data", ""), "image block"), "image block")
+        if source.get("type") == "url":
+            return _image_from_url(str(source.get("url", "")))
+    if block.get("base64") is not None:
+        return _open_image(_b64(block["base64"], "image block"), "image block")
+    if block.get("source_type") == "base64" and block.get("data") is not None:
+        return _open_image(_b64(block["data"], "image block"), "image block")
+    url = block.get("url") or block.get("path") or (block.get("data") if block.get("source_type") == "url" else None)
+    if isinstance(url, str):
+        return _image_from_url(url)
+    if block.get("file_id") or block.get("source_type") == "id":
+        raise UnsupportedContentError("image file_id references cannot be resolved here; pass base64 or a local path")
+    raise UnsupportedContentError("image block without base64 data, url or path")
+
+
+def content_parts(message: BaseMessage) -> tuple[str, list[Any]]:
+    """The text of a message and its images (PIL). Audio, PDF and other file blocks raise."""
     content = message.content
     if isinstance(content, str):
-        return content
-    parts: list[str] = []
+        return content, []
+    texts: list[str] = []
+    images: list[Any] = []
     for block in content:
         if isinstance(block, str):
-            parts.append(block)
+            texts.append(block)
             continue
         kind = block.get("type")
         if kind == "text":
-            parts.append(block.get("text", ""))
+            texts.append(str(block.get("text", "")))
         elif kind in ("image", "image_url"):
-            raise UnsupportedContentError(
-                "this model is text-only: image content blocks need a vision-language model"
-            )
+            images.append(_image_of(block))
+        elif kind in _SKIPPED_BLOCKS:
+            continue  # tool calls are rendered from message.tool_calls; reasoning is not replayed
+        elif kind in _REFUSED_BLOCKS:
+            raise UnsupportedContentError(f"content blocks of type {kind!r} are not supported (text and images only)")
         else:
-            raise UnsupportedContentError(f"unsupported content block type {kind!r} (text only)")
-    return "".join(parts)
+            raise UnsupportedContentError(f"unsupported content block type {kind!r} (text and images only)")
+    return "".join(texts), images
 
 
 def _role(message: BaseMessage) -> str:
     if isinstance(message, SystemMessage):
         return "system"
-    if isinstance(message, HumanMessage):
-        return "user"
     if isinstance(message, AIMessage):
         return "assistant"
-    if isinstance(message, ToolMessage):
-        return "user"  # small chat templates have no tool role; the result reads as user input
-    return "user"
+    if isinstance(message, ChatMessage) and message.role in ("system", "assistant", "user"):
+        return message.role
+    return "user"  # human, tool results (small chat templates have no tool role), others
 
 
-def to_turns(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages -> role/content dicts, merging consecutive same-role messages."""
-    turns: list[dict[str, str]] = []
+def _call_text(call: dict[str, Any]) -> str:
+    return json.dumps({"name": call["name"], "arguments": call.get("args", {})}, ensure_ascii=False)
+
+
+def to_turns(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages -> ``{"role", "content", "images"}`` turns, merging consecutive same-role
+    messages. Tool calls of AI messages are written as the JSON the model is asked to produce."""
+    turns: list[dict[str, Any]] = []
     for m in messages:
-        role, text = _role(m), _text_of(m)
+        role = _role(m)
+        text, images = content_parts(m)
+        if isinstance(m, AIMessage) and m.tool_calls:
+            text = "\n".join([text] * bool(text) + [_call_text(c) for c in m.tool_calls])
         if isinstance(m, ToolMessage):
-            text = f"Tool result ({m.name or m.tool_call_id}): {text}"
+            status = " (error)" if getattr(m, "status", "success") == "error" else ""
+            text = f"Tool result{status} ({m.name or m.tool_call_id}): {text}"
         if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n" + text
+            turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
+            turns[-1]["images"].extend(images)
         else:
-            turns.append({"role": role, "content": text})
+            turns.append({"role": role, "content": text, "images": images})
     if not turns:
         raise ValueError("no messages to answer")
     return turns
+
+
+def _with_system(turns: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    turns = [dict(t) for t in turns]
+    if turns[0]["role"] == "system":
+        turns[0]["content"] = (turns[0]["content"] + "\n\n" + text).strip()
+    else:
+        turns.insert(0, {"role": "system", "content": text, "images": []})
+    return turns
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string (not yet sent
+    while streaming, so a stop string spanning tokens never leaks its first part)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def _normalise_tool_choice(choice: Any, names: list[str]) -> str:
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice is True or choice in ("any", "required"):
+        return "required"
+    if choice is False or choice == "none":
+        return "none"
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name") or choice.get("name")
+    if isinstance(choice, str) and choice in names:
+        return choice
+    raise ValueError(f"tool_choice {choice!r} is not 'auto', 'any', 'required', 'none' or one of the tools: {names}")
 
 
 class EMLoCChatModel(BaseChatModel):
@@ -96,6 +230,8 @@ class EMLoCChatModel(BaseChatModel):
             chat.invoke("Review: great film\\nSentiment:")
             chat.invoke("...", skill="topic")          # per-call switch
             chat.bind(skill="topic").invoke("...")
+            chat.bind_tools([my_tool], tool_choice="any").invoke("...")   # constrained tool call
+            chat.with_structured_output(MySchema).invoke("...")            # constrained JSON
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -108,11 +244,16 @@ class EMLoCChatModel(BaseChatModel):
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 256
+    json_max_tokens: int = 256
+    """Token budget of constrained JSON outputs (tool calls, structured output): at least
+    ``max_tokens``, so a small ``max_tokens`` for chat does not cut a JSON document short."""
+    json_max_string_chars: int | None = 256
+    """Strings in constrained JSON without their own ``maxLength`` are capped at this many
+    characters, integers without bounds at 15 digits (None: no caps); keeps small models from
+    looping inside a value until the budget runs out."""
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     seed: int | None = None
     streaming: bool = False
-
-    _gen_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def _llm_type(self) -> str:
@@ -130,24 +271,33 @@ class EMLoCChatModel(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "emloc"
-        params["ls_model_name"] = self.model_name_resolved
+        model = kwargs.get("model")
+        params["ls_model_name"] = model if isinstance(model, str) and model else self.model_name_resolved
         return params
 
     # ---- backends ----------------------------------------------------------------------------
 
-    def get_registry(self) -> MemoryRegistry:
-        if self.registry is not None:
+    def get_registry(self, model: str | None = None) -> MemoryRegistry:
+        """The registry serving this call: the given one, or one shared per (model, cache dir)."""
+        if self.registry is not None and (model is None or model == self.registry.model_name):
             return self.registry
-        key = (self.model, self.cache_dir)
+        name = model or self.model
+        cache_dir = self.cache_dir
+        if cache_dir is None and self.registry is not None:
+            cache_dir = str(self.registry.cache_dir)
+        key = (name, cache_dir)
         with _REG_LOCK:
             if key not in _REGISTRIES:
-                _REGISTRIES[key] = MemoryRegistry(model=self.model, cache_dir=self.cache_dir)
+                _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir)
             return _REGISTRIES[key]
 
     # ---- one call ----------------------------------------------------------------------------
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        registry = self.get_registry()
+        from . import structured as st
+
+        model_override = kwargs.pop("model", None)
+        registry = self.get_registry(model_override if isinstance(model_override, str) else None)
         skill_name = kwargs.pop("skill", self.skill)
         memory: CompressedMemory | None = None
         created = 0
@@ -159,28 +309,81 @@ class EMLoCChatModel(BaseChatModel):
             created = info.compressed_tokens if info and info.source == "compressed" else 0
             instruction = skill.instruction
         lm = registry.lm
-        ids = lm.encode_conversation(to_turns(messages), instruction=instruction, memory=memory)
-        stops = list(stop or self.stop or [])
-        gen_kw = dict(
-            max_new_tokens=int(kwargs.pop("max_tokens", self.max_tokens)),
+        turns = to_turns(messages)
+
+        tools: list[dict[str, Any]] = kwargs.pop("tools", None) or []
+        tool_choice = kwargs.pop("tool_choice", None)
+        response_format = kwargs.pop("response_format", None)
+        mode: Literal["text", "tools", "json"] = "text"
+        hints: list[str] = []
+        grammar: str | None = None
+        use_template_tools = False
+        if tools:
+            choice = _normalise_tool_choice(tool_choice, [t["function"]["name"] for t in tools])
+            if choice != "none":
+                mode = "tools"
+                chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
+                grammar = st.tool_grammar(chosen, required=choice != "auto",
+                                          max_string_chars=self.json_max_string_chars)
+                use_template_tools = (memory is None and not any(t["images"] for t in turns)
+                                      and st.template_takes_tools(lm.tokenizer))
+                if not use_template_tools:
+                    hints.append(st.describe_tools(tools, choice))
+        elif response_format is not None:
+            mode = "json"
+            schema, describe = self._response_schema(response_format)
+            grammar = st.json_grammar(st.bound_strings(schema, self.json_max_string_chars))
+            if describe:
+                hints.append(st.describe_schema(schema))
+        if hints:
+            turns = _with_system(turns, "\n\n".join(hints))
+        if use_template_tools:
+            with_instruction = _with_system(turns, instruction) if instruction else turns
+            plain = [{"role": t["role"], "content": t["content"]} for t in with_instruction]
+            text = lm.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=True)
+            ids = lm.renderer("chat")._with_bos(text)
+        else:
+            ids = lm.encode_conversation(turns, instruction=instruction, memory=memory)
+
+        max_tokens = int(kwargs.pop("max_tokens", self.max_tokens))
+        gen_kw: dict[str, Any] = dict(
+            max_new_tokens=max_tokens,
             temperature=float(kwargs.pop("temperature", self.temperature)),
             top_p=float(kwargs.pop("top_p", self.top_p)),
-            stop=stops,
+            stop=list(stop or self.stop or []),
             seed=kwargs.pop("seed", self.seed),
         )
-        return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw}
+        if grammar is not None:
+            gen_kw["max_new_tokens"] = max(max_tokens, self.json_max_tokens)
+            gen_kw["stop"] = []  # the grammar decides where the document ends
+            gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]
+        return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw,
+                "mode": mode, "model_name": registry.model_name}
+
+    @staticmethod
+    def _response_schema(response_format: Any) -> tuple[dict[str, Any], bool]:
+        """(JSON schema to constrain to, whether to describe it in the prompt)."""
+        if not isinstance(response_format, dict):
+            return convert_to_json_schema(response_format), True
+        if response_format.get("type") == "json_object":  # json_mode: the prompt asks for the format
+            return response_format.get("schema") or {"type": "object"}, False
+        if response_format.get("type") == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+            return response_format["json_schema"].get("schema", {"type": "object"}), True
+        return response_format, True
 
     def _metadata(self, p: dict[str, Any], g: Generation) -> tuple[UsageMetadata, dict[str, Any]]:
         memory: CompressedMemory | None = p["memory"]
         read = round(memory.memory_tokens / memory.num_layers) if memory is not None else 0
+        created = int(p["created"])
+        input_tokens = g.prompt_tokens + read + created
         usage = UsageMetadata(
-            input_tokens=g.prompt_tokens + read,
+            input_tokens=input_tokens,
             output_tokens=len(g.token_ids),
-            total_tokens=g.prompt_tokens + read + len(g.token_ids),
-            input_token_details={"cache_read": read, "cache_creation": p["created"]},
+            total_tokens=input_tokens + len(g.token_ids),
+            input_token_details={"cache_read": read, "cache_creation": created},
         )
         meta = {
-            "model_name": self.model_name_resolved,
+            "model_name": p["model_name"],
             "model_provider": "emloc",
             "skill": p["skill"],
             "memory_tokens": read,
@@ -191,6 +394,18 @@ class EMLoCChatModel(BaseChatModel):
         }
         return usage, meta
 
+    def _message(self, p: dict[str, Any], g: Generation) -> AIMessage:
+        from .structured import parse_tool_call
+
+        usage, meta = self._metadata(p, g)
+        if p["mode"] == "tools" and g.text.startswith("{"):
+            call, invalid = parse_tool_call(g.text)
+            if call is not None:
+                meta["finish_reason"] = "tool_calls"
+            return AIMessage(content="", tool_calls=[call] if call else [], invalid_tool_calls=[invalid] if invalid else [],
+                             usage_metadata=usage, response_metadata=meta)
+        return AIMessage(content=g.text, usage_metadata=usage, response_metadata=meta)
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -199,17 +414,10 @@ class EMLoCChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         if self.streaming:
-            chunks = list(self._stream(messages, stop, run_manager, **kwargs))
-            message = chunks[0].message
-            for c in chunks[1:]:
-                message = message + c.message
-            msg = AIMessage(content=message.content, usage_metadata=message.usage_metadata,
-                            response_metadata=message.response_metadata, id=message.id)
-            return ChatResult(generations=[ChatGeneration(message=msg)])
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         p = self._prepare(messages, stop, dict(kwargs))
         g = p["lm"].generate_ids(p["ids"], p["memory"], **p["gen"])
-        usage, meta = self._metadata(p, g)
-        msg = AIMessage(content=g.text, usage_metadata=usage, response_metadata=meta)
+        msg = self._message(p, g)
         return ChatResult(generations=[ChatGeneration(message=msg, generation_info={"finish_reason": g.finish_reason})])
 
     def _stream(
@@ -219,20 +427,45 @@ class EMLoCChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        from .structured import parse_tool_call
+
         p = self._prepare(messages, stop, dict(kwargs))
+        buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st char
+        stops = p["gen"]["stop"]
+        sent = ""  # text yielded so far
+        seen = ""  # text decoded so far
         for delta, final in p["lm"].stream_ids(p["ids"], p["memory"], **p["gen"]):
+            seen += delta
+            if final is not None:
+                # the final text is authoritative: it flushes what was held back (a stop-string
+                # prefix that did not complete, a cut multi-byte character)
+                seen = final.text
+            if buffering is None and seen:
+                buffering = seen.startswith("{")
+            if not buffering:
+                ready = seen if final is not None else seen[: len(seen) - _held_back(seen, stops)]
+                if ready.startswith(sent) and len(ready) > len(sent):
+                    piece, sent = ready[len(sent) :], ready
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                    if run_manager:
+                        run_manager.on_llm_new_token(piece, chunk=chunk)
+                    yield chunk
             if final is None:
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-                if run_manager:
-                    run_manager.on_llm_new_token(delta, chunk=chunk)
-                yield chunk
-            else:
-                usage, meta = self._metadata(p, final)
-                yield ChatGenerationChunk(
-                    message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta,
-                                           chunk_position="last"),
-                    generation_info={"finish_reason": final.finish_reason},
-                )
+                continue
+            usage, meta = self._metadata(p, final)
+            if buffering:
+                call, invalid = parse_tool_call(final.text)
+                if call is not None:
+                    meta["finish_reason"] = "tool_calls"
+                    tc = {"name": call["name"], "args": json.dumps(call["args"], ensure_ascii=False),
+                          "id": call["id"], "index": 0, "type": "tool_call_chunk"}
+                else:
+                    tc = {"name": None, "args": final.text, "id": invalid["id"], "index": 0, "type": "tool_call_chunk"}
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tc]))
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
+                generation_info={"finish_reason": final.finish_reason},
+            )
 
     async def _agenerate(
         self,
@@ -241,6 +474,9 @@ class EMLoCChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.streaming:
+            chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
+            return generate_from_stream(iter(chunks))
         return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
 
     async def _astream(
@@ -250,13 +486,18 @@ class EMLoCChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        """Decodes in a worker thread; chunks cross to the event loop through a queue, so the loop is
+        never blocked. A consumer that stops early stops the worker at the next token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
+        cancelled = threading.Event()
 
         def produce() -> None:
             try:
                 for chunk in self._stream(messages, stop, None, **kwargs):
+                    if cancelled.is_set():
+                        break
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -264,16 +505,82 @@ class EMLoCChatModel(BaseChatModel):
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
         task = loop.run_in_executor(None, produce)
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            if run_manager and item.message.content:
-                await run_manager.on_llm_new_token(item.message.content, chunk=item)
-            yield item
-        await task
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager and item.message.content:
+                    await run_manager.on_llm_new_token(item.message.content, chunk=item)
+                yield item
+        finally:
+            cancelled.set()
+            await task
+
+    # ---- tools and structured output -----------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; calls are generated under a grammar of valid ``{"name", "arguments"}`` JSON.
+
+        ``tool_choice``: ``"auto"``/None (the model picks text or a call at its first token),
+        ``"any"``/``"required"``/True (must call one), a tool name (must call that one), ``"none"``.
+        ``strict``/``parallel_tool_calls`` are accepted; calls are always schema-valid, one per turn."""
+        kwargs.pop("strict", None)
+        kwargs.pop("parallel_tool_calls", None)
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [t["function"]["name"] for t in formatted]
+        choice = _normalise_tool_choice(tool_choice, names)
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Structured output for a pydantic model (v1 or v2), TypedDict or JSON schema.
+
+        ``json_schema`` (default): the answer is generated under the schema's grammar.
+        ``function_calling``: a forced call of a tool with that schema, parsed from ``tool_calls``.
+        ``json_mode``: the prompt asks for JSON; decoding is constrained to the schema all the same."""
+        if kwargs:
+            raise ValueError(f"unexpected arguments: {sorted(kwargs)}")
+        if schema is None:
+            raise ValueError("with_structured_output needs a schema")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=tool_name, ls_structured_output_format=ls_format)
+            parser: Runnable[Any, Any] = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            json_schema = convert_to_json_schema(schema)
+            fmt = {"type": "json_object", "schema": json_schema} if method == "json_mode" else json_schema
+            llm = self.bind(response_format=fmt, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown method {method!r}; use 'json_schema', 'function_calling' or 'json_mode'")
+        if not include_raw:
+            return llm | parser
+        parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
+        parser_with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
+        return RunnableMap(raw=llm) | parser_with_fallback
 
 
 def chat_model_for(cache_dir: str | Path | None = None, **kwargs: Any) -> EMLoCChatModel:

@@ -42,9 +42,10 @@ class EMLoCConfig(BaseModel):
         "float16", description="dtype of the K/V tensors kept in the memory and on disk."
     )
     prompt_format: Literal["auto", "chat", "plain"] = Field(
-        "auto", description="Render demonstrations through the chat template ('auto': when the model has one)."
+        "auto",
+        description="How demonstrations are rendered: 'plain' input/answer text, 'chat' turns through the chat "
+        "template, 'auto' = plain for text models, chat for vision-language models.",
     )
-    max_replay_batch: int = Field(8, ge=1, description="Replayed demonstrations per forward batch.")
 
     @field_validator("keep_ratios")
     @classmethod

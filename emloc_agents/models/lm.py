@@ -56,6 +56,11 @@ class LanguageModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def renderer(self, prompt_format: str = "auto") -> Renderer:
+        """``"auto"`` renders plain text for text models (measured: SmolLM2-Instruct answers skills
+        with the demonstrations' labels in plain mode, with "I'm sorry" through its chat template)
+        and the chat template for vision-language models (images go through the processor)."""
+        if prompt_format == "auto":
+            prompt_format = "chat" if self.vision is not None and self.has_chat_template else "plain"
         mode = choose_mode(self.tokenizer, prompt_format)
         with self._lock:
             if mode not in self._renderers:
@@ -124,7 +129,8 @@ class LanguageModel:
         (or stand alone when it is None). Text-only models refuse images with a clear error."""
         if any(t.get("images") for t in turns) and not self.is_vision:
             raise ValueError(f"{self.name} is a text-only model: it cannot take images")
-        mode = memory.render_mode if memory is not None else "auto"
+        # zero-shot conversations use the chat template where there is one (a chat assistant)
+        mode = memory.render_mode if memory is not None else ("chat" if self.has_chat_template else "plain")
         if self.is_vision:  # images stay on the turns; the ids carry the processor outputs (PromptIds.mm)
             return self.renderer(mode).conversation(list(turns), instruction=instruction, on_memory=memory is not None)
         plain = [{"role": t["role"], "content": t["content"]} for t in turns]

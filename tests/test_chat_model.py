@@ -1,0 +1,458 @@
+"""EMLoCChatModel on a tiny random model: skills per call, usage, streaming, async/threads, content
+blocks and their errors, stop strings, constrained tool calls and structured output."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import ConfigurableField
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
+
+from emloc_agents import Demonstration, MemoryRegistry, Skill
+from emloc_agents.chat_model import EMLoCChatModel, UnsupportedContentError, to_turns
+from emloc_agents.registry import UnknownSkillError
+from tests.conftest import make_skill
+
+
+def topic_skill() -> Skill:
+    demos = [
+        Demonstration(input="Article: The bank raised interest rates.\nTopic:", output="business"),
+        Demonstration(input="Article: The striker scored twice in the final.\nTopic:", output="sports"),
+        Demonstration(input="Article: A new chip doubles battery life.\nTopic:", output="tech"),
+        Demonstration(input="Article: Stocks fell after the earnings report.\nTopic:", output="business"),
+        Demonstration(input="Article: The team won the league title.\nTopic:", output="sports"),
+    ]
+    return Skill(name="topic", instruction="Classify the topic.", demonstrations=demos)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> MemoryRegistry:
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path_factory.mktemp("chat"))
+    reg.add(make_skill(name="sentiment"))
+    reg.add(topic_skill())
+    return reg
+
+
+@pytest.fixture
+def chat(registry: MemoryRegistry) -> EMLoCChatModel:
+    return EMLoCChatModel(registry=registry, max_tokens=8)
+
+
+def png_bytes(color: str = "red") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- construction ------------------------------------------------------------------------------
+
+
+def test_construction_is_lazy_and_backends_are_shared(tmp_path) -> None:
+    from emloc_agents import chat_model as cm
+
+    t0 = time.perf_counter()
+    a = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), max_tokens=4)
+    b = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), temperature=0.5)
+    assert time.perf_counter() - t0 < 0.5
+    assert ("tiny-llama", str(tmp_path)) not in cm._REGISTRIES  # nothing loaded yet
+    a.invoke("hi")
+    assert a.get_registry() is b.get_registry()
+    assert a.get_registry().lm is b.get_registry().lm
+
+
+# ---- skills per call ---------------------------------------------------------------------------
+
+
+def test_skill_switch_changes_memory(chat: EMLoCChatModel, registry: MemoryRegistry) -> None:
+    q = "Review: a slow film\nSentiment:"
+    r_sent = chat.invoke(q, skill="sentiment")
+    r_topic = chat.invoke(q, skill="topic")
+    r_zero = chat.invoke(q)
+    ms, mt = r_sent.response_metadata, r_topic.response_metadata
+    assert ms["skill"] == "sentiment" and mt["skill"] == "topic" and r_zero.response_metadata["skill"] is None
+    assert ms["memory_tokens"] > 0 and mt["memory_tokens"] > 0 and ms["memory_tokens"] != mt["memory_tokens"]
+    assert r_zero.response_metadata["memory_tokens"] == 0
+    assert r_zero.usage_metadata["input_token_details"]["cache_read"] == 0
+    for m in (ms, mt):
+        assert 0 < m["kept_ratio"] <= 1 and m["original_tokens"] >= m["memory_tokens"]
+        assert m["model_name"] == "tiny-llama" and m["finish_reason"] in ("stop", "length")
+    # the answer distribution depends on the memory: log-probs of the labels differ
+    lm = registry.lm
+    opts = ["positive", "negative"]
+    s1 = lm.score(q, opts, registry.get("sentiment"))
+    s2 = lm.score(q, opts, registry.get("topic"))
+    assert s1 != pytest.approx(s2, abs=1e-4)
+    # and the chat's own greedy continuations follow the memory deterministically
+    assert chat.invoke(q, skill="sentiment").content == r_sent.content
+
+
+def test_skill_via_field_bind_and_configurable(chat: EMLoCChatModel, registry: MemoryRegistry) -> None:
+    q = "Article: rates rose\nTopic:"
+    expected = chat.invoke(q, skill="topic")
+    declared = EMLoCChatModel(registry=registry, max_tokens=8, skill="topic").invoke(q)
+    bound = chat.bind(skill="topic").invoke(q)
+    configurable = chat.configurable_fields(skill=ConfigurableField(id="skill"))
+    conf = configurable.with_config(configurable={"skill": "topic"}).invoke(q)
+    for r in (declared, bound, conf):
+        assert r.response_metadata["skill"] == "topic"
+        assert r.content == expected.content
+    assert configurable.invoke(q).response_metadata["skill"] is None
+
+
+def test_unknown_skill_lists_registered(chat: EMLoCChatModel) -> None:
+    with pytest.raises(UnknownSkillError, match=r"unknown skill 'nope'.*sentiment.*topic"):
+        chat.invoke("hi", skill="nope")
+
+
+def test_usage_cache_creation_then_read(tmp_path) -> None:
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    reg.add(make_skill(n=5, name="fresh"))
+    chat = EMLoCChatModel(registry=reg, skill="fresh", max_tokens=4)
+    first = chat.invoke("Review: fine\nSentiment:").usage_metadata
+    second = chat.invoke("Review: fine\nSentiment:").usage_metadata
+    mem = reg.get("fresh")
+    assert first["input_token_details"]["cache_creation"] == mem.original_length > 0
+    assert second["input_token_details"]["cache_creation"] == 0
+    for u in (first, second):
+        read = u["input_token_details"]["cache_read"]
+        assert read == round(mem.memory_tokens / mem.num_layers) > 0
+        assert u["input_tokens"] >= read + u["input_token_details"]["cache_creation"]
+        assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
+
+
+def test_model_override_per_call(chat: EMLoCChatModel) -> None:
+    r = chat.invoke("hi", model="tiny-qwen2")
+    assert r.response_metadata["model_name"] == "tiny-qwen2"
+    assert chat._get_ls_params(model="tiny-qwen2")["ls_model_name"] == "tiny-qwen2"
+    assert chat._get_ls_params()["ls_model_name"] == "tiny-llama"
+
+
+# ---- streaming, async, concurrency -------------------------------------------------------------
+
+
+def test_stream_matches_invoke_and_ends_with_last_chunk(chat: EMLoCChatModel) -> None:
+    q = "Review: warm and fun\nSentiment:"
+    full = chat.invoke(q, skill="sentiment")
+    chunks = list(chat.stream(q, skill="sentiment"))
+    assert chunks[-1].chunk_position == "last"
+    assert all(c.chunk_position != "last" for c in chunks[:-1])
+    assert [c for c in chunks if c.usage_metadata] == [chunks[-1]]
+    assert "".join(str(c.content) for c in chunks) == full.content
+    agg = chunks[0]
+    for c in chunks[1:]:
+        agg = agg + c
+    assert agg.response_metadata["skill"] == "sentiment"
+    assert agg.usage_metadata["input_token_details"]["cache_read"] > 0
+
+
+def test_streaming_field_and_astream(registry: MemoryRegistry) -> None:
+    plain = EMLoCChatModel(registry=registry, max_tokens=8)
+    streaming = EMLoCChatModel(registry=registry, max_tokens=8, streaming=True)
+    q = "Review: dull\nSentiment:"
+    expected = plain.invoke(q, skill="sentiment")
+    got = streaming.invoke(q, skill="sentiment")
+    assert got.content == expected.content and got.usage_metadata == expected.usage_metadata
+
+    async def collect() -> list:
+        return [c async for c in plain.astream(q, skill="sentiment")]
+
+    chunks = asyncio.run(collect())
+    assert chunks[-1].chunk_position == "last"
+    assert "".join(str(c.content) for c in chunks) == expected.content
+    assert asyncio.run(streaming.ainvoke(q, skill="sentiment")).content == expected.content
+
+
+def test_concurrent_calls_match_sequential(chat: EMLoCChatModel) -> None:
+    calls = [("Review: great\nSentiment:", "sentiment"), ("Article: goal!\nTopic:", "topic"),
+             ("Review: boring\nSentiment:", None), ("Article: chips\nTopic:", "topic")] * 2
+    sequential = [chat.invoke(q, skill=s).content for q, s in calls]
+
+    async def gathered() -> list[str]:
+        rs = await asyncio.gather(*(chat.ainvoke(q, skill=s) for q, s in calls))
+        return [r.content for r in rs]
+
+    assert asyncio.run(gathered()) == sequential
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda c: chat.invoke(c[0], skill=c[1]).content, calls))
+    assert threaded == sequential
+
+    async def astreamed() -> list[str]:
+        async def one(q: str, s: str | None) -> str:
+            return "".join([str(c.content) async for c in chat.astream(q, skill=s)])
+
+        return list(await asyncio.gather(*(one(q, s) for q, s in calls)))
+
+    assert asyncio.run(astreamed()) == sequential
+
+
+def test_async_does_not_block_event_loop(registry: MemoryRegistry) -> None:
+    chat = EMLoCChatModel(registry=registry, max_tokens=48)
+
+    async def main() -> int:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.create_task(ticker())
+        await chat.ainvoke("Review: long\nSentiment:", skill="sentiment", stop=["\x00"])
+        async for _ in chat.astream("Review: long\nSentiment:", skill="sentiment"):
+            pass
+        stop.set()
+        await t
+        return ticks
+
+    assert asyncio.run(main()) > 5
+
+
+# ---- stop strings ------------------------------------------------------------------------------
+
+
+def test_stop_string_spanning_tokens(chat: EMLoCChatModel, registry: MemoryRegistry) -> None:
+    q = "Review: a great film\nSentiment:"
+    free = chat.invoke(q, skill="sentiment", max_tokens=24)
+    tok = registry.lm.tokenizer
+    ids = tok(free.content, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode(ids[: i + 1]) for i in range(len(ids))]
+    # a boundary k where the token before and after each contribute >= 1 character
+    k = next(i for i in range(1, len(pieces) - 1)
+             if len(pieces[i - 1]) >= 1 and len(pieces[i]) - len(pieces[i - 1]) >= 1
+             and len(pieces[i + 1]) > len(pieces[i]))
+    boundary = len(pieces[k])
+    stop = free.content[boundary - 1 : boundary + 1]  # last char of one token + first of the next
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) >= 1
+    expected = free.content[: free.content.find(stop)]
+    r = chat.invoke(q, skill="sentiment", max_tokens=24, stop=[stop])
+    assert r.content == expected
+    assert r.response_metadata["finish_reason"] == "stop"
+    streamed = "".join(str(c.content) for c in chat.stream(q, skill="sentiment", max_tokens=24, stop=[stop]))
+    assert streamed == expected
+    declared = EMLoCChatModel(registry=registry, skill="sentiment", max_tokens=24, stop=[stop]).invoke(q)
+    assert declared.content == expected
+
+
+# ---- messages and content blocks ---------------------------------------------------------------
+
+
+def test_to_turns_roles_merge_and_names() -> None:
+    turns = to_turns([
+        SystemMessage("sys a"), SystemMessage("sys b"),
+        HumanMessage("hello", name="example_user"), HumanMessage("again"),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1}, "id": "c1", "type": "tool_call"}]),
+        ToolMessage("3", tool_call_id="c1", name="add"),
+    ])
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
+    assert turns[0]["content"] == "sys a\nsys b" and turns[1]["content"] == "hello\nagain"
+    assert json.loads(turns[2]["content"]) == {"name": "add", "arguments": {"a": 1}}
+    assert "Tool result (add): 3" in turns[3]["content"]
+    with pytest.raises(ValueError, match="no messages"):
+        to_turns([])
+
+
+def test_image_blocks_become_pil_images(tmp_path) -> None:
+    data = png_bytes()
+    b64 = base64.b64encode(data).decode()
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    blocks = [
+        {"type": "text", "text": "Describe:"},
+        {"type": "image", "base64": b64, "mime_type": "image/png"},  # LangChain v1
+        {"type": "image", "source_type": "base64", "data": b64, "mime_type": "image/png"},  # v0
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},  # OpenAI
+        {"type": "image_url", "image_url": f"data:image/png;base64,{b64}"},
+        {"type": "image", "url": f"data:image/png;base64,{b64}"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},  # Anthropic
+        {"type": "image", "url": str(path)},  # local path
+        {"type": "image_url", "image_url": {"url": f"file://{path}"}},
+    ]
+    turns = to_turns([HumanMessage(content=blocks), HumanMessage(content=[{"type": "image", "path": str(path)}])])
+    assert len(turns) == 1 and turns[0]["content"] == "Describe:"
+    assert len(turns[0]["images"]) == 9
+    assert all(im.size == (8, 8) for im in turns[0]["images"])
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        ({"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}, "'audio' are not supported"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "'audio' are not supported"),
+        ({"type": "file", "base64": "AAAA", "mime_type": "application/pdf"}, "'file' are not supported"),
+        ({"type": "image", "url": "https://example.com/cat.png"}, "remote image URLs cannot be fetched"),
+        ({"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}, "remote image URLs"),
+        ({"type": "image", "file_id": "file-123"}, "file_id"),
+        ({"type": "image", "base64": base64.b64encode(b"not an image").decode(), "mime_type": "image/png"},
+         "not a readable image"),
+        ({"type": "image", "url": "/no/such/image.png"}, "image not found"),
+        ({"type": "image_url", "image_url": {"url": "data:application/pdf;base64,AAAA"}}, "images only"),
+        ({"type": "hologram"}, "unsupported content block type 'hologram'"),
+    ],
+)
+def test_unsupported_blocks_raise_clearly(chat: EMLoCChatModel, block: dict, match: str) -> None:
+    msg = HumanMessage(content=[{"type": "text", "text": "look"}, block])
+    with pytest.raises(UnsupportedContentError, match=match):
+        chat.invoke([msg])
+
+
+def test_image_to_text_model_raises(chat: EMLoCChatModel) -> None:
+    b64 = base64.b64encode(png_bytes()).decode()
+    msg = HumanMessage(content=[{"type": "text", "text": "what is this"},
+                                {"type": "image", "base64": b64, "mime_type": "image/png"}])
+    with pytest.raises(ValueError, match="text-only"):
+        chat.invoke([msg])
+    with pytest.raises(ValueError, match="text-only"):
+        chat.invoke([msg], skill="sentiment")
+
+
+def test_ai_content_blocks_tool_use_and_thinking_are_skipped(chat: EMLoCChatModel) -> None:
+    msgs = [
+        HumanMessage([{"type": "text", "text": "Hello"}]),
+        AIMessage([{"type": "thinking", "thinking": "hm", "signature": "x"}, {"type": "text", "text": "Hi"},
+                   {"type": "tool_use", "id": "t", "name": "f", "input": {}}]),
+        HumanMessage("Well, thanks."),
+    ]
+    assert to_turns(msgs)[1]["content"] == "Hi"
+    assert isinstance(chat.invoke(msgs), AIMessage)
+
+
+# ---- tools (constrained decoding) ---------------------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def get_weather(location: str) -> str:
+    """Get the weather for a location."""
+    return "sunny"
+
+
+@pytest.fixture
+def jchat(registry: MemoryRegistry) -> EMLoCChatModel:
+    # a random-weight model: only the grammar makes its output valid; keep strings short
+    return EMLoCChatModel(registry=registry, max_tokens=8, json_max_tokens=160, json_max_string_chars=12)
+
+
+@pytest.mark.parametrize("choice", ["any", "required", True, "add"])
+def test_forced_tool_call_is_valid(jchat: EMLoCChatModel, choice) -> None:
+    r = jchat.bind_tools([add, get_weather], tool_choice=choice).invoke("What is 1 + 2?")
+    assert r.content == "" and len(r.tool_calls) == 1, r
+    call = r.tool_calls[0]
+    assert call["type"] == "tool_call" and call["id"].startswith("call_")
+    if choice == "add":
+        assert call["name"] == "add"
+    if call["name"] == "add":
+        assert set(call["args"]) == {"a", "b"} and all(isinstance(v, int) for v in call["args"].values())
+    else:
+        assert set(call["args"]) == {"location"} and isinstance(call["args"]["location"], str)
+    assert r.response_metadata["finish_reason"] == "tool_calls"
+    assert any(b["type"] == "tool_call" for b in r.content_blocks)
+
+
+def test_tool_call_streams_as_one_call(jchat: EMLoCChatModel) -> None:
+    bound = jchat.bind_tools([add], tool_choice="add")
+    chunks = list(bound.stream("What is 1 + 2?", skill="sentiment"))
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert chunks[-1].chunk_position == "last"
+    assert len(full.tool_calls) == 1 and full.tool_calls[0]["name"] == "add"
+    assert full.tool_calls[0]["args"] == bound.invoke("What is 1 + 2?", skill="sentiment").tool_calls[0]["args"]
+    assert full.response_metadata["skill"] == "sentiment"
+
+
+def test_tool_choice_none_and_auto(jchat: EMLoCChatModel) -> None:
+    none = jchat.bind_tools([add], tool_choice="none").invoke("What is 1 + 2?")
+    assert none.tool_calls == [] and none.content == jchat.invoke("What is 1 + 2?").content
+    auto = jchat.bind_tools([add]).invoke("What is 1 + 2?")
+    assert isinstance(auto, AIMessage)
+    # auto: either text that does not start a JSON object, or one valid call
+    assert auto.tool_calls or not str(auto.content).lstrip().startswith("{")
+    assert not auto.invalid_tool_calls
+
+
+def test_bad_tool_choice(jchat: EMLoCChatModel) -> None:
+    with pytest.raises(ValueError, match="tool_choice 'multiply'"):
+        jchat.bind_tools([add], tool_choice="multiply")
+
+
+def test_tool_history_round_trip(jchat: EMLoCChatModel) -> None:
+    bound = jchat.bind_tools([add], tool_choice="any")
+    first = bound.invoke([HumanMessage("What is 1 + 2?")])
+    result = ToolMessage("3", tool_call_id=first.tool_calls[0]["id"], name="add")
+    follow = jchat.bind_tools([add], tool_choice="none").invoke([HumanMessage("What is 1 + 2?"), first, result])
+    assert isinstance(follow.content, str) and not follow.tool_calls
+
+
+def test_template_tools_path(registry: MemoryRegistry) -> None:
+    """A chat template that renders tools= gets them (zero-shot); others get a system description."""
+    from emloc_agents import structured as st
+
+    tok = registry.lm.tokenizer
+    assert not st.template_takes_tools(tok)
+    text = st.describe_tools([{"type": "function", "function": {"name": "add", "description": "Add two integers.",
+                                                                "parameters": {"properties": {"a": {"type": "integer"}}}}}],
+                             "required")
+    assert "add(a: integer): Add two integers." in text and "must call a tool" in text
+
+
+# ---- structured output ------------------------------------------------------------------------
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str = Field(description="the name")
+    mood: str = Field(description="the mood", json_schema_extra={"enum": ["happy", "sad"]})
+    adult: bool
+
+
+class PersonDict(TypedDict):
+    """A person."""
+
+    name: Annotated[str, ..., "the name"]
+    adult: Annotated[bool, ..., "adult or not"]
+
+
+PERSON_SCHEMA = {"title": "Person", "description": "A person.", "type": "object",
+                 "properties": {"name": {"type": "string"}, "adult": {"type": "boolean"}},
+                 "required": ["name", "adult"]}
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+@pytest.mark.parametrize("schema", [Person, PersonDict, PERSON_SCHEMA], ids=["pydantic", "typeddict", "jsonschema"])
+def test_structured_output(jchat: EMLoCChatModel, schema, method: str) -> None:
+    out = jchat.with_structured_output(schema, method=method).invoke("Describe Ann, a happy adult.")
+    if schema is Person:
+        assert isinstance(out, Person) and out.mood in ("happy", "sad") and len(out.name) <= 12
+    else:
+        assert isinstance(out, dict) and set(out) == {"name", "adult"} and isinstance(out["adult"], bool)
+
+
+def test_structured_output_include_raw_and_stream(jchat: EMLoCChatModel) -> None:
+    declared = EMLoCChatModel(**{**jchat.model_dump(), "registry": jchat.registry, "skill": "sentiment"})
+    out = declared.with_structured_output(Person, include_raw=True).invoke("Describe Ann.")
+    assert isinstance(out["parsed"], Person) and out["parsing_error"] is None
+    assert isinstance(out["raw"], AIMessage) and out["raw"].response_metadata["skill"] == "sentiment"
+    streamed = list(jchat.with_structured_output(PERSON_SCHEMA).stream("Describe Ann."))
+    assert streamed and set(streamed[-1]) == {"name", "adult"}
+
+
+def test_structured_output_bad_method(jchat: EMLoCChatModel) -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        jchat.with_structured_output(Person, method="xml")
