@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/emloc demo
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q tests cookbook --nbmake --nbmake-timeout=900
 
 fast: setup
 	$(BIN)/pytest -q -m "not slow"
