@@ -15,7 +15,7 @@ import binascii
 import io
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -159,7 +159,7 @@ def _role(message: BaseMessage) -> str:
     return "user"  # human, tool results (small chat templates have no tool role), others
 
 
-def _call_text(call: dict[str, Any]) -> str:
+def _call_text(call: Mapping[str, Any]) -> str:
     return json.dumps({"name": call["name"], "arguments": call.get("args", {})}, ensure_ascii=False)
 
 
@@ -460,6 +460,7 @@ class EMLoCChatModel(BaseChatModel):
                     tc = {"name": call["name"], "args": json.dumps(call["args"], ensure_ascii=False),
                           "id": call["id"], "index": 0, "type": "tool_call_chunk"}
                 else:
+                    assert invalid is not None  # parse_tool_call returns exactly one of the two
                     tc = {"name": None, "args": final.text, "id": invalid["id"], "index": 0, "type": "tool_call_chunk"}
                 yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tc]))
             yield ChatGenerationChunk(

@@ -10,8 +10,12 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from .skills import Skill, SkillError
+
+if TYPE_CHECKING:
+    from langchain_core.messages.ai import UsageMetadata
 
 USER_ERRORS: tuple[type[BaseException], ...] = (SkillError, FileNotFoundError, ValueError, KeyError, TypeError)
 
@@ -61,8 +65,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         zero = chat.invoke(q).content
         resp = chat.invoke(q, skill=skill)
         line = q.splitlines()[0]
+        usage = cast("UsageMetadata", resp.usage_metadata)  # always set by EMLoCChatModel
         print(f"  [{skill:9}] {line[:60]:60} -> {str(zero).strip()!r:14} | {str(resp.content).strip()!r} "
-              f"(ttft {resp.response_metadata['ttft_s'] * 1000:.0f} ms, memory {resp.usage_metadata['input_token_details']['cache_read']} tok)")
+              f"(ttft {resp.response_metadata['ttft_s'] * 1000:.0f} ms, memory {usage['input_token_details']['cache_read']} tok)")
     print(f"\nmemories live in {reg.cache_dir}; run `emloc demo` again to load them from disk.")
     return 0
 
@@ -155,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models.sources import ModelSourceError
     from .store import MemoryFormatError
 
+    handled: tuple[type[BaseException], ...] = (*USER_ERRORS, ModelSourceError, MemoryFormatError)
     try:
         return int(args.func(args))
-    except (*USER_ERRORS, ModelSourceError, MemoryFormatError) as e:
+    except handled as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"emloc: error: {msg}", file=sys.stderr)
         return 2

@@ -15,13 +15,16 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-_JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON: no runaway whitespace on small models
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+_JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}  # compact JSON: no runaway whitespace on small models
 _INT_BOUND = 10**15 - 1
 _LLG_TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LLG_LOCK = threading.Lock()
@@ -75,7 +78,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         allowed[:m] = torch.from_numpy(bits[:m].astype(bool)).to(scores.device)
         if not bool(allowed.any()):
             raise StructuredOutputError(f"grammar allows no next token: {self.matcher.get_error()}")
-        return scores.masked_fill(~allowed, float("-inf"))
+        return cast(torch.FloatTensor, scores.masked_fill(~allowed, float("-inf")))
 
 
 # ---- schemas and grammars ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NoReturn
 
 from ..engine import PromptError, UnsupportedModelError
 from ..skills import SkillError
@@ -18,7 +19,7 @@ from .run import SCORINGS, BenchError, run_bench
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print usage too)
         raise BenchError(message)
 
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -24,6 +24,9 @@ from .memory import CompressedMemory
 from .presses import EMLoCPress, Press, Selection, pool
 from .prompt import Renderer, Segment
 from .runtime import active
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class ModelHandle(Protocol):
@@ -56,7 +59,7 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.inference_mode()
 def lm_logits(model: torch.nn.Module, facts: ModelFacts, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
+    logits = cast("PreTrainedModel", model).get_output_embeddings()(hidden).float()
     if facts.final_softcap:
         logits = torch.tanh(logits / facts.final_softcap) * facts.final_softcap
     return logits
@@ -169,14 +172,22 @@ class Replay:
         """Memory + (selected) chunk for layers >= start_layer; optionally the teacher's replay K/V
         too, with the answer rows hidden (they are recomputed as the new tokens)."""
         f = self.lm.facts
-        keys, values, pos, valid = [], [], [], []
-        b = self.ids.shape[0]
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
+        pos: list[torch.Tensor | None] = []
+        valid: list[torch.Tensor | None] = []
         for layer in range(f.num_layers):
             if layer < start_layer:
-                keys.append(None), values.append(None), pos.append(None), valid.append(None)
+                keys.append(None)
+                values.append(None)
+                pos.append(None)
+                valid.append(None)
                 continue
             k, v, p, ok = self._layer_prefix(layer, selection[layer], with_replay)
-            keys.append(k), values.append(v), pos.append(p), valid.append(ok)
+            keys.append(k)
+            values.append(v)
+            pos.append(p)
+            valid.append(ok)
         cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
         cache.keep_new = False
         cache.start_layer = start_layer
@@ -239,21 +250,31 @@ class Replay:
         f = self.lm.facts
         assert self.teacher is not None
         c = len(trials)
-        keys, values, pos, valid = [], [], [], []
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
+        pos: list[torch.Tensor | None] = []
+        valid: list[torch.Tensor | None] = []
         for layer in range(f.num_layers):
             if layer < start_layer:
-                keys.append(None), values.append(None), pos.append(None), valid.append(None)
+                keys.append(None)
+                values.append(None)
+                pos.append(None)
+                valid.append(None)
                 continue
             idxs = [t[layer] for t in trials]
             if all(i is idxs[0] for i in idxs):
                 k, v, p, ok = self._layer_prefix(layer, idxs[0], True)
-                keys.append(k.repeat(c, 1, 1, 1)), values.append(v.repeat(c, 1, 1, 1))
-                pos.append(p.repeat(c, 1)), valid.append(ok.repeat(c, 1))
+                keys.append(k.repeat(c, 1, 1, 1))
+                values.append(v.repeat(c, 1, 1, 1))
+                pos.append(p.repeat(c, 1))
+                valid.append(ok.repeat(c, 1))
                 continue
             width = max(self.chunk_k[layer].shape[-2] if i is None else i.shape[-1] for i in idxs)
             parts = [self._layer_prefix_padded(layer, i, width) for i in idxs]
-            keys.append(torch.cat([x[0] for x in parts])), values.append(torch.cat([x[1] for x in parts]))
-            pos.append(torch.cat([x[2] for x in parts])), valid.append(torch.cat([x[3] for x in parts]))
+            keys.append(torch.cat([x[0] for x in parts]))
+            values.append(torch.cat([x[1] for x in parts]))
+            pos.append(torch.cat([x[2] for x in parts]))
+            valid.append(torch.cat([x[3] for x in parts]))
         cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
         cache.keep_new = False
         cache.start_layer = start_layer
@@ -488,7 +509,8 @@ def compress(
     for ci, chunk in enumerate(chunks):
         n = len(chunk.ids)
         pos = (offset + torch.arange(n, device=device))[None]
-        cache = MemoryCache(*zip(*(building.prefix(i) for i in range(f.num_layers)), strict=True), f.windows)
+        mem_k, mem_v, mem_p = zip(*(building.prefix(i) for i in range(f.num_layers)), strict=True)
+        cache = MemoryCache(mem_k, mem_v, mem_p, f.windows)
         window_scores: dict[int, torch.Tensor] = {}
         if press.needs_window_scores:
             cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, building.length)

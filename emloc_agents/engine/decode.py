@@ -96,7 +96,7 @@ def stream_tokens(
         if step == 0:
             ttft = time.perf_counter() - t0
         all_ids = torch.tensor([list(prompt_ids) + out_ids])
-        scores = processors(all_ids, logits)
+        scores = processors(all_ids, logits)  # type: ignore[arg-type]  # stubs want LongTensor/FloatTensor
         if temperature > 0:
             probs = torch.softmax(scores, dim=-1)
             nxt = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
@@ -129,9 +129,9 @@ def stream_tokens(
 
 
 def generate(lm: ModelHandle, prompt_ids: Sequence[int], memory: CompressedMemory | None = None, **kw) -> Generation:
-    result = None
-    for _, result in stream_tokens(lm, prompt_ids, memory, **kw):
-        pass
+    result: Generation | None = None
+    for _, item in stream_tokens(lm, prompt_ids, memory, **kw):
+        result = item
     assert result is not None
     return result
 

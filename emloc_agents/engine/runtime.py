@@ -20,13 +20,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from .cache import MemoryCache
 
 ATTN_IMPLEMENTATION = "emloc"
@@ -89,9 +91,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if hasattr(base, attr) and not hasattr(base, "layers"):
             base = getattr(base, attr)
     if hasattr(base, "language_model") and not hasattr(base, "layers"):
-        base = base.language_model
+        base = cast(torch.nn.Module, base.language_model)
     if hasattr(base, "text_model") and not hasattr(base, "layers"):  # Idefics3 / SmolVLM
-        base = base.text_model
+        base = cast(torch.nn.Module, base.text_model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
@@ -105,10 +107,11 @@ def instrument(model: torch.nn.Module) -> None:
     for i, layer in enumerate(layers):
         if not getattr(layer.forward, "__emloc_gate__", False):
             layer.forward = _gate(layer, i, layer.forward)
+    pretrained = cast("PreTrainedModel", model)
     if getattr(model.config, "vision_config", None) is not None:  # VLM: the vision tower keeps its own
-        model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
+        pretrained.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
     else:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        pretrained.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -63,7 +63,7 @@ class VisionAdapter:
     """Embeddings and positions of a VLM's segments, through the model's own vision path."""
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
-        self.model: Any = model
+        self.model: Any = cast(Any, model)
         self.processor = processor
         self.model_type = str(self.model.config.model_type)
         if self.model_type not in SUPPORTED_VISION:

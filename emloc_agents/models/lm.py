@@ -7,13 +7,16 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ..engine import CompressedMemory, Renderer, instrument, model_facts
 from ..engine.decode import Generation, generate, score_continuations, stream_tokens
 from ..engine.prompt import choose_mode
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class LanguageModel:
@@ -82,7 +85,8 @@ class LanguageModel:
                 for name, p in sorted(self.model.state_dict().items()):
                     h.update(name.encode())
                     h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
-            h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+            config = cast("PretrainedConfig", self.model.config)
+            h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
             vocab = self.tokenizer.get_vocab()
             h.update(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode())
             h.update(str(getattr(self.tokenizer, "chat_template", "")).encode())

@@ -15,7 +15,7 @@ from .tiny import tiny_tokenizer
 
 TINY_VLM_ARCHS = ("qwen2_vl", "llava", "idefics3", "qwen2_5_vl")
 
-_TEXT = dict(
+_TEXT: dict[str, Any] = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2,
 )
@@ -61,9 +61,12 @@ def _qwen(arch: str) -> tuple[Any, Any, Any]:
     )
     text = dict(_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                               "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision: dict[str, Any] = dict(depth=1, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    cfg: Any
+    model_cls: type[Any]
+    proc_cls: type[Any]
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -94,7 +97,7 @@ def _llava() -> tuple[Any, Any, Any]:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=14, projection_dim=32)
     text = LlamaConfig(vocab_size=len(tok), **_TEXT)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
