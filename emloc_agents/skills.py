@@ -100,14 +100,21 @@ class Skill(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Skill:
-        """A skill from a JSON file ({name, instruction, demonstrations: [...]}) or a JSONL file
-        (first line the header without demonstrations, then one demonstration per line).
+        """A skill from a JSON or YAML file ({name, instruction, demonstrations: [...]}) or a JSONL
+        file (first line the header without demonstrations, then one demonstration per line).
         Image paths are relative to the file's folder."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise SkillError(f"skill file not found: {path}")
         try:
-            if path.suffix == ".jsonl":
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                try:
+                    data = yaml.safe_load(path.read_text())
+                except yaml.YAMLError as e:
+                    raise SkillError(f"{path}: not valid YAML: {e}") from e
+            elif path.suffix == ".jsonl":
                 lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
                 if not lines:
                     raise SkillError(f"empty skill file: {path}")
@@ -132,11 +139,13 @@ class Skill(BaseModel):
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise SkillError(f"not a folder: {folder}")
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".jsonl") and p.name != "task.json")
+        files = sorted(
+            p for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".yaml", ".yml") and p.name != "task.json"
+        )
         if (folder / "task.json").is_file():
             return [cls.from_task(folder)]
         if not files:
-            raise SkillError(f"no skill files (*.json, *.jsonl) in {folder}")
+            raise SkillError(f"no skill files (*.json, *.jsonl, *.yaml) in {folder}")
         return [cls.from_file(p) for p in files]
 
     @classmethod
