@@ -190,13 +190,12 @@ NB01 = [
     """),
     md("""
     **Reading this honestly.** Zero-shot, the 135M model chats instead of answering in the label
-    space; the skill's demonstrations fix the format and the labels. But at 16 demonstrations this
-    small model has a strong **label bias**: it says "positive" to nearly every review — *with full
-    ICL just as with the memory*. The log-odds show that it does lean the right way (negative reviews
-    get a much smaller "positive" margin), just not across the line. That is the model, not the
-    compression: what EMLoC promises is to answer **like full ICL** from a fraction of the tokens, and
-    it does here. (The design notes measured SST-2 accuracy gains for this model only from ~128
-    demonstrations; `05_benchmarks.ipynb` measures agreement with full ICL.)
+    space; the skill's demonstrations (rendered as plain "input answer" text) fix the format and the
+    labels, and here the memory answers like full ICL on every review. The log-odds show where it
+    differs: the compressed memory keeps the sign but often a smaller margin (e.g. -0.3 instead of
+    -2.3), so on harder inputs predictions can flip. What EMLoC promises is to answer **like full
+    ICL** from a fraction of the tokens; `05_benchmarks.ipynb` and `docs/benchmarks.md` measure
+    that agreement on real data.
 
     The same memory also works below LangChain, on the model object itself (the contract's
     low-level API). Pass the skill's instruction, as the chat model does:

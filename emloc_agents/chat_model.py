@@ -583,6 +583,3 @@ class EMLoCChatModel(BaseChatModel):
         parser_with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
         return RunnableMap(raw=llm) | parser_with_fallback
 
-
-def chat_model_for(cache_dir: str | Path | None = None, **kwargs: Any) -> EMLoCChatModel:
-    return EMLoCChatModel(cache_dir=str(cache_dir) if cache_dir else None, **kwargs)

@@ -7,7 +7,7 @@ reuses transformers' logits processors; stop strings are checked on the decoded 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -147,7 +147,6 @@ def score_continuations(
     hidden = run(lm.model, cache, ids, pos)
     first = torch.log_softmax(lm_logits(lm.model, f, hidden[:, -1]), -1)[0]
     scores = []
-    multi = [c for c in continuations if len(c) > 1]
     for c in continuations:
         total = float(first[c[0]])
         if len(c) > 1:
@@ -158,7 +157,6 @@ def score_continuations(
             lp = torch.log_softmax(lm_logits(lm.model, f, h[0]), -1)
             total += float(sum(lp[i, c[i + 1]] for i in range(len(c) - 1)))
         scores.append(total)
-    del multi
     return scores
 
 
@@ -194,5 +192,3 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop if s and s in text]
     return min(hits) if hits else None
 
-
-StreamCallback = Callable[[str], None]
