@@ -32,6 +32,10 @@ def demo_skills() -> list[Skill]:
     return [Skill.from_file(Path(str(files / n))) for n in ("sentiment.json", "topic.json")]
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .chat_model import EMLoCChatModel
 
@@ -48,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         info = reg.info(s)
         assert info is not None
         how = "loaded from disk" if info.source == "store" else "compressed"
-        print(f"\nskill {s.name!r}: {len(s.demonstrations)} demonstrations, {how} in {info.seconds:.2f}s"
+        print(f"\nskill {s.name!r}: {len(s.demonstrations)} demonstrations, {how} in {_duration(info.seconds)}"
               + (" (cached by an earlier run)" if was_cached else ""))
         print("  " + mem.describe())
         full = [n for n, sl in zip(mem.layer_lengths, mem.sliding, strict=True) if not sl]
