@@ -60,6 +60,22 @@ def test_emloc_agrees_with_full_icl(smollm2, data_dir, task_name: str) -> None:
     assert agreement >= 0.6
 
 
+@pytest.mark.parametrize("task_name", ["sst2", "trec"])
+def test_emloc_agrees_with_full_icl_gemma(data_dir, task_name: str) -> None:
+    """The same criterion on the second PyPI model (only its 3 global layers are searched)."""
+    lm = load_model("gemma-3-270m")
+    task = Task.load(data_dir / task_name)
+    skill = task.skill(shots=64, seed=0)
+    items = task.test[:N_ITEMS]
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,)))
+    mem = compress(lm, skill, EMLoCConfig())
+    full_preds, emloc_preds = _predict(lm, task, full, items), _predict(lm, task, mem, items)
+    agreement = sum(a == b for a, b in zip(full_preds, emloc_preds, strict=True)) / len(items)
+    print(f"\ngemma {task_name}: kept {mem.kept_ratio:.1%}, agreement {agreement:.2f}")
+    assert mem.kept_ratio <= 0.30
+    assert agreement >= 0.6
+
+
 def test_gemma_compresses_and_answers(data_dir) -> None:
     lm = load_model("gemma-3-270m")
     assert lm.facts.sliding.count(False) == 3  # 15 sliding-window layers, 3 global
