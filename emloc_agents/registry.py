@@ -68,6 +68,11 @@ def skill_from_json(raw: bytes) -> Skill:
     return Skill.model_validate(data)
 
 
+def _made_for(mem: CompressedMemory, expected: dict[str, Any]) -> bool:
+    """Whether a memory's header carries exactly the fields that determine its tensors."""
+    return {k: mem.header.get(k) for k in expected} == expected
+
+
 class MemoryRegistry:
     """Skills by name; ``get(name)`` returns the compressed memory (RAM LRU -> store -> compress).
 
@@ -189,15 +194,18 @@ class MemoryRegistry:
         }
 
     def key(self, skill: str | Skill) -> str:
-        header = self.header(self.skill(skill))
-        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
-        return MEMORY_PREFIX + digest
+        return self._key_of(self.header(self.skill(skill)))
+
+    @staticmethod
+    def _key_of(header: dict[str, Any]) -> str:
+        return MEMORY_PREFIX + hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(self, skill: str | Skill) -> CompressedMemory:
         """The skill's memory: from RAM, else the store, else compressed now (once across processes)."""
         sk = self.skill(skill)
-        key = self.key(sk)
         t0 = time.perf_counter()
+        header = self.header(sk)  # hashes every demonstration (and image): once per call
+        key = self._key_of(header)
         with self._lock:
             mem = self._ram.get(key)
             if mem is not None:
@@ -210,17 +218,17 @@ class MemoryRegistry:
                 if key in self._ram:
                     self.last_info[sk.name] = MemoryInfo("ram", time.perf_counter() - t0)
                     return self._ram[key]
-            mem = self._load(key, sk)
+            mem = self._load(key, sk, header)
             if mem is not None:
                 self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
             else:
                 with self.store.lock("compress:" + key, expire=self.lock_expire, timeout=None):
-                    mem = self._load(key, sk)  # another process may have finished meanwhile
+                    mem = self._load(key, sk, header)  # another process may have finished meanwhile
                     if mem is not None:
                         self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
                     else:
                         mem = self._compress(sk)
-                        self.store.mset([(key, dump_memory(mem, self.header(sk)))])
+                        self.store.mset([(key, dump_memory(mem, header))])
                         self.last_info[sk.name] = MemoryInfo(
                             "compressed", time.perf_counter() - t0, mem.original_length
                         )
@@ -263,7 +271,7 @@ class MemoryRegistry:
         self.compressions += 1
         return mem
 
-    def _load(self, key: str, skill: Skill) -> CompressedMemory | None:
+    def _load(self, key: str, skill: Skill, expected: dict[str, Any]) -> CompressedMemory | None:
         raw = self.store.mget([key])[0]
         if raw is None:
             return None
@@ -273,9 +281,7 @@ class MemoryRegistry:
             log.warning("memory %s for skill %r is corrupt (%s); rebuilding", key, skill.name, e)
             self.store.mdelete([key])
             return None
-        expected = self.header(skill)
-        stored = {k: mem.header.get(k) for k in expected}
-        if stored != expected:
+        if not _made_for(mem, expected):
             log.warning("memory %s for skill %r belongs to another model/config/skill; rebuilding", key, skill.name)
             self.store.mdelete([key])
             return None
@@ -306,19 +312,20 @@ class MemoryRegistry:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no such memory file: {path}")
-        mem = load_memory(path.read_bytes())
+        data = path.read_bytes()  # read once: the bytes stored are the bytes validated
+        mem = load_memory(data)
         raw = mem.header.get("skill_json")
         if not raw:
             raise MemoryFormatError(f"{path}: no skill inside (not written by export)")
         skill = skill_from_json(raw.encode())
         expected = self.header(skill)
-        if {k: mem.header.get(k) for k in expected} != expected:
+        if not _made_for(mem, expected):
             raise MemoryFormatError(
                 f"{path}: memory was made for model {mem.header.get('model')!r} / another config; "
                 f"this registry uses {self.model_name!r}"
             )
         self.add(skill)
-        self.store.mset([(self.key(skill), path.read_bytes())])
+        self.store.mset([(self._key_of(expected), data)])
         return skill
 
     # ---- LangChain ---------------------------------------------------------------------------

@@ -23,6 +23,18 @@ def _title(rows: Sequence[dict], what: str) -> str:
     return f"{what} ({', '.join(models)}; {', '.join(tasks)})"
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, save and close one figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def accuracy_vs_kept_ratio(rows: Sequence[dict], path: Path) -> Path | None:
     pts = [r for r in rows if r.get("accuracy") is not None and r.get("kept_ratio") is not None]
     if not pts:
@@ -35,14 +47,8 @@ def accuracy_vs_kept_ratio(rows: Sequence[dict], path: Path) -> Path | None:
     zero = [r["accuracy"] for r in rows if r["method"] == "zero-shot" and r.get("accuracy") is not None]
     for i, acc in enumerate(zero):  # zero-shot keeps nothing: reference lines
         ax.axhline(acc, color="grey", linestyle="--", linewidth=0.8, label="zero-shot" if i == 0 else None)
-    ax.set_xlabel("kept ratio (share of demonstration tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(_title(rows, "accuracy vs kept ratio"), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "kept ratio (share of demonstration tokens)", "accuracy",
+                 _title(rows, "accuracy vs kept ratio"))
 
 
 def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
@@ -58,14 +64,7 @@ def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
         xs = sorted(s for m, s in by if m == method)
         ax.plot(xs, [mean(by[(method, s)]) for s in xs], marker="o", label=method)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("shots")
-    ax.set_ylabel("accuracy (mean over tasks, seeds)")
-    ax.set_title(_title(rows, "accuracy vs shots"), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "shots", "accuracy (mean over tasks, seeds)", _title(rows, "accuracy vs shots"))
 
 
 def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
@@ -81,14 +80,8 @@ def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
         sel = sorted((r for r in pts if r["method"] == method), key=lambda r: r["original_tokens"])
         if sel:
             ax.plot([r["original_tokens"] for r in sel], [r["ttft_s"] for r in sel], marker="o", label=method)
-    ax.set_xlabel("demonstration tokens (uncompressed)")
-    ax.set_ylabel("time to first token (s)")
-    ax.set_title(_title(rows, "TTFT vs context"), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "demonstration tokens (uncompressed)", "time to first token (s)",
+                 _title(rows, "TTFT vs context"))
 
 
 def make_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
@@ -171,23 +172,18 @@ class Replay:
     def cache(self, selection: Selection, start_layer: int = 0, with_replay: bool = False) -> MemoryCache:
         """Memory + (selected) chunk for layers >= start_layer; optionally the teacher's replay K/V
         too, with the answer rows hidden (they are recomputed as the new tokens)."""
+        return self._search_cache(start_layer, lambda layer: self._layer_prefix(layer, selection[layer], with_replay))
+
+    def _search_cache(self, start_layer: int, prefix_of: Callable[[int], tuple[Any, Any, Any, Any]]) -> MemoryCache:
+        """A cache holding ``prefix_of(layer)`` (keys, values, positions, validity) for the layers a
+        partial re-forward from ``start_layer`` runs; the layers below are skipped."""
         f = self.lm.facts
-        keys: list[torch.Tensor | None] = []
-        values: list[torch.Tensor | None] = []
-        pos: list[torch.Tensor | None] = []
-        valid: list[torch.Tensor | None] = []
-        for layer in range(f.num_layers):
-            if layer < start_layer:
-                keys.append(None)
-                values.append(None)
-                pos.append(None)
-                valid.append(None)
-                continue
-            k, v, p, ok = self._layer_prefix(layer, selection[layer], with_replay)
-            keys.append(k)
-            values.append(v)
-            pos.append(p)
-            valid.append(ok)
+        keys: list[torch.Tensor | None] = [None] * f.num_layers
+        values: list[torch.Tensor | None] = [None] * f.num_layers
+        pos: list[torch.Tensor | None] = [None] * f.num_layers
+        valid: list[torch.Tensor | None] = [None] * f.num_layers
+        for layer in range(start_layer, f.num_layers):
+            keys[layer], values[layer], pos[layer], valid[layer] = prefix_of(layer)
         cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
         cache.keep_new = False
         cache.start_layer = start_layer
@@ -199,6 +195,11 @@ class Replay:
         hit = self._memo.get(layer)  # one entry per layer bounds the memory to one cache's worth
         if hit is not None and hit[0] is idx and hit[1] == with_replay:
             return hit[2]
+        built = self._make_prefix(layer, idx, with_replay)
+        self._memo[layer] = (idx, with_replay, built)
+        return built
+
+    def _make_prefix(self, layer: int, idx: torch.Tensor | None, with_replay: bool) -> tuple[Any, Any, Any, Any]:
         b = self.ids.shape[0]
         mk, mv, mp = self.building.prefix(layer)
         ck, cv, cp = self.chunk_k[layer], self.chunk_v[layer], self.chunk_pos
@@ -211,12 +212,12 @@ class Replay:
             v = torch.cat([v.expand(b, -1, -1, -1), self.replay_v[layer]], dim=2)
             ok = torch.cat([torch.ones(b, p.shape[0], dtype=torch.bool), self.valid & ~self.rows], dim=1)
             p = torch.cat([p[None].expand(b, -1), self.positions], dim=1)
-        self._memo[layer] = (idx, with_replay, (k, v, p, ok))
         return k, v, p, ok
 
     def _layer_prefix_padded(self, layer: int, idx: torch.Tensor | None, width: int) -> tuple[Any, Any, Any, Any]:
         """Like ``_layer_prefix(with_replay=True)`` with the chunk part padded to ``width`` tokens."""
-        k, v, p, ok = self._layer_prefix(layer, idx, True) if idx is None else self._build(layer, idx)
+        # the unpruned prefix is shared by every trial (memoised); pruned ones are built per trial
+        k, v, p, ok = self._layer_prefix(layer, idx, True) if idx is None else self._make_prefix(layer, idx, True)
         n_sel = self.chunk_k[layer].shape[-2] if idx is None else idx.shape[-1]
         if n_sel == width:
             return k, v, p, ok
@@ -231,54 +232,31 @@ class Replay:
         ok = torch.cat([ok[:, :split], ok.new_zeros(b, pad), ok[:, split:]], dim=1)
         return k, v, p, ok
 
-    def _build(self, layer: int, idx: torch.Tensor) -> tuple[Any, Any, Any, Any]:
-        b = self.ids.shape[0]
-        mk, mv, mp = self.building.prefix(layer)
-        ck, cv, cp = _gather(self.chunk_k[layer], idx), _gather(self.chunk_v[layer], idx), self.chunk_pos[idx[0]]
-        k = torch.cat([_cat(mk, ck, 2).expand(b, -1, -1, -1), self.replay_k[layer]], dim=2)
-        v = torch.cat([_cat(mv, cv, 2).expand(b, -1, -1, -1), self.replay_v[layer]], dim=2)
-        p = _cat(mp, cp, 0)
-        ok = torch.cat([torch.ones(b, p.shape[0], dtype=torch.bool), self.valid & ~self.rows], dim=1)
-        return k, v, torch.cat([p[None].expand(b, -1), self.positions], dim=1), ok
-
     def divergences(self, trials: list[Selection], start_layer: int) -> list[float]:
         """JS of several candidate selections at once: with ``scope="answers"`` they run as one
         batch (the re-forward of a few rows is bound by reading the weights, so candidates are
         almost free); with ``scope="exact"`` one after the other."""
-        if self.scope == "exact" or len(trials) == 1:
+        if self.scope == "exact":
             return [self.divergence(t, start_layer) for t in trials]
+        return self._answer_divergences(trials, start_layer)
+
+    def _answer_divergences(self, trials: list[Selection], start_layer: int) -> list[float]:
+        """``scope="answers"``: re-run only the answer rows of each trial (trials batched)."""
         f = self.lm.facts
         assert self.teacher is not None
         c = len(trials)
-        keys: list[torch.Tensor | None] = []
-        values: list[torch.Tensor | None] = []
-        pos: list[torch.Tensor | None] = []
-        valid: list[torch.Tensor | None] = []
-        for layer in range(f.num_layers):
-            if layer < start_layer:
-                keys.append(None)
-                values.append(None)
-                pos.append(None)
-                valid.append(None)
-                continue
+
+        def prefix_of(layer: int) -> tuple[Any, Any, Any, Any]:
             idxs = [t[layer] for t in trials]
             if all(i is idxs[0] for i in idxs):
                 k, v, p, ok = self._layer_prefix(layer, idxs[0], True)
-                keys.append(k.repeat(c, 1, 1, 1))
-                values.append(v.repeat(c, 1, 1, 1))
-                pos.append(p.repeat(c, 1))
-                valid.append(ok.repeat(c, 1))
-                continue
+                return k.repeat(c, 1, 1, 1), v.repeat(c, 1, 1, 1), p.repeat(c, 1), ok.repeat(c, 1)
             width = max(self.chunk_k[layer].shape[-2] if i is None else i.shape[-1] for i in idxs)
             parts = [self._layer_prefix_padded(layer, i, width) for i in idxs]
-            keys.append(torch.cat([x[0] for x in parts]))
-            values.append(torch.cat([x[1] for x in parts]))
-            pos.append(torch.cat([x[2] for x in parts]))
-            valid.append(torch.cat([x[3] for x in parts]))
-        cache = MemoryCache(keys, values, pos, f.windows, prefix_valid=valid)
-        cache.keep_new = False
-        cache.start_layer = start_layer
-        ids, rpos, rvalid, gather_idx = self._answer_rows()
+            return tuple(torch.cat([x[j] for x in parts]) for j in range(4))  # type: ignore[return-value]
+
+        cache = self._search_cache(start_layer, prefix_of)
+        ids, rpos, rvalid, gather_idx = self._answer_rows
         h = self.hidden_in[start_layer]
         cache.start_hidden = torch.gather(h, 1, gather_idx[..., None].expand(-1, -1, h.shape[-1])).repeat(c, 1, 1)
         rope = self._rope_rows(gather_idx)
@@ -336,29 +314,21 @@ class Replay:
         ``scope="answers"`` re-runs only the answer rows, reading the other replay rows' K/V from
         the teacher pass: ~T/|answers| times cheaper, and it measures the pruning's effect on the
         tokens that produce the answers directly."""
+        if self.scope != "exact":
+            return self._answer_divergences([selection], start_layer)[0]
         f = self.lm.facts
         assert self.teacher is not None
-        if self.scope == "exact":
-            cache = self.cache(selection, start_layer)
-            cache.start_hidden = self.hidden_in[start_layer]
-            hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid, rope_positions=self.rope)
-            student = self.log_probs(hidden)
-            share = 1.0
-        else:
-            cache = self.cache(selection, start_layer, with_replay=True)
-            ids, pos, valid, gather_idx = self._answer_rows()
-            cache.start_hidden = torch.gather(
-                self.hidden_in[start_layer], 1, gather_idx[..., None].expand(-1, -1, self.hidden_in[start_layer].shape[-1])
-            )
-            hidden = run(self.lm.model, cache, ids, pos, valid, rope_positions=self._rope_rows(gather_idx))
-            student = torch.log_softmax(lm_logits(self.lm.model, f, hidden[valid]), dim=-1)
-            share = float(valid.sum()) / float(self.valid.sum())
-        self.forwards += share * (f.num_layers - start_layer) / f.num_layers
+        cache = self.cache(selection, start_layer)
+        cache.start_hidden = self.hidden_in[start_layer]
+        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid, rope_positions=self.rope)
+        self.forwards += (f.num_layers - start_layer) / f.num_layers
         self.js_checks += 1
-        return float(js_divergence(self.teacher, student).mean())
+        return float(js_divergence(self.teacher, self.log_probs(hidden)).mean())
 
+    @cached_property
     def _answer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The answer rows of each replayed demonstration, packed left (B, r) with their positions."""
+        """The answer rows of each replayed demonstration, packed left (B, r) with their positions
+        (computed once per chunk, used by every check)."""
         counts = self.rows.sum(1)
         r = int(counts.max())
         b = self.ids.shape[0]

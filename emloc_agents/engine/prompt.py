@@ -104,6 +104,11 @@ class Renderer:
         asked = self._template(user, gen=True)
         answered = self._template(user + [{"role": "assistant", "content": output}])
         seg.add(self.ids(self._suffix(asked, self._template(base) if base else "")))
+        self._add_answer(seg, asked, answered, output)
+        return seg
+
+    def _add_answer(self, seg: Segment, asked: str, answered: str, output: str) -> None:
+        """Append the assistant turn (``answered`` minus ``asked``), marking the answer's tokens."""
         tail = self._suffix(answered, asked)
         at = tail.find(output)
         if at < 0:
@@ -111,7 +116,6 @@ class Renderer:
         seg.add(self.ids(tail[:at]))
         seg.add(self.ids(output), is_answer=True)
         seg.add(self.ids(tail[at + len(output) :]))
-        return seg
 
     def query(self, input_text: str, instruction: str = "", on_memory: bool = True) -> list[int]:
         """Token ids of a query; on a memory it continues the demonstrations, else it stands alone."""

@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 
 from ..skills import ImageLike, SkillError, load_image
-from .prompt import DEMO_SEPARATOR, Mode, PromptError, Renderer, Segment
+from .prompt import DEMO_SEPARATOR, Mode, Renderer, Segment
 
 SUPPORTED_VISION = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -222,13 +222,7 @@ class VisionRenderer(Renderer):
         ids, mm = self.mm_ids(self._suffix(asked, self._template(base) if base else ""), pil)
         seg.add(ids)
         seg.mm = mm
-        tail = self._suffix(answered, asked)
-        at = tail.find(output)
-        if at < 0:
-            raise PromptError("the chat template changed the assistant's answer text")
-        seg.add(self.ids(tail[:at]))
-        seg.add(self.ids(output), is_answer=True)
-        seg.add(self.ids(tail[at + len(output) :]))
+        self._add_answer(seg, asked, answered, output)
         return seg
 
     def conversation(self, turns: list[dict[str, Any]], instruction: str = "", on_memory: bool = True) -> list[int]:
