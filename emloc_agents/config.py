@@ -32,7 +32,11 @@ class EMLoCConfig(BaseModel):
         description="JS checks re-run only the answer rows ('answers', cheap) or the whole replay ('exact', reference).",
     )
     batch_candidates: bool = Field(
-        False, description="Check all keep ratios of a layer in one batched re-forward (pays off on GPUs)."
+        True, description="Check the larger keep ratios of a layer that failed the smallest one in one batched re-forward."
+    )
+    lookahead: int = Field(
+        4, ge=1, description="Layers checked speculatively in one batched re-forward at the smallest keep ratio "
+        "(same decisions as checking them one by one; 1 = no speculation).",
     )
     protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

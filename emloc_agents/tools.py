@@ -45,7 +45,7 @@ def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) ->
 
 def embed(registry: MemoryRegistry, texts: list[str]) -> torch.Tensor:
     """Mean-pooled last hidden states of the loaded model, L2-normalised (no extra model needed)."""
-    from .engine.compress import backbone
+    from .engine.forward import backbone
 
     lm = registry.lm
     out = []

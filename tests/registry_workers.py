@@ -41,7 +41,7 @@ def compress_then_hang(cache_dir: str, marker: str) -> None:
 def load_without_forward(cache_dir: str, out: str) -> None:
     """A fresh process: the memory must come from disk with no forward pass at all."""
     from emloc_agents import MemoryRegistry
-    from emloc_agents.engine.compress import backbone
+    from emloc_agents.engine.forward import backbone
 
     reg = MemoryRegistry(model="tiny-llama", cache_dir=cache_dir)
 

@@ -17,8 +17,8 @@ from emloc_agents.engine import (
     UnsupportedModelError,
     js_divergence,
 )
-from emloc_agents.engine.compress import lm_logits, run
 from emloc_agents.engine.decode import memory_cache
+from emloc_agents.engine.forward import lm_logits, run
 from emloc_agents.models.lm import LanguageModel
 from emloc_agents.models.tiny import TINY_ARCHS, tiny_model
 
@@ -222,3 +222,58 @@ def test_batched_candidates_match_one_by_one(tiny_llama) -> None:
     assert pairs
     for a, b in pairs:
         assert a == pytest.approx(b, rel=1e-3, abs=1e-7)
+
+
+def test_masked_trials_equal_dropping_the_tokens(tiny_llama) -> None:
+    """An answers-scope check masks the pruned chunk tokens out of one shared prefix; that must equal
+    re-running on a chunk from which those tokens were physically removed (GQA heads included)."""
+    from emloc_agents.engine.presses import Press, topk_per_head
+    from emloc_agents.engine.replay import Replay, gather_tokens
+
+    pairs: list[tuple[float, float]] = []
+
+    class Probe(Press):
+        needs_replay = True
+
+        def select(self, ctx):
+            r, n_layers = ctx.replay, ctx.facts.num_layers
+            k = max(ctx.n_protected, ctx.n // 3)
+            sel = [topk_per_head(r.scores[i], k) for i in range(n_layers)]
+            dropped = Replay(
+                r.lm, r.building, [gather_tokens(r.chunk_k[i], sel[i]) for i in range(n_layers)],
+                [gather_tokens(r.chunk_v[i], sel[i]) for i in range(n_layers)], r.chunk_pos[sel[0][0]],
+                r.ids, r.positions, r.valid, r.rows,
+            )
+            dropped.teacher, dropped.hidden_in = r.teacher, r.hidden_in
+            dropped.replay_k, dropped.replay_v = r.replay_k, r.replay_v
+            for start in (0, n_layers - 1):
+                pairs.append((r.divergence(sel, start), dropped.divergence([None] * n_layers, start)))
+            return [None] * n_layers
+
+    compress(tiny_llama, make_skill(8), EMLoCConfig(), press=Probe())
+    assert pairs and any(a > 1e-4 for a, _ in pairs)  # the selection does change the answers
+    for masked, physical in pairs:
+        assert masked == pytest.approx(physical, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_lookahead_keeps_the_sequential_decisions(arch: str) -> None:
+    """Speculating several layers per re-forward must not change what the layer-by-layer search keeps."""
+    model, tok = tiny_model(arch)
+    lm = LanguageModel(model, tok, f"tiny-{arch}")
+    skill = make_skill(12)
+    probe = compress(lm, skill, EMLoCConfig(delta=1.0))  # every layer passes at 10 %: its JS values
+    js = sorted(d["js"] for chunk in probe.stats["decisions"] for d in chunk if d["js"] is not None)
+    delta = js[len(js) // 2]  # about half the checks fail at the smallest share
+    runs = {la: compress(lm, skill, EMLoCConfig(lookahead=la, delta=delta, storage_dtype="float32"))
+            for la in (1, 3, 8)}
+    base = runs[1]
+    ratios = {r["ratio"] for chunk in base.stats["decisions"] for r in chunk}
+    assert len(ratios) > 1  # the search made different choices on different layers: a real test
+    for mem in runs.values():
+        assert [[d["ratio"] for d in c] for c in mem.stats["decisions"]] == [
+            [d["ratio"] for d in c] for c in base.stats["decisions"]
+        ]
+        assert [k.shape for k in mem.keys] == [k.shape for k in base.keys]
+        for a, b in zip(mem.keys, base.keys, strict=True):
+            assert torch.equal(a, b)

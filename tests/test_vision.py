@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from emloc_agents import Demonstration, EMLoCConfig, Skill, SkillError, compress
-from emloc_agents.engine.compress import lm_logits, run
 from emloc_agents.engine.decode import memory_cache
+from emloc_agents.engine.forward import lm_logits, run
 from emloc_agents.models.tiny_vlm import TINY_VLM_ARCHS, tiny_vlm
 
 FULL = dict(keep_ratios=(1.0,), storage_dtype="float32")

@@ -2,6 +2,8 @@
 
 ``--compare`` is a flag: after the run, print the ``compare`` lines of that run on stdout.
 (To compare an existing run, load its ``summary.json`` and call ``emloc_agents.bench.compare``.)
+``--scaling`` runs the scaling study (``scaling.py``) over ``--shots`` for each ``--task`` with the
+first seed instead of the accuracy study; ``--methods/--limit/--ratio/--scoring/--compare`` do not apply.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", choices=SCORINGS, default="loglik",
                    help="loglik: argmax label log-likelihood; generate: label the greedy answer starts with")
     p.add_argument("--compare", action="store_true", help="print the headline ratios after the run")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead: peak RSS, cold/warm time and bytes of EMLoC vs full KV over --shots (first seed)")
     return p
 
 
@@ -62,7 +66,15 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        out = args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or f"results/{'scaling' if args.scaling else 'bench'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.scaling:
+            if not args.seeds:
+                raise BenchError("no seeds given")
+            from .scaling import run_scaling
+
+            rows = run_scaling(args.task, model=args.model, shots=args.shots, seed=args.seeds[0], out=out)
+            print(f"emloc bench: {len(rows)} scaling rows written to {out}/scaling.json", file=sys.stderr)
+            return 0
         rows = run_bench(
             args.task, model=args.model, methods=args.methods, shots=args.shots, seeds=args.seeds,
             limit=args.limit, out=out, ratio=args.ratio, scoring=args.scoring,

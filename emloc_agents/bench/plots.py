@@ -84,6 +84,49 @@ def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
                  _title(rows, "TTFT vs context"))
 
 
+def lines_vs_tokens(
+    rows: Sequence[dict], path: Path, series: Sequence[tuple[str, str]], ylabel: str, what: str,
+    scale: float = 1.0, logy: bool = False,
+) -> Path | None:
+    """One line per (field, label) of ``series`` and model/task, over the uncompressed tokens."""
+    groups = list(dict.fromkeys((r["model"], r["task"]) for r in rows if r.get("original_tokens")))
+    lines = []
+    for field, label in series:
+        for model, task in groups:
+            sel = sorted((r for r in rows if (r["model"], r["task"]) == (model, task) and r.get(field) is not None
+                          and r.get("original_tokens")), key=lambda r: r["original_tokens"])
+            if sel:
+                name = label if len(groups) == 1 else f"{label} ({model}, {task})"
+                lines.append((name, [r["original_tokens"] for r in sel], [r[field] * scale for r in sel]))
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", label=name)
+    if logy:
+        ax.set_yscale("log")
+    return _save(fig, ax, path, "demonstration tokens (uncompressed)", ylabel, _title(rows, what))
+
+
+def make_scaling_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:
+    """The scaling study's plots (bench/scaling.py) that have data; returns the files written."""
+    out = Path(out)
+    made = [
+        lines_vs_tokens(rows, out / "rss_vs_tokens.png",
+                        [("peak_rss_compress_mb", "EMLoC compression (chunk-wise)"),
+                         ("peak_rss_full_prefill_mb", "one full prefill")],
+                        "peak RSS above the loaded model (MB)", "peak memory vs context"),
+        lines_vs_tokens(rows, out / "cold_vs_warm.png",
+                        [("cold_s", "cold get (compress + store)"), ("warm_s", "warm get (load from disk)")],
+                        "seconds (log scale)", "cold compression vs warm load", logy=True),
+        lines_vs_tokens(rows, out / "disk_bytes_vs_tokens.png",
+                        [("disk_bytes", "memory on disk"), ("full_kv_bytes", "full fp16 KV")],
+                        "MB", "memory size vs full KV", scale=1e-6),
+    ]
+    return [p for p in made if p is not None]
+
+
 def make_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:
     """Write the plots that have data into ``out``; returns the files written."""
     out = Path(out)

@@ -1,12 +1,13 @@
 """The algorithm, no I/O: chunk-wise prefill, importance, JS-checked pruning, decoding on a memory."""
 
 from .cache import MemoryCache
-from .compress import ContextTooLongError, compress, js_divergence
+from .compress import ContextTooLongError, compress
 from .decode import Generation, generate, score_continuations, stream_tokens
 from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
 from .memory import CompressedMemory
 from .presses import EMLoCPress, Press, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
 from .prompt import PromptError, Renderer
+from .replay import js_divergence
 from .runtime import instrument
 
 __all__ = [

@@ -17,6 +17,20 @@ from transformers.cache_utils import Cache
 Observer = Callable[[torch.nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def _join(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``prefix`` (P, H, M, D) followed by ``new`` (B, H, T, D) along the sequence, where P divides B:
+    the prefix is broadcast over the batch (B // P repeats) while it is copied, so a prefix shared by
+    several trials of the search is written once per trial, never materialised repeated first."""
+    b, h, t, d = new.shape
+    p, m = prefix.shape[0], prefix.shape[-2]
+    if b % p:
+        raise ValueError(f"prefix batch {p} does not divide the forward's batch {b}")
+    out = new.new_empty(b, h, m + t, d)
+    out[:, :, :m].view(b // p, p, h, m, d).copy_(prefix[None])  # copy_ converts dtype (fp16 memories)
+    out[:, :, m:] = new
+    return out
+
+
 class MemoryCache(Cache):
     """Per-layer prefix K/V (batch 1 or B) + the new tokens of this cache's lifetime.
 
@@ -79,11 +93,8 @@ class MemoryCache(Cache):
         if cur_k is None:
             pk, pv = self.prefix_keys[layer_idx], self.prefix_values[layer_idx]
             if pk is not None and pk.shape[-2] > 0:
-                b = key_states.shape[0]
-                pk = pk.to(key_states.dtype).expand(b, -1, -1, -1)
-                pv = pv.to(value_states.dtype).expand(b, -1, -1, -1)  # type: ignore[union-attr]
-                cur_k = torch.cat([pk, key_states], dim=-2)
-                cur_v = torch.cat([pv, value_states], dim=-2)
+                assert pv is not None
+                cur_k, cur_v = _join(pk, key_states), _join(pv, value_states)
             else:
                 cur_k, cur_v = key_states, value_states
         else:

@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .cache import MemoryCache
-from .compress import ModelHandle, lm_logits, run
+from .forward import ModelHandle, lm_logits, run
 from .memory import CompressedMemory
 
 

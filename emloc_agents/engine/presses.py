@@ -44,12 +44,19 @@ class Press:
 @dataclass
 class EMLoCPress(Press):
     """Layer-wise adaptive pruning: from the top layer down, the smallest candidate share whose
-    Jensen-Shannon divergence to the teacher (on the replayed answer tokens) stays within ``delta``."""
+    Jensen-Shannon divergence to the teacher (on the replayed answer tokens) stays within ``delta``.
+
+    ``lookahead`` makes the sequential search cheaper without changing its decisions: most layers
+    accept the smallest share, so the next ``lookahead`` layers are checked at once, as a batch of
+    stacked trials (top layer pruned; top two; ...), in one re-forward that reads the weights once.
+    The walk accepts trials until the first that fails and tries the larger shares on that layer
+    only; trials after it assumed a decision that did not happen and are dropped."""
 
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     delta: float = 0.005
     layer_group_size: int = 1
-    batch_candidates: bool = False
+    batch_candidates: bool = True
+    lookahead: int = 4
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -59,30 +66,53 @@ class EMLoCPress(Press):
         n_layers = ctx.facts.num_layers
         decided: Selection = [None] * n_layers
         prunable = [i for i in range(n_layers) if not ctx.facts.sliding[i]]
-        groups = [prunable[max(0, j - self.layer_group_size) : j] for j in range(len(prunable), 0, -self.layer_group_size)]
-        for group in groups:  # top-down
-            ratios = [r for r in self.keep_ratios if r < 1.0 and budget(ctx.n, r, ctx.n_protected) < ctx.n]
-            trials = []
-            for ratio in ratios:
-                trial = list(decided)
-                k = budget(ctx.n, ratio, ctx.n_protected)
+        size = self.layer_group_size
+        groups = [prunable[max(0, j - size) : j] for j in range(len(prunable), 0, -size)]  # top-down
+        ratios = [r for r in self.keep_ratios if r < 1.0 and budget(ctx.n, r, ctx.n_protected) < ctx.n]
+        if not ratios:
+            for group in groups:
                 for layer in group:
-                    trial[layer] = topk_per_head(replay.scores[layer], k)
-                trials.append(trial)
-            chosen, chosen_js = 1.0, None
-            if not self.batch_candidates:  # one candidate at a time, stop at the first that passes
-                for ratio, trial in zip(ratios, trials, strict=True):
-                    js = replay.divergence(trial, start_layer=group[0])
-                    if js <= self.delta:
-                        chosen, chosen_js, decided = ratio, js, trial
-                        break
-            elif trials:
-                for ratio, trial, js in zip(ratios, trials, replay.divergences(trials, group[0]), strict=True):
-                    if js <= self.delta:
-                        chosen, chosen_js, decided = ratio, js, trial
-                        break
+                    ctx.record(layer, 1.0, None)
+            return decided
+        picks = {r: [topk_per_head(replay.scores[layer], budget(ctx.n, r, ctx.n_protected)) for layer in range(n_layers)]
+                 for r in ratios}
+
+        def pruned(base: Selection, group: list[int], ratio: float) -> Selection:
+            trial = list(base)
             for layer in group:
+                trial[layer] = picks[ratio][layer]
+            return trial
+
+        ahead = self.lookahead if replay.batches else 1
+        i = 0
+        while i < len(groups):
+            run, spec = groups[i : i + ahead], list[Selection]()
+            for group in run:  # stacked trials: each adds one more group at the smallest share
+                spec.append(pruned(spec[-1] if spec else decided, group, ratios[0]))
+            failed = None
+            for group, trial, js in zip(run, spec, replay.divergences(spec, run[-1][0]), strict=True):
+                if js > self.delta:
+                    failed = group
+                    break
+                decided = trial
+                for layer in group:
+                    ctx.record(layer, ratios[0], js)
+            i += len(run) if failed is None else run.index(failed)
+            if failed is None:
+                continue
+            chosen, chosen_js = 1.0, None
+            trials = [pruned(decided, failed, r) for r in ratios[1:]]
+            if self.batch_candidates and trials:
+                results = replay.divergences(trials, failed[0])
+            else:  # one at a time, stop at the first that passes
+                results = (replay.divergence(t, start_layer=failed[0]) for t in trials)
+            for ratio, trial, js in zip(ratios[1:], trials, results, strict=False):
+                if js <= self.delta:
+                    chosen, chosen_js, decided = ratio, js, trial
+                    break
+            for layer in failed:
                 ctx.record(layer, chosen, chosen_js)
+            i += 1
         return decided
 
 

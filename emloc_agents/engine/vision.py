@@ -54,7 +54,7 @@ class PromptIds(list):
 
 
 def _text_language_model(model: torch.nn.Module) -> torch.nn.Module:
-    from .compress import backbone
+    from .forward import backbone
 
     return backbone(model)
 
