@@ -242,7 +242,7 @@ def test_masked_trials_equal_dropping_the_tokens(tiny_llama) -> None:
             dropped = Replay(
                 r.lm, r.building, [gather_tokens(r.chunk_k[i], sel[i]) for i in range(n_layers)],
                 [gather_tokens(r.chunk_v[i], sel[i]) for i in range(n_layers)], r.chunk_pos[sel[0][0]],
-                r.ids, r.positions, r.valid, r.rows,
+                r.ids, r.positions, r.segments, r.rows,
             )
             dropped.teacher, dropped.hidden_in = r.teacher, r.hidden_in
             dropped.replay_k, dropped.replay_v = r.replay_k, r.replay_v

@@ -64,7 +64,9 @@ class MemoryCache(Cache):
         self.new_values: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.new_positions: torch.Tensor | None = None  # (B, N) of all new tokens so far
         self.new_valid: torch.Tensor | None = None  # (B, N) False for padding
+        self.new_segments: torch.Tensor | None = None  # (B, N) packed sequences: a token sees its own only
         self.query_positions: torch.Tensor | None = None  # (B, Lq) of the running forward
+        self.query_segments: torch.Tensor | None = None
         # hooks used by the compression search (see runtime.py)
         self.observer: Observer | None = None
         self.start_layer = 0
@@ -74,17 +76,25 @@ class MemoryCache(Cache):
 
     # ---- forward bookkeeping ---------------------------------------------------------------
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Declare the positions (B, Lq) of the tokens the next forward appends."""
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None,
+              segments: torch.Tensor | None = None) -> None:
+        """Declare the positions (B, Lq) of the tokens the next forward appends. ``segments`` (B, Lq)
+        packs several sequences into one row: new tokens then see only new tokens of their own
+        segment (the replay of several demonstrations at the same positions, without a batch copy
+        of the prefix per demonstration)."""
         if valid is None:
             valid = torch.ones_like(positions, dtype=torch.bool)
-        self.query_positions = positions
+        self.query_positions, self.query_segments = positions, segments
         if self.new_positions is None:
-            self.new_positions, self.new_valid = positions, valid
+            self.new_positions, self.new_valid, self.new_segments = positions, valid, segments
         else:
             assert self.new_valid is not None
+            if (segments is None) != (self.new_segments is None):
+                raise ValueError("a cache's forwards must all be packed (segments) or all not")
             self.new_positions = torch.cat([self.new_positions, positions], dim=1)
             self.new_valid = torch.cat([self.new_valid, valid], dim=1)
+            if segments is not None:
+                self.new_segments = torch.cat([self.new_segments, segments], dim=1)  # type: ignore[list-item]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -118,6 +128,9 @@ class MemoryCache(Cache):
         m = self.prefix_length(layer_idx)
         new_pos = self.new_positions[:, None, :]  # (B, 1, N)
         new_mask = (new_pos <= q_pos) & self.new_valid[:, None, :]
+        if self.new_segments is not None:
+            assert self.query_segments is not None
+            new_mask &= self.new_segments[:, None, :] == self.query_segments[:, :, None]
         window = self.windows[layer_idx]
         if window:
             new_mask &= (q_pos - new_pos) < window

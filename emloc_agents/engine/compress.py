@@ -74,19 +74,14 @@ class ChunkContext:
         self.decisions.append({"layer": layer, "ratio": ratio, "js": js})
 
 
-def _replay_batch(demos: list[Segment], start: int, pad_id: int) -> tuple[torch.Tensor, ...]:
-    t = max(len(d) for d in demos)
-    b = len(demos)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, t, dtype=torch.bool)
-    rows = torch.zeros(b, t, dtype=torch.bool)
-    for i, d in enumerate(demos):
-        ids[i, : len(d)] = torch.tensor(d.ids)
-        valid[i, : len(d)] = True
-        ans = torch.tensor(d.answer)
-        rows[i, : len(d) - 1] = ans[1:]  # row j predicts token j+1
-    positions = (start + torch.arange(t))[None].expand(b, -1).contiguous()
-    return ids, positions, valid, rows
+def _replay_pack(demos: list[Segment], start: int) -> tuple[torch.Tensor, ...]:
+    """The demonstrations packed into one row (1, T), each from position ``start``; per token its
+    demonstration index, and the rows that predict an answer token (row j predicts token j+1)."""
+    ids = torch.tensor([[t for d in demos for t in d.ids]])
+    positions = torch.cat([start + torch.arange(len(d)) for d in demos])[None]
+    segments = torch.cat([torch.full((len(d),), i) for i, d in enumerate(demos)])[None]
+    rows = torch.cat([torch.tensor(d.answer[1:] + [False]) for d in demos])[None]
+    return ids, positions, segments, rows
 
 
 def _window_observer(facts: ModelFacts, window: int, store: dict[int, torch.Tensor], start_of: Callable[[int], int]):
@@ -142,7 +137,6 @@ def compress(
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"chunks": len(chunks), "replay_forwards": 0.0, "js_checks": 0, "decisions": []}
     prefill_s = 0.0
-    pad_id = getattr(lm.tokenizer, "pad_token_id", None) or 0
     for ci, chunk in enumerate(chunks):
         n = len(chunk.ids)
         pos = (offset + torch.arange(n, device=device))[None]
@@ -164,11 +158,11 @@ def compress(
         protected = torch.tensor(chunk.protected, dtype=torch.bool)
         replay = None
         if press.needs_replay and chunk.demos:
-            ids, rpos, valid, rows = _replay_batch(chunk.demos, offset + n, pad_id)
-            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, valid, rows,
+            ids, rpos, segments, rows = _replay_pack(chunk.demos, offset + n)
+            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
                             scope=config.search_scope)
             if vision is not None:
-                replay.embeds, replay.rope = vision.batch_inputs(chunk.demos, ids.shape[1], rope_end)
+                replay.embeds, replay.rope = vision.packed_inputs(chunk.demos, rope_end)
             replay.run_teacher(config.pool_kernel, protected)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,

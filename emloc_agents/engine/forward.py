@@ -56,6 +56,7 @@ def run(
     positions: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
+    segments: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     rope_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -64,8 +65,9 @@ def run(
     VLMs (engine/vision.py): ``inputs_embeds`` (B, T, H) replaces the token embeddings (image features
     merged), and ``rope_positions`` (3, B, T) are M-RoPE ids while ``positions`` stay the 1-D sequence
     order for the masks. Without ``rope_positions`` RoPE gets ``positions + cache.rope_delta`` (0 for
-    1-D models); a forward with explicit ids sets the delta for the tokens that follow it."""
-    cache.begin(positions, valid)
+    1-D models); a forward with explicit ids sets the delta for the tokens that follow it.
+    ``segments`` packs several sequences into one row (see ``MemoryCache.begin``)."""
+    cache.begin(positions, valid, segments)
     delta = getattr(cache, "rope_delta", 0)
     if rope_positions is None:
         rope_positions = positions + delta if delta else positions

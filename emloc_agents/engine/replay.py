@@ -1,6 +1,8 @@
 """The pruning search's measurements for one chunk: replay its demonstrations after it, and tell how
 far a candidate selection moves the model's answers from that teacher (Jensen-Shannon divergence).
 
+The replayed demonstrations are packed into one sequence (each from the same position, seeing only
+itself; ``MemoryCache`` segments), so the memory is never copied once per demonstration.
 ``Replay.run_teacher`` prefills the replay on memory + whole chunk once: teacher log-probs at the rows
 that predict answer tokens, the hidden state entering every layer, the replay's K/V, and per-layer
 importance of chunk tokens (the attention those answer rows pay them). A check then re-runs from a
@@ -80,50 +82,51 @@ class Building:
 class TrialCache(MemoryCache):
     """Several candidate selections checked in one forward of the answer rows.
 
-    The forward's B sequences each hold ``trials`` blocks of ``rows`` answer rows (block j = trial j).
-    Every block reads the same per-layer prefix; ``keep[layer]`` (trials, kv_heads, n) says which
-    chunk tokens (prefix columns ``chunk_start[layer]`` ... + n) each trial keeps, per head, and a
-    block never sees another block's new tokens. Masking a key out of the softmax is the same as
-    dropping it, so this equals gathering the kept tokens, without a K/V copy per trial.
-    New keys land in ``buffers`` (per layer, prefix already in place) instead of a fresh concat."""
+    The forward is one packed row: ``trials`` blocks of the answer rows of every replayed
+    demonstration (``row_trial``, ``row_demo`` per query). Every block reads the same per-layer
+    prefix (memory + whole chunk + packed replay); a row sees memory and chunk, the replay tokens of
+    its own demonstration (``prefix_segments``: -1 shared, d = demonstration d, -2 never: the answer
+    rows, recomputed here) and the new tokens of its own block and demonstration. ``keep[layer]``
+    (trials, kv_heads, n) says which chunk tokens (prefix columns ``chunk_start[layer]`` ... + n)
+    each trial keeps, per head: masking a key out of the softmax is the same as dropping it, so this
+    equals gathering the kept tokens without a K/V copy per trial. The prefix K/V are views of
+    per-layer buffers with room behind them, and new keys are written into that room: a check
+    allocates no K/V at all."""
 
-    def __init__(self, *args: Any, keep: list[torch.Tensor | None], chunk_start: list[int], n: int, rows: int,
-                 q_heads: int, buffers: dict[int, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep: list[torch.Tensor | None], chunk_start: list[int], n: int,
+                 prefix_segments: list[torch.Tensor | None], row_trial: torch.Tensor, row_demo: torch.Tensor,
+                 q_heads: int, buffers: list[tuple[torch.Tensor, torch.Tensor] | None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.keep, self.chunk_start, self.n, self.rows, self.q_heads = keep, chunk_start, n, rows, q_heads
+        self.keep, self.chunk_start, self.n, self.q_heads = keep, chunk_start, n, q_heads
+        self.prefix_segments, self.row_trial, self.row_demo = prefix_segments, row_trial, row_demo
         self.buffers = buffers
         self.keep_new = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        pk, pv = self.prefix_keys[layer_idx], self.prefix_values[layer_idx]
-        assert pk is not None and pv is not None and self.keys[layer_idx] is None  # one forward per check
-        m, t = pk.shape[-2], key_states.shape[-2]
-        buf = self.buffers.get(layer_idx)
-        if buf is None or buf[0].shape[-2] < m + t:
-            b, h, _, d = pk.shape
-            buf = (pk.new_empty(b, h, m + t, d), pv.new_empty(b, h, m + t, d))
-            buf[0][:, :, :m], buf[1][:, :, :m] = pk, pv
-            self.buffers[layer_idx] = buf
+        buf = self.buffers[layer_idx]
+        assert buf is not None and self.keys[layer_idx] is None  # one forward per check
+        m, t = self.prefix_length(layer_idx), key_states.shape[-2]
         buf[0][:, :, m : m + t], buf[1][:, :, m : m + t] = key_states, value_states
         k, v = buf[0][:, :, : m + t], buf[1][:, :, : m + t]
         self.keys[layer_idx], self.values[layer_idx] = k, v
         return k, v
 
     def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
-        mask = super().attention_mask(layer_idx, q_len, k_len)  # (B, 1, Lq, Lk): positions, windows, validity
-        m = self.prefix_length(layer_idx)
-        block = torch.arange(q_len) // self.rows
-        own = torch.cat([torch.ones(q_len, m, dtype=torch.bool), block[:, None] == block[None, :]], dim=1)
-        mask = mask & own
+        mask = super().attention_mask(layer_idx, q_len, k_len)  # (1, 1, Lq, Lk): positions, windows
+        pseg, ppos = self.prefix_segments[layer_idx], self.prefix_positions[layer_idx]
+        assert pseg is not None and ppos is not None and self.query_positions is not None
+        own_replay = (pseg[None, :] == self.row_demo[:, None]) & (ppos[None, :] <= self.query_positions[0][:, None])
+        sees_prefix = (pseg[None, :] == -1) | own_replay  # the replay's own earlier tokens only
+        same_block = (self.row_trial[:, None] == self.row_trial[None, :]) & (self.row_demo[:, None] == self.row_demo[None, :])
+        mask = mask & torch.cat([sees_prefix, same_block], dim=1)
         keep = self.keep[layer_idx]
         if keep is None:
             return mask
-        b, _, _, lk = mask.shape
         h = keep.shape[1]
-        mask = mask.expand(b, h, q_len, lk).clone()
+        mask = mask.expand(1, h, q_len, k_len).clone()
         lo = self.chunk_start[layer_idx]
-        mask[..., lo : lo + self.n] &= keep[block].permute(1, 0, 2)[None]  # (1, H, Lq, n)
+        mask[..., lo : lo + self.n] &= keep[self.row_trial].permute(1, 0, 2)[None]  # (1, H, Lq, n)
         return mask.repeat_interleave(self.q_heads // h, dim=1)
 
 
@@ -137,10 +140,10 @@ class Replay:
     chunk_k: list[torch.Tensor]
     chunk_v: list[torch.Tensor]
     chunk_pos: torch.Tensor
-    ids: torch.Tensor  # (B, T)
-    positions: torch.Tensor
-    valid: torch.Tensor
-    rows: torch.Tensor  # (B, T) bool: rows that predict an answer token
+    ids: torch.Tensor  # (1, T): the chunk's demonstrations packed
+    positions: torch.Tensor  # (1, T): each demonstration from the position after the chunk
+    segments: torch.Tensor  # (1, T): which demonstration a token belongs to
+    rows: torch.Tensor  # (1, T) bool: rows that predict an answer token
     teacher: torch.Tensor | None = None
     hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: list[torch.Tensor] = field(default_factory=list)
@@ -149,11 +152,10 @@ class Replay:
     scope: str = "answers"
     forwards: float = 0.0  # replay-forward equivalents spent (partial forwards count by depth and rows)
     js_checks: int = 0
-    embeds: torch.Tensor | None = None  # (B, T, H) VLM input embeddings of the replay
-    rope: torch.Tensor | None = None  # (3, B, T) M-RoPE ids of the replay (Qwen2-VL)
+    embeds: torch.Tensor | None = None  # (1, T, H) VLM input embeddings of the replay
+    rope: torch.Tensor | None = None  # (3, 1, T) M-RoPE ids of the replay (Qwen2-VL)
     _memo: dict[int, Any] = field(default_factory=dict, repr=False)
     _shared: dict[int, Any] = field(default_factory=dict, repr=False)
-    _buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def batches(self) -> bool:
@@ -177,7 +179,7 @@ class Replay:
 
         cache.observer = observe
         cache.keep_new = True
-        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid,
+        hidden = run(self.lm.model, cache, self.ids, self.positions, segments=self.segments,
                      inputs_embeds=self.embeds, rope_positions=self.rope)
         self.replay_k = [cache.chunk_kv(i)[0] for i in range(f.num_layers)]
         self.replay_v = [cache.chunk_kv(i)[1] for i in range(f.num_layers)]
@@ -215,7 +217,8 @@ class Replay:
         assert self.teacher is not None
         cache = self.cache(selection, start_layer)
         cache.start_hidden = self.hidden_in[start_layer]
-        hidden = run(self.lm.model, cache, self.ids, self.positions, self.valid, rope_positions=self.rope)
+        hidden = run(self.lm.model, cache, self.ids, self.positions, segments=self.segments,
+                     rope_positions=self.rope)
         self.forwards += (f.num_layers - start_layer) / f.num_layers
         self.js_checks += 1
         return float(js_divergence(self.teacher, self._log_probs(hidden[self.rows])).mean())
@@ -224,28 +227,26 @@ class Replay:
         f = self.lm.facts
         assert self.teacher is not None
         c = len(trials)
-        ids, rpos, rvalid, gather_idx = self._answer_rows
-        b, r = ids.shape
+        idx, ids, pos, demo = self._answer_rows
+        r = idx.shape[0]
         n = self.chunk_k[0].shape[-2]
         layers = range(start_layer, f.num_layers)
-        prefixes = {i: self._shared_prefix(i) for i in layers}
+        prefixes = {i: self._shared_prefix(i, room=c * r) for i in layers}
         keep: list[torch.Tensor | None] = [None] * f.num_layers
         for i in layers:
             keep[i] = _keep_masks([t[i] for t in trials], f.num_kv_heads, n)
-        k, v, p, ok = ([prefixes.get(i, (None,) * 4)[j] for i in range(f.num_layers)] for j in range(4))
-        cache = TrialCache(k, v, p, f.windows, prefix_valid=ok, keep=keep, n=n, rows=r, q_heads=f.num_heads,
-                           chunk_start=[self.building.length(i) for i in range(f.num_layers)],
-                           buffers=self._buffers)
+        k, v, p, seg, buffers = ([prefixes[i][j] if i in prefixes else None for i in range(f.num_layers)]
+                                 for j in range(5))
+        cache = TrialCache(k, v, p, f.windows, keep=keep, n=n, prefix_segments=seg, q_heads=f.num_heads,
+                           row_trial=torch.arange(c).repeat_interleave(r), row_demo=demo.repeat(c),
+                           chunk_start=[self.building.length(i) for i in range(f.num_layers)], buffers=buffers)
         cache.start_layer = start_layer
-        h = self.hidden_in[start_layer]
-        cache.start_hidden = torch.gather(h, 1, gather_idx[..., None].expand(-1, -1, h.shape[-1])).repeat(1, c, 1)
-        rope = None if self.rope is None else torch.gather(self.rope, 2, gather_idx[None].expand(3, -1, -1))
-        hidden = run(self.lm.model, cache, ids.repeat(1, c), rpos.repeat(1, c), rvalid.repeat(1, c),
-                     rope_positions=None if rope is None else rope.repeat(1, 1, c))
-        share = float(rvalid.sum()) / float(self.valid.sum())
-        self.forwards += share * (f.num_layers - start_layer) / f.num_layers
+        cache.start_hidden = self.hidden_in[start_layer][:, idx].repeat(1, c, 1)
+        rope = None if self.rope is None else self.rope[:, :, idx].repeat(1, 1, c)
+        hidden = run(self.lm.model, cache, ids.repeat(1, c), pos.repeat(1, c), rope_positions=rope)
+        self.forwards += r / self.ids.shape[1] * (f.num_layers - start_layer) / f.num_layers
         for j in range(c):
-            student = self._log_probs(hidden[:, j * r : (j + 1) * r][rvalid])
+            student = self._log_probs(hidden[0, j * r : (j + 1) * r])
             self.js_checks += 1
             yield float(js_divergence(self.teacher, student).mean())
 
@@ -278,38 +279,36 @@ class Replay:
         self._memo[layer] = (idx, built)
         return built
 
-    def _shared_prefix(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """Memory + whole chunk + the teacher's replay K/V (answer rows hidden: checks recompute
-        them) for one layer, batch B: what every answers-scope trial reads (built once per chunk)."""
+    def _shared_prefix(self, layer: int, room: int) -> tuple[Any, ...]:
+        """Memory + whole chunk + the teacher's packed replay K/V for one layer, with positions and
+        segments (-1: memory and chunk; d: demonstration d; -2: answer rows, which checks recompute):
+        what every answers-scope trial reads. Built once per chunk, into buffers with ``room`` free
+        tokens behind the prefix for a check's new keys (regrown if a later check needs more)."""
         hit = self._shared.get(layer)
-        if hit is None:
-            b = self.ids.shape[0]
-            k, v, p = self._layer_prefix(layer, None)
-            hit = (
-                torch.cat([k.expand(b, -1, -1, -1), self.replay_k[layer]], dim=2),
-                torch.cat([v.expand(b, -1, -1, -1), self.replay_v[layer]], dim=2),
-                torch.cat([p[None].expand(b, -1), self.positions], dim=1),
-                torch.cat([torch.ones(b, p.shape[0], dtype=torch.bool), self.valid & ~self.rows], dim=1),
-            )
+        if hit is None or hit[4][0].shape[-2] < hit[0].shape[-2] + room:
+            if hit is None:
+                k, v, p = self._layer_prefix(layer, None)
+                self._memo.pop(layer, None)  # checks read the buffers only
+                k, v = torch.cat([k, self.replay_k[layer]], dim=2), torch.cat([v, self.replay_v[layer]], dim=2)
+                seg = self.segments[0].masked_fill(self.rows[0], -2)
+                p = torch.cat([p, self.positions[0]])
+                seg = torch.cat([torch.full((p.shape[0] - seg.shape[0],), -1, dtype=torch.long), seg])
+            else:
+                k, v, p, seg, _ = hit
+            m = k.shape[-2]
+            bk = k.new_empty(*k.shape[:2], m + room, k.shape[-1])
+            bv = v.new_empty(*v.shape[:2], m + room, v.shape[-1])
+            bk[:, :, :m], bv[:, :, :m] = k, v
+            hit = (bk[:, :, :m], bv[:, :, :m], p, seg, (bk, bv))
             self._shared[layer] = hit
         return hit
 
     @cached_property
     def _answer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The answer rows of each replayed demonstration, packed left (B, r) with their positions
-        (computed once per chunk, used by every check)."""
-        counts = self.rows.sum(1)
-        r = int(counts.max())
-        b = self.ids.shape[0]
-        gather_idx = torch.zeros(b, r, dtype=torch.long)
-        valid = torch.zeros(b, r, dtype=torch.bool)
-        for i in range(b):
-            idx = self.rows[i].nonzero().flatten()
-            gather_idx[i, : len(idx)] = idx
-            valid[i, : len(idx)] = True
-        ids = torch.gather(self.ids, 1, gather_idx)
-        pos = torch.gather(self.positions, 1, gather_idx)
-        return ids, pos, valid, gather_idx
+        """Where the answer rows are in the packed replay, their ids (1, R), positions (1, R) and
+        demonstrations (R,) (computed once per chunk, used by every check)."""
+        idx = self.rows[0].nonzero().flatten()
+        return idx, self.ids[:, idx], self.positions[:, idx], self.segments[0, idx]
 
 
 def _keep_masks(selections: list[torch.Tensor | None], heads: int, n: int) -> torch.Tensor | None:

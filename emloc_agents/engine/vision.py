@@ -132,18 +132,13 @@ class VisionAdapter:
             nxt += self.extent(r)
         return embeds, torch.cat(parts, dim=1)[:, None].to(embeds.device), nxt
 
-    def batch_inputs(self, segments: Sequence[Segment], width: int, rope_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Padded (B, width, H) embeddings and (3, B, width) RoPE ids of segments replayed side by side,
-        each starting at ``rope_start``."""
-        rows, ropes = [], []
-        for s in segments:
-            e, r, _ = self.segments_inputs([s], rope_start)
-            pad = width - e.shape[1]
-            rows.append(torch.cat([e, e.new_zeros(1, pad, e.shape[-1])], dim=1))
-            if r is not None:
-                last = r[:, :, -1:] + torch.arange(1, pad + 1, device=r.device)
-                ropes.append(torch.cat([r, last], dim=2))
-        return torch.cat(rows), (torch.cat(ropes, dim=1) if ropes else None)
+    def packed_inputs(self, segments: Sequence[Segment], rope_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, T, H) embeddings and (3, 1, T) RoPE ids of segments packed into one row, each starting
+        at ``rope_start`` (the replay of a chunk's demonstrations, see engine/replay.py)."""
+        parts = [self.segments_inputs([s], rope_start) for s in segments]
+        embeds = torch.cat([e for e, _, _ in parts], dim=1)
+        ropes = [r for _, r, _ in parts if r is not None]
+        return embeds, (torch.cat(ropes, dim=2) if ropes else None)
 
     def prompt_inputs(self, prompt_ids: Sequence[int], rope_start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Embeddings and RoPE ids for a prompt with images (None, None for a text prompt)."""
