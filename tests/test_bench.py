@@ -46,7 +46,7 @@ def bench_run(tmp_path_factory):
 def test_outputs_and_fields(bench_run):
     out, rows = bench_run
     for name in ("summary.json", "summary.csv", "config.json", "items.jsonl", "accuracy_vs_kept_ratio.png",
-                 "ttft_vs_tokens.png"):
+                 "ttft_vs_tokens.png", "decode_vs_tokens.png"):
         assert (out / name).is_file(), name
     assert [r["method"] for r in rows] == ["zero-shot", "full-icl", "emloc", "snapkv"]
     for r in rows:
@@ -124,3 +124,24 @@ def test_missing_task_folder_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "task folder not found" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """Plotting from a notebook or GUI app must not switch the process's backend (no pyplot)."""
+    import matplotlib
+
+    from emloc_agents.bench.plots import make_plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        rows = [{"task": "t", "model": "m", "method": m, "shots": s, "accuracy": a, "kept_ratio": 0.2,
+                 "original_tokens": 10 * s, "ttft_s": 0.1, "decode_tokens_per_s": 20.0}
+                for m, s, a in [("emloc", 4, 0.5), ("emloc", 8, 0.7)]]
+        made = make_plots(rows, tmp_path)
+        assert {p.name for p in made} == {"accuracy_vs_kept_ratio.png", "accuracy_vs_shots.png",
+                                          "ttft_vs_tokens.png", "decode_vs_tokens.png"}
+        assert all(p.stat().st_size > 1000 for p in made)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -1,20 +1,22 @@
-"""PNG plots from summary rows (matplotlib, Agg backend). A plot without data is skipped."""
+"""PNG plots from summary rows. A plot without data is skipped.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot): nothing global such as the
+process's backend or pyplot's figure list is touched, so calling the benchmark from a notebook or
+a GUI app leaves its plotting alone."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import mean
 
 
-def _pyplot():
-    import matplotlib
+def _figure():
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(6, 4))
+    return fig, fig.subplots()
 
 
 def _title(rows: Sequence[dict], what: str) -> str:
@@ -31,7 +33,6 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
     return path
 
 
@@ -39,8 +40,7 @@ def accuracy_vs_kept_ratio(rows: Sequence[dict], path: Path) -> Path | None:
     pts = [r for r in rows if r.get("accuracy") is not None and r.get("kept_ratio") is not None]
     if not pts:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     for method in dict.fromkeys(r["method"] for r in pts):
         sel = [r for r in pts if r["method"] == method]
         ax.scatter([r["kept_ratio"] for r in sel], [r["accuracy"] for r in sel], label=method)
@@ -58,8 +58,7 @@ def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
     by: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in pts:  # mean over tasks and seeds
         by[(r["method"], r["shots"])].append(r["accuracy"])
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     for method in dict.fromkeys(r["method"] for r in pts):
         xs = sorted(s for m, s in by if m == method)
         ax.plot(xs, [mean(by[(method, s)]) for s in xs], marker="o", label=method)
@@ -67,21 +66,31 @@ def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
     return _save(fig, ax, path, "shots", "accuracy (mean over tasks, seeds)", _title(rows, "accuracy vs shots"))
 
 
-def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
-    pts = [
-        r for r in rows
-        if r["method"] in ("full-icl", "emloc") and r.get("ttft_s") is not None and r.get("original_tokens")
-    ]
+LATENCY_METHODS = ("full-icl", "full-icl-cached", "emloc")
+
+
+def per_method_vs_tokens(
+    rows: Sequence[dict], path: Path, field: str, ylabel: str, what: str, value: Callable[[float], float] = float,
+) -> Path | None:
+    """``field`` of the full-context methods and EMLoC over the uncompressed demonstration tokens."""
+    pts = [r for r in rows if r["method"] in LATENCY_METHODS and r.get(field) and r.get("original_tokens")]
     if not pts:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("full-icl", "emloc"):
+    fig, ax = _figure()
+    for method in LATENCY_METHODS:
         sel = sorted((r for r in pts if r["method"] == method), key=lambda r: r["original_tokens"])
         if sel:
-            ax.plot([r["original_tokens"] for r in sel], [r["ttft_s"] for r in sel], marker="o", label=method)
-    return _save(fig, ax, path, "demonstration tokens (uncompressed)", "time to first token (s)",
-                 _title(rows, "TTFT vs context"))
+            ax.plot([r["original_tokens"] for r in sel], [value(r[field]) for r in sel], marker="o", label=method)
+    return _save(fig, ax, path, "demonstration tokens (uncompressed)", ylabel, _title(rows, what))
+
+
+def ttft_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
+    return per_method_vs_tokens(rows, path, "ttft_s", "time to first token (s)", "TTFT vs context")
+
+
+def decode_vs_tokens(rows: Sequence[dict], path: Path) -> Path | None:
+    return per_method_vs_tokens(rows, path, "decode_tokens_per_s", "decode time per token (ms)",
+                                "per-token decode vs context", lambda rate: 1000.0 / rate)
 
 
 def lines_vs_tokens(
@@ -100,8 +109,7 @@ def lines_vs_tokens(
                 lines.append((name, [r["original_tokens"] for r in sel], [r[field] * scale for r in sel]))
     if not lines:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     for name, xs, ys in lines:
         ax.plot(xs, ys, marker="o", label=name)
     if logy:
@@ -134,5 +142,6 @@ def make_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:
         accuracy_vs_kept_ratio(rows, out / "accuracy_vs_kept_ratio.png"),
         accuracy_vs_shots(rows, out / "accuracy_vs_shots.png"),
         ttft_vs_tokens(rows, out / "ttft_vs_tokens.png"),
+        decode_vs_tokens(rows, out / "decode_vs_tokens.png"),
     ]
     return [p for p in made if p is not None]
