@@ -204,10 +204,9 @@ class Replay:
         return next(iter(self.divergences([selection], start_layer)))
 
     def divergences(self, trials: list[Selection], start_layer: int) -> Iterator[float]:
-        """JS of several candidate selections, lazily in order (a caller that stops at the first
-        failing trial pays nothing more for the rest). ``scope="answers"``: one batched re-forward of
-        the answer rows, then the LM head per consumed trial; ``scope="exact"``: the whole replay
-        re-run per trial (the reference)."""
+        """JS of several candidate selections, in order (a caller may stop at the first failing
+        trial). ``scope="answers"``: one batched re-forward of the answer rows of all trials;
+        ``scope="exact"``: the whole replay re-run per trial, lazily (the reference)."""
         if self.scope == "exact":
             return (self._exact_divergence(t, start_layer) for t in trials)
         return self._answer_divergences(trials, start_layer)
@@ -245,10 +244,10 @@ class Replay:
         rope = None if self.rope is None else self.rope[:, :, idx].repeat(1, 1, c)
         hidden = run(self.lm.model, cache, ids.repeat(1, c), pos.repeat(1, c), rope_positions=rope)
         self.forwards += r / self.ids.shape[1] * (f.num_layers - start_layer) / f.num_layers
+        students = self._log_probs(hidden[0])  # one LM-head read for all trials (it is bandwidth-bound)
         for j in range(c):
-            student = self._log_probs(hidden[0, j * r : (j + 1) * r])
             self.js_checks += 1
-            yield float(js_divergence(self.teacher, student).mean())
+            yield float(js_divergence(self.teacher, students[j * r : (j + 1) * r]).mean())
 
     # ---- prefixes ------------------------------------------------------------------------------
 
