@@ -18,9 +18,9 @@ Observer = Callable[[torch.nn.Module, int, torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _join(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``prefix`` (P, H, M, D) followed by ``new`` (B, H, T, D) along the sequence, where P divides B:
-    the prefix is broadcast over the batch (B // P repeats) while it is copied, so a prefix shared by
-    several trials of the search is written once per trial, never materialised repeated first."""
+    """``prefix`` (P, H, M, D) followed by ``new`` (B, H, T, D) along the sequence, where P divides B,
+    in one copy: the prefix is broadcast over the batch and converted to the compute dtype (fp16
+    memories) while it is written, never materialised converted or repeated first."""
     b, h, t, d = new.shape
     p, m = prefix.shape[0], prefix.shape[-2]
     if b % p:
