@@ -277,3 +277,30 @@ def test_lookahead_keeps_the_sequential_decisions(arch: str) -> None:
         assert [k.shape for k in mem.keys] == [k.shape for k in base.keys]
         for a, b in zip(mem.keys, base.keys, strict=True):
             assert torch.equal(a, b)
+
+
+def test_packed_replay_equals_each_demonstration_alone(tiny_llama) -> None:
+    """The replay packs a chunk's demonstrations into one sequence (segments); its teacher must
+    equal replaying each demonstration on its own after the chunk."""
+    from emloc_agents.engine.presses import Press
+
+    checked: list[float] = []
+
+    class Probe(Press):
+        needs_replay = True
+
+        def select(self, ctx):
+            r, n_layers = ctx.replay, ctx.facts.num_layers
+            rows_seen = 0
+            for d in range(int(r.segments.max()) + 1):
+                part = r.segments[0] == d
+                hidden = run(r.lm.model, r.cache([None] * n_layers), r.ids[:, part], r.positions[:, part])
+                alone = torch.log_softmax(lm_logits(r.lm.model, ctx.facts, hidden[0][r.rows[0, part]]), dim=-1)
+                packed = r.teacher[rows_seen : rows_seen + alone.shape[0]]
+                rows_seen += alone.shape[0]
+                checked.append(float((alone - packed).abs().max()))
+            assert rows_seen == r.teacher.shape[0]
+            return [None] * n_layers
+
+    compress(tiny_llama, make_skill(8), EMLoCConfig(), press=Probe())
+    assert len(checked) == 8 and max(checked) < 1e-4
