@@ -36,11 +36,9 @@ class MemoryCache(Cache):
 
     Args:
         prefix_keys / prefix_values: per layer ``(1|B, kv_heads, M_l, head_dim)`` or None (empty).
-        prefix_positions: per layer ``(M_l,)`` or ``(B, M_l)`` original positions, for the causal and
-            sliding-window masks (memory tokens precede every query; for pruned full-attention
-            layers any head's positions will do).
+        prefix_positions: per layer ``(M_l,)`` original positions, for the causal and sliding-window
+            masks (for pruned full-attention layers any head's positions will do).
         windows: per layer sliding window (``None`` = full attention).
-        prefix_valid: optional per layer ``(B, M_l)`` visibility of prefix tokens.
     """
 
     def __init__(
@@ -49,7 +47,6 @@ class MemoryCache(Cache):
         prefix_values: Sequence[torch.Tensor | None],
         prefix_positions: Sequence[torch.Tensor | None],
         windows: Sequence[int | None],
-        prefix_valid: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(layers=[])
         n = len(windows)
@@ -57,13 +54,11 @@ class MemoryCache(Cache):
         self.prefix_values = list(prefix_values)
         self.prefix_positions = list(prefix_positions)
         self.windows = list(windows)
-        self.prefix_valid = list(prefix_valid) if prefix_valid is not None else [None] * n
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.new_values: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.new_positions: torch.Tensor | None = None  # (B, N) of all new tokens so far
-        self.new_valid: torch.Tensor | None = None  # (B, N) False for padding
         self.new_segments: torch.Tensor | None = None  # (B, N) packed sequences: a token sees its own only
         self.query_positions: torch.Tensor | None = None  # (B, Lq) of the running forward
         self.query_segments: torch.Tensor | None = None
@@ -76,23 +71,18 @@ class MemoryCache(Cache):
 
     # ---- forward bookkeeping ---------------------------------------------------------------
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None,
-              segments: torch.Tensor | None = None) -> None:
+    def begin(self, positions: torch.Tensor, segments: torch.Tensor | None = None) -> None:
         """Declare the positions (B, Lq) of the tokens the next forward appends. ``segments`` (B, Lq)
         packs several sequences into one row: new tokens then see only new tokens of their own
         segment (the replay of several demonstrations at the same positions, without a batch copy
         of the prefix per demonstration)."""
-        if valid is None:
-            valid = torch.ones_like(positions, dtype=torch.bool)
         self.query_positions, self.query_segments = positions, segments
         if self.new_positions is None:
-            self.new_positions, self.new_valid, self.new_segments = positions, valid, segments
+            self.new_positions, self.new_segments = positions, segments
         else:
-            assert self.new_valid is not None
             if (segments is None) != (self.new_segments is None):
                 raise ValueError("a cache's forwards must all be packed (segments) or all not")
             self.new_positions = torch.cat([self.new_positions, positions], dim=1)
-            self.new_valid = torch.cat([self.new_valid, valid], dim=1)
             if segments is not None:
                 self.new_segments = torch.cat([self.new_segments, segments], dim=1)  # type: ignore[list-item]
 
@@ -122,35 +112,24 @@ class MemoryCache(Cache):
         return 0 if pk is None else int(pk.shape[-2])
 
     def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
-        """Boolean (B, 1, Lq, Lk) mask: prefix visible (inside the window), new tokens causal."""
-        assert self.query_positions is not None and self.new_positions is not None and self.new_valid is not None
+        """Boolean (B, 1, Lq, Lk) mask from original positions, prefix and new tokens alike: a key is
+        visible if it is not after the query (and inside the window on sliding-window layers); packed
+        new tokens see only their own segment."""
+        assert self.query_positions is not None and self.new_positions is not None
         q_pos = self.query_positions[:, :, None]  # (B, Lq, 1)
+        key_pos = self.new_positions[:, None, :]  # (B, 1, N)
         m = self.prefix_length(layer_idx)
-        new_pos = self.new_positions[:, None, :]  # (B, 1, N)
-        new_mask = (new_pos <= q_pos) & self.new_valid[:, None, :]
-        if self.new_segments is not None:
-            assert self.query_segments is not None
-            new_mask &= self.new_segments[:, None, :] == self.query_segments[:, :, None]
+        if m:
+            ppos = self.prefix_positions[layer_idx]
+            assert ppos is not None
+            key_pos = torch.cat([ppos.to(q_pos.device)[None, None, :].expand(key_pos.shape[0], 1, m), key_pos], -1)
+        mask = key_pos <= q_pos
         window = self.windows[layer_idx]
         if window:
-            new_mask &= (q_pos - new_pos) < window
-        if m == 0:
-            mask = new_mask
-        else:
-            ppos = self.prefix_positions[layer_idx]
-            pvalid = self.prefix_valid[layer_idx]
-            if window or pvalid is not None or (ppos is not None and ppos.dim() == 2):
-                assert ppos is not None
-                ppos = ppos.to(q_pos.device)
-                ppos = ppos[:, None, :] if ppos.dim() == 2 else ppos[None, None, :]
-                pre_mask = ppos <= q_pos
-                if window:
-                    pre_mask = pre_mask & ((q_pos - ppos) < window)
-                if pvalid is not None:
-                    pre_mask = pre_mask & pvalid[:, None, :]
-            else:
-                pre_mask = torch.ones(1, q_len, m, dtype=torch.bool, device=q_pos.device)
-            mask = torch.cat([pre_mask.expand(new_mask.shape[0], q_len, m), new_mask], dim=-1)
+            mask &= (q_pos - key_pos) < window
+        if self.new_segments is not None:
+            assert self.query_segments is not None
+            mask[..., m:] &= self.new_segments[:, None, :] == self.query_segments[:, :, None]
         if mask.shape[-1] != k_len:
             raise RuntimeError(f"layer {layer_idx}: mask covers {mask.shape[-1]} keys, attention has {k_len}")
         return mask[:, None]

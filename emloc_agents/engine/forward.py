@@ -54,7 +54,6 @@ def run(
     cache: MemoryCache,
     ids: torch.Tensor,
     positions: torch.Tensor,
-    valid: torch.Tensor | None = None,
     *,
     segments: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
@@ -67,7 +66,7 @@ def run(
     order for the masks. Without ``rope_positions`` RoPE gets ``positions + cache.rope_delta`` (0 for
     1-D models); a forward with explicit ids sets the delta for the tokens that follow it.
     ``segments`` packs several sequences into one row (see ``MemoryCache.begin``)."""
-    cache.begin(positions, valid, segments)
+    cache.begin(positions, segments)
     delta = getattr(cache, "rope_delta", 0)
     if rope_positions is None:
         rope_positions = positions + delta if delta else positions

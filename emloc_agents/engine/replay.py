@@ -113,11 +113,10 @@ class TrialCache(MemoryCache):
         return k, v
 
     def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
-        mask = super().attention_mask(layer_idx, q_len, k_len)  # (1, 1, Lq, Lk): positions, windows
-        pseg, ppos = self.prefix_segments[layer_idx], self.prefix_positions[layer_idx]
-        assert pseg is not None and ppos is not None and self.query_positions is not None
-        own_replay = (pseg[None, :] == self.row_demo[:, None]) & (ppos[None, :] <= self.query_positions[0][:, None])
-        sees_prefix = (pseg[None, :] == -1) | own_replay  # the replay's own earlier tokens only
+        mask = super().attention_mask(layer_idx, q_len, k_len)  # (1, 1, Lq, Lk): causal, windows
+        pseg = self.prefix_segments[layer_idx]
+        assert pseg is not None
+        sees_prefix = (pseg[None, :] == -1) | (pseg[None, :] == self.row_demo[:, None])  # + its own replay
         same_block = (self.row_trial[:, None] == self.row_trial[None, :]) & (self.row_demo[:, None] == self.row_demo[None, :])
         mask = mask & torch.cat([sees_prefix, same_block], dim=1)
         keep = self.keep[layer_idx]
