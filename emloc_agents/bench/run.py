@@ -29,7 +29,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from ..engine import score_continuations
 from ..tasks import Task
 from .methods import Prepared, order_methods, prepare
 from .metrics import accuracy, agreement, wilson_ci
+from .plots import make_plots
 
 SUMMARY_FIELDS = [
     "task", "model", "method", "shots", "seed", "scoring", "n", "accuracy", "accuracy_ci95",
@@ -246,14 +247,19 @@ def run_bench(
                             row["agreement"] = agreement(preds, reference)
                     rows.extend(row for row, _ in group.values())
                     write_summary(rows, out)  # partial results survive an interrupted run
+    finish_run(config, rows, out, make_plots if plots else None)
+    return rows
+
+
+def finish_run(config: dict[str, Any], rows: list[dict], out: Path,
+               plot: Callable[[list[dict], Path], Any] | None) -> None:
+    """Stamp the end of a run (time, load) into ``config.json`` and draw its plots, if matplotlib
+    is installed (plots.py imports it only when drawing)."""
     config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     config["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    if plots:
+    if plot is not None:
         try:
-            from .plots import make_plots
-
-            make_plots(rows, out)
+            plot(rows, out)
         except ImportError:
             print("emloc bench: matplotlib not installed; skipping plots", file=sys.stderr)
-    return rows

@@ -45,8 +45,9 @@ from ..registry import MemoryRegistry
 from ..skills import Skill
 from ..tasks import Task
 from .methods import prepare
+from .plots import make_scaling_plots
 from .rss import PeakRSS
-from .run import BenchError, load_tasks, machine_info
+from .run import BenchError, finish_run, load_tasks, machine_info
 
 SCALING_FIELDS = [
     "task", "model", "shots", "seed", "original_tokens", "memory_tokens", "kept_ratio", "compress_s",
@@ -251,18 +252,9 @@ def run_scaling(
             "rss_method": c["rss_method"] if c["rss_method"] == p["rss_method"] else f"{c['rss_method']}/{p['rss_method']}",
         })
         write_scaling(rows, out)  # partial results survive an interrupted run
-    config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     config["code_changed_during_run"] = code_state()["sources_sha256"] != config["code"]["sources_sha256"]
     if config["code_changed_during_run"]:
         print("emloc bench: warning: emloc_agents sources changed during the run; rows may mix versions",
               file=sys.stderr)
-    config["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    if plots:
-        try:
-            from .plots import make_scaling_plots
-
-            make_scaling_plots(rows, out)
-        except ImportError:
-            print("emloc bench: matplotlib not installed; skipping plots", file=sys.stderr)
+    finish_run(config, rows, out, make_scaling_plots if plots else None)
     return rows
