@@ -32,10 +32,11 @@ def _predict(lm, task: Task, memory, items) -> list[str]:
 
 
 TREC_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="measured (n=40, 64 shots): agreement 0.47 at 18.7% kept with the default 'answers' search; "
-    "the reference 'exact' search gives 0.70 but keeps 40.6%. SmolLM2's 64-shot TREC ICL is itself "
-    "below zero-shot here (label bias), so predictions flip easily. See docs/benchmarks.md.",
+    strict=True,  # deterministic (seed 0, greedy scoring): a pass means the gap closed; update the docs
+    reason="measured (n=40, 64 shots): agreement 0.475 at 18.7% kept with the default 'answers' search; "
+    "the reference 'exact' search gives 0.70 but keeps 40.6%. EMLoC's scores at a fixed share agree "
+    "0.45 / 0.725 / 0.825 at 20 / 30 / 50% kept, so the bar sits on the knee of this model's curve. "
+    "SmolLM2's 64-shot TREC ICL is itself below zero-shot here (label bias). See docs/benchmarks.md.",
 )
 
 
