@@ -206,6 +206,12 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+def _answer_text(p: dict[str, Any], text: str) -> str:
+    """Tools mode: the grammar lets blanks lead a call or an answer (see ``tool_grammar``); the
+    message carries neither."""
+    return text.lstrip() if p["mode"] == "tools" else text
+
+
 def _normalise_tool_choice(choice: Any, names: list[str]) -> str:
     if choice is None or choice == "auto":
         return "auto"
@@ -398,13 +404,14 @@ class EMLoCChatModel(BaseChatModel):
         from .structured import parse_tool_call
 
         usage, meta = self._metadata(p, g)
-        if p["mode"] == "tools" and g.text.startswith("{"):
-            call, invalid = parse_tool_call(g.text)
+        text = _answer_text(p, g.text)
+        if p["mode"] == "tools" and text.startswith("{"):
+            call, invalid = parse_tool_call(text)
             if call is not None:
                 meta["finish_reason"] = "tool_calls"
             return AIMessage(content="", tool_calls=[call] if call else [], invalid_tool_calls=[invalid] if invalid else [],
                              usage_metadata=usage, response_metadata=meta)
-        return AIMessage(content=g.text, usage_metadata=usage, response_metadata=meta)
+        return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
 
     def _generate(
         self,
@@ -430,16 +437,17 @@ class EMLoCChatModel(BaseChatModel):
         from .structured import parse_tool_call
 
         p = self._prepare(messages, stop, dict(kwargs))
-        buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st char
+        buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st non-blank
         stops = p["gen"]["stop"]
         sent = ""  # text yielded so far
-        seen = ""  # text decoded so far
+        raw = ""  # text decoded so far
         for delta, final in p["lm"].stream_ids(p["ids"], p["memory"], **p["gen"]):
-            seen += delta
+            raw += delta
             if final is not None:
                 # the final text is authoritative: it flushes what was held back (a stop-string
                 # prefix that did not complete, a cut multi-byte character)
-                seen = final.text
+                raw = final.text
+            seen = _answer_text(p, raw)
             if buffering is None and seen:
                 buffering = seen.startswith("{")
             if not buffering:
@@ -454,14 +462,14 @@ class EMLoCChatModel(BaseChatModel):
                 continue
             usage, meta = self._metadata(p, final)
             if buffering:
-                call, invalid = parse_tool_call(final.text)
+                call, invalid = parse_tool_call(seen)
                 if call is not None:
                     meta["finish_reason"] = "tool_calls"
                     tc = {"name": call["name"], "args": json.dumps(call["args"], ensure_ascii=False),
                           "id": call["id"], "index": 0, "type": "tool_call_chunk"}
                 else:
                     assert invalid is not None  # parse_tool_call returns exactly one of the two
-                    tc = {"name": None, "args": final.text, "id": invalid["id"], "index": 0, "type": "tool_call_chunk"}
+                    tc = {"name": None, "args": seen, "id": invalid["id"], "index": 0, "type": "tool_call_chunk"}
                 yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tc]))
             yield ChatGenerationChunk(
                 message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),

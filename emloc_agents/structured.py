@@ -154,15 +154,18 @@ def json_grammar(schema: dict[str, Any]) -> str:
 
 
 def tool_grammar(tools: Sequence[dict[str, Any]], required: bool, max_string_chars: int | None = None) -> str:
-    """Either exactly one tool call (``required``) or free text that does not start with "{"
-    or one tool call (``auto``: the model picks at the first token)."""
+    """Either exactly one tool call (``required``) or, for ``auto``, one tool call or free text whose
+    first non-blank character is not "{" (the model picks at its first non-blank token). Leading
+    blanks are allowed before either: plain-rendered memories answer after a space, and a grammar
+    that forbade it pushed models to odd first tokens."""
     from llguidance import LLMatcher
 
     schema = bound_strings(tool_call_schema(tools), max_string_chars)
     if required:
         return json_grammar(schema)
     options = json.dumps({**schema, "x-guidance": _JSON_DEFAULTS})
-    lark = f"start: call | TEXT\ncall: %json {options}\nTEXT: /[^{{\\s](.|\\n)*/\n"
+    lark = (f"start: call | BLANK call | TEXT\ncall: %json {options}\n"
+            f"BLANK: /[ \\t\\r\\n]+/\nTEXT: /[ \\t\\r\\n]*[^{{ \\t\\r\\n](.|\\n)*/\n")
     try:
         return LLMatcher.grammar_from_lark(lark)
     except Exception as e:  # noqa: BLE001

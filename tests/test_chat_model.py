@@ -14,6 +14,7 @@ from typing import Annotated
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import ConfigurableField
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
@@ -384,6 +385,41 @@ def test_tool_choice_none_and_auto(jchat: EMLoCChatModel) -> None:
     # auto: either text that does not start a JSON object, or one valid call
     assert auto.tool_calls or not str(auto.content).lstrip().startswith("{")
     assert not auto.invalid_tool_calls
+
+
+@pytest.mark.parametrize(("text", "complete"), [
+    ('{"name":"add","arguments":{"a":1,"b":2}}', True),
+    ('\n{"name":"add","arguments":{"a":1,"b":2}}', True),  # blanks may lead a call ...
+    (" Three.", True),  # ... or an answer (plain-rendered memories answer after a space)
+    ("\n\nIt is {3}.", True),
+    (" {not a call", None),  # a "{" after the blanks must be a call
+    ("  ", False),  # blanks alone are not an answer
+])
+def test_auto_grammar_allows_leading_blanks(registry: MemoryRegistry, text: str, complete: bool | None) -> None:
+    from llguidance import LLMatcher
+
+    from emloc_agents import structured as st
+
+    tools = [convert_to_openai_tool(add)]
+    tok = registry.lm.tokenizer
+    matcher = LLMatcher(st.llg_tokenizer(tok), st.tool_grammar(tools, required=False))
+    consumed = all(matcher.consume_token(t) for t in tok(text, add_special_tokens=False)["input_ids"])
+    if complete is None:
+        assert not consumed
+    else:
+        assert consumed and matcher.is_accepting() == complete
+
+
+@pytest.mark.parametrize("text", ['\n {"name": "add", "arguments": {"a": 1, "b": 2}}', "  Three."])
+def test_auto_message_drops_leading_blanks(jchat: EMLoCChatModel, text: str) -> None:
+    from emloc_agents.engine.decode import Generation
+
+    p = {"mode": "tools", "memory": None, "created": 0, "model_name": "m", "skill": None}
+    msg = jchat._message(p, Generation(text, [1, 2], 3, "stop", 0.0, 0.0))
+    if "{" in text:
+        assert msg.content == "" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}
+    else:
+        assert msg.content == "Three." and not msg.tool_calls
 
 
 def test_bad_tool_choice(jchat: EMLoCChatModel) -> None:
