@@ -424,7 +424,7 @@ NB02 = [
     """),
     code("""
     chain = router.answer_with(chat)  # chat: max_tokens=4, stop at newline (label answers)
-    for q, out in zip(requests[:4], chain.batch(requests[:4])):
+    for q, out in zip(requests[:4], chain.batch(requests[:4]), strict=True):
         print(f"{q.splitlines()[0]:56} -> {out.content.strip()!r} (skill {out.response_metadata['skill']})")
     """),
     code("""
@@ -523,7 +523,6 @@ NB04 = [
     """),
     code(QUIET, """
     import logging
-    import os
     import shutil
     import tempfile
     import time
@@ -801,7 +800,7 @@ NB05 = [
     table = [[h for h, _, _ in COLUMNS]] + [[cell(r, f, s) for _, f, s in COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     for i, line in enumerate(table):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(line, widths, strict=True))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     """),
@@ -925,11 +924,18 @@ def _nb03() -> list:
         import os
         import tempfile
         import time
-        from pathlib import Path
 
         from PIL import Image, ImageDraw
 
-        from emloc_agents import Demonstration, EMLoCChatModel, EMLoCConfig, MemoryRegistry, Skill, compress, load_model
+        from emloc_agents import (
+            Demonstration,
+            EMLoCChatModel,
+            EMLoCConfig,
+            MemoryRegistry,
+            Skill,
+            compress,
+            load_model,
+        )
 
         MODEL_PATH = os.environ.get("EMLOC_VLM_PATH", "")  # a local VLM checkpoint dir; empty = tiny random VLM
         """),
