@@ -206,10 +206,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-def _answer_text(p: dict[str, Any], text: str) -> str:
-    """Tools mode: the grammar lets blanks lead a call or an answer (see ``tool_grammar``); the
-    message carries neither."""
-    return text.lstrip() if p["mode"] == "tools" else text
+def _answer_text(text: str) -> str:
+    """The reply without leading blanks: plain-rendered memories answer after a space (" positive"),
+    and the tools grammar lets blanks lead a call or an answer (see ``tool_grammar``)."""
+    return text.lstrip()
 
 
 def _normalise_tool_choice(choice: Any, names: list[str]) -> str:
@@ -404,7 +404,7 @@ class EMLoCChatModel(BaseChatModel):
         from .structured import parse_tool_call
 
         usage, meta = self._metadata(p, g)
-        text = _answer_text(p, g.text)
+        text = _answer_text(g.text)
         if p["mode"] == "tools" and text.startswith("{"):
             call, invalid = parse_tool_call(text)
             if call is not None:
@@ -447,7 +447,7 @@ class EMLoCChatModel(BaseChatModel):
                 # the final text is authoritative: it flushes what was held back (a stop-string
                 # prefix that did not complete, a cut multi-byte character)
                 raw = final.text
-            seen = _answer_text(p, raw)
+            seen = _answer_text(raw)
             if buffering is None and seen:
                 buffering = seen.startswith("{")
             if not buffering:

@@ -410,11 +410,15 @@ def test_auto_grammar_allows_leading_blanks(registry: MemoryRegistry, text: str,
         assert consumed and matcher.is_accepting() == complete
 
 
-@pytest.mark.parametrize("text", ['\n {"name": "add", "arguments": {"a": 1, "b": 2}}', "  Three."])
-def test_auto_message_drops_leading_blanks(jchat: EMLoCChatModel, text: str) -> None:
+@pytest.mark.parametrize(("mode", "text"), [
+    ("tools", '\n {"name": "add", "arguments": {"a": 1, "b": 2}}'),
+    ("tools", "  Three."),
+    ("text", " Three."),  # a plain-rendered memory answers after a space, like its demonstrations
+])
+def test_message_drops_leading_blanks(jchat: EMLoCChatModel, mode: str, text: str) -> None:
     from emloc_agents.engine.decode import Generation
 
-    p = {"mode": "tools", "memory": None, "created": 0, "model_name": "m", "skill": None}
+    p = {"mode": mode, "memory": None, "created": 0, "model_name": "m", "skill": None}
     msg = jchat._message(p, Generation(text, [1, 2], 3, "stop", 0.0, 0.0))
     if "{" in text:
         assert msg.content == "" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}
