@@ -539,7 +539,7 @@ class EMLoCChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; calls are generated under a grammar of valid ``{"name", "arguments"}`` JSON.
 
-        ``tool_choice``: ``"auto"``/None (the model picks text or a call at its first token),
+        ``tool_choice``: ``"auto"``/None (the model picks text or a call at its first non-blank token),
         ``"any"``/``"required"``/True (must call one), a tool name (must call that one), ``"none"``.
         ``strict``/``parallel_tool_calls`` are accepted; calls are always schema-valid, one per turn."""
         kwargs.pop("strict", None)
