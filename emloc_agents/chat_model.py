@@ -41,7 +41,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
-from .engine.decode import Generation
+from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .registry import MemoryRegistry
 
@@ -212,6 +212,22 @@ def _answer_text(text: str) -> str:
     return text.lstrip()
 
 
+def _text_reply_limits(stops: Sequence[str], max_tokens: int) -> Callable[[str, int], tuple[int, str] | None]:
+    """Under the auto tools grammar: once the reply is text (not a call), end it at the caller's stop
+    strings and ``max_tokens``; a call runs until its JSON closes (``json_max_tokens`` at most)."""
+
+    def finish_when(text: str, n_tokens: int) -> tuple[int, str] | None:
+        lead = text.lstrip()
+        if not lead or lead.startswith("{"):
+            return None
+        hit = first_stop(text, stops)
+        if hit is not None:
+            return hit, "stop"
+        return (len(text), "length") if n_tokens >= max_tokens else None
+
+    return finish_when
+
+
 def _normalise_tool_choice(choice: Any, names: list[str]) -> str:
     if choice is None or choice == "auto":
         return "auto"
@@ -324,6 +340,7 @@ class EMLoCChatModel(BaseChatModel):
         hints: list[str] = []
         grammar: str | None = None
         use_template_tools = False
+        choice: str | None = None
         if tools:
             choice = _normalise_tool_choice(tool_choice, [t["function"]["name"] for t in tools])
             if choice != "none":
@@ -359,12 +376,17 @@ class EMLoCChatModel(BaseChatModel):
             stop=list(stop or self.stop or []),
             seed=kwargs.pop("seed", self.seed),
         )
+        text_stops = gen_kw["stop"]
         if grammar is not None:
             gen_kw["max_new_tokens"] = max(max_tokens, self.json_max_tokens)
-            gen_kw["stop"] = []  # the grammar decides where the document ends
+            gen_kw["stop"] = []  # the grammar decides where a JSON document ends
             gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]
+            if choice == "auto":  # a text reply keeps the caller's stop and max_tokens
+                gen_kw["finish_when"] = _text_reply_limits(text_stops, max_tokens)
+            else:
+                text_stops = []
         return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw,
-                "mode": mode, "model_name": registry.model_name}
+                "mode": mode, "model_name": registry.model_name, "text_stops": text_stops}
 
     @staticmethod
     def _response_schema(response_format: Any) -> tuple[dict[str, Any], bool]:
@@ -438,7 +460,7 @@ class EMLoCChatModel(BaseChatModel):
 
         p = self._prepare(messages, stop, dict(kwargs))
         buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st non-blank
-        stops = p["gen"]["stop"]
+        stops = p["text_stops"]
         sent = ""  # text yielded so far
         raw = ""  # text decoded so far
         for delta, final in p["lm"].stream_ids(p["ids"], p["memory"], **p["gen"]):

@@ -247,6 +247,29 @@ def test_stop_string_spanning_tokens(chat: EMLoCChatModel, registry: MemoryRegis
     assert declared.content == expected
 
 
+def test_text_reply_limits_under_the_auto_tools_grammar() -> None:
+    """A text reply keeps the caller's stop strings and max_tokens; a call is left to its grammar."""
+    from emloc_agents.chat_model import _text_reply_limits
+
+    limits = _text_reply_limits(["\n\n"], max_tokens=4)
+    assert limits("  ", 9) is None  # undecided: only blanks so far
+    assert limits(' {"name": "add", "arguments": {"a": 1,\n\n', 99) is None  # a call: the grammar ends it
+    assert limits(" It is three.\n\nAlso", 3) == (len(" It is three."), "stop")
+    assert limits(" It is", 3) is None
+    assert limits(" It is three", 4) == (len(" It is three"), "length")
+
+
+def test_finish_when_ends_decoding(registry: MemoryRegistry) -> None:
+    lm = registry.lm
+    ids = lm.encode_conversation([{"role": "user", "content": "Say something."}])
+    free = lm.generate_ids(ids, None, max_new_tokens=6)
+    assert len(free.token_ids) == 6
+    cut = lm.generate_ids(ids, None, max_new_tokens=6,
+                          finish_when=lambda text, n: (len(text), "length") if n >= 2 else None)
+    assert cut.token_ids == free.token_ids[:2] and cut.finish_reason == "length"
+    assert free.text.startswith(cut.text)
+
+
 # ---- messages and content blocks ---------------------------------------------------------------
 
 

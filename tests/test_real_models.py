@@ -9,8 +9,9 @@ recorded in docs/benchmarks.md; the thresholds are the issue's, not tuned to the
 from __future__ import annotations
 
 import pytest
+from langchain_core.tools import tool
 
-from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents import EMLoCChatModel, EMLoCConfig, MemoryRegistry, compress, load_model
 from emloc_agents.cli import demo_skills
 from emloc_agents.tasks import Task
 
@@ -94,3 +95,26 @@ def test_demo_skills_on_default_model(smollm2) -> None:
         mem = compress(smollm2, skill, EMLoCConfig())
         assert 0 < mem.kept_ratio < 1
         assert smollm2.generate(skill.demonstrations[0].input, mem, max_new_tokens=3)
+
+
+def test_auto_tool_choice_text_reply_keeps_stop_and_max_tokens(smollm2, tmp_path) -> None:
+    """With tools bound (auto) a text reply is bounded like any reply, not by the JSON budget."""
+
+    @tool
+    def get_weather(location: str) -> str:
+        """Get the weather at a location."""
+        return "sunny"
+
+    chat = EMLoCChatModel(registry=MemoryRegistry(model=smollm2, cache_dir=tmp_path),
+                          max_tokens=12, json_max_tokens=160)
+    bound = chat.bind_tools([get_weather])
+    reply = bound.invoke("Write a long poem about the sea.")
+    assert not reply.tool_calls and reply.content  # this model answers in text (see docs/benchmarks.md)
+    assert reply.usage_metadata["output_tokens"] <= 12 and reply.response_metadata["finish_reason"] == "length"
+    text = str(reply.content)
+    stop = text.split()[2]  # a word from inside the reply: the stopped reply ends before it
+    stopped = bound.invoke("Write a long poem about the sea.", stop=[stop])
+    assert stopped.content == text[: text.find(stop)]
+    assert stopped.response_metadata["finish_reason"] == "stop"
+    streamed = "".join(str(c.content) for c in bound.stream("Write a long poem about the sea.", stop=[stop]))
+    assert streamed == stopped.content

@@ -7,7 +7,7 @@ reuses transformers' logits processors; stop strings are checked on the decoded 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,11 +57,14 @@ def stream_tokens(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     logits_processor: LogitsProcessorList | None = None,
+    finish_when: Callable[[str, int], tuple[int, str] | None] | None = None,
 ) -> Iterator[tuple[str, Generation | None]]:
     """Yield (text delta, None) per step and finally ("", Generation).
 
     ``logits_processor`` (e.g. a grammar constraint) runs on the raw logits before the sampling
-    warpers, so temperature/top-p only ever choose among the tokens it allows."""
+    warpers, so temperature/top-p only ever choose among the tokens it allows. ``finish_when(text,
+    n_tokens)`` may end the reply early: it returns (where to cut the text, finish reason) or None
+    (limits that depend on what the reply turned out to be, e.g. a text reply under a tools grammar)."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     cache, start = memory_cache(lm, memory)
@@ -107,13 +110,14 @@ def stream_tokens(
             break
         out_ids.append(nxt)
         new_text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
-        hit = _first_stop(new_text, stop)
-        if hit is not None:
-            delta = new_text[len(text) : hit]
+        hit = first_stop(new_text, stop)
+        ended = (hit, "stop") if hit is not None else finish_when(new_text, len(out_ids)) if finish_when else None
+        if ended is not None:
+            cut, finish = ended
+            delta = new_text[len(text) : cut]
             if delta:
                 yield delta, None
-            text = new_text[:hit]
-            finish = "stop"
+            text = new_text[:cut]
             break
         if not new_text.endswith("\ufffd"):  # hold back incomplete multi-byte characters
             delta = new_text[len(text) :]
@@ -188,7 +192,7 @@ def _eos_ids(lm: ModelHandle) -> set[int]:
     return ids
 
 
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop if s and s in text]
     return min(hits) if hits else None
 
