@@ -1,8 +1,8 @@
 """The one hook into a transformers model: an attention function and a layer wrapper, both inert
 unless a forward runs inside ``active(cache)``.
 
-``instrument(model)`` registers the ``"emloc"`` attention implementation (so transformers builds no
-mask of its own) and wraps each decoder layer once. Inside ``active(cache)`` (a context variable, so
+``instrument(model)`` registers the ``"emloc"`` attention implementation and its mask function, and
+wraps each decoder layer once. Inside ``active(cache)`` (a context variable, so
 threads never see each other's state):
 
 * attention masks come from the cache, per layer, from that layer's own key length and the original
@@ -11,8 +11,10 @@ threads never see each other's state):
 * layers below ``cache.start_layer`` are skipped and layer ``start_layer`` receives a saved hidden
   state (partial re-forwards during the pruning search);
 * the hidden state entering each layer can be recorded (the teacher pass).
-Outside ``active`` the attention function is plain SDPA with a causal mask, so the model still works
-for ordinary callers.
+Outside ``active`` the model is untouched for its other users: transformers builds its usual SDPA mask
+(causal, sliding window, padding from the caller's ``attention_mask``) through the ``"emloc"`` mask
+function, and the attention function is transformers' own SDPA with the caller's arguments. Inside
+``active`` the mask function builds nothing (the cache's per-layer mask replaces it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -44,12 +47,10 @@ def _emloc_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     cache = _ACTIVE.get()
+    if cache is None:  # an ordinary caller: exactly transformers' SDPA, with the mask it built
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("sliding_window", None)
     kwargs.pop("is_causal", None)
-    if cache is None:
-        window = getattr(module, "sliding_window", None)
-        mask = _plain_causal_mask(query.shape[2], key.shape[2], window, query.device)
-        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
     if cache.observer is not None:
@@ -57,13 +58,12 @@ def _emloc_attention(
     return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
 
 
-def _plain_causal_mask(q_len: int, k_len: int, window: int | None, device: torch.device) -> torch.Tensor:
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window:
-        mask &= (q_pos - k_pos) < window
-    return mask[None, None]
+def _emloc_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask transformers builds for ``"emloc"``: SDPA's (padding, causal, window) for ordinary
+    callers; none inside ``active``, where the attention function takes the cache's mask."""
+    if _ACTIVE.get() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def _gate(layer: torch.nn.Module, index: int, forward: Any) -> Any:
@@ -103,6 +103,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def instrument(model: torch.nn.Module) -> None:
     """Install the hook once (idempotent). The model keeps working for callers outside ``active``."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, _emloc_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _emloc_mask)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         if not getattr(layer.forward, "__emloc_gate__", False):
