@@ -50,6 +50,22 @@ _REG_LOCK = threading.Lock()
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
                    "server_tool_call", "server_tool_result", "invalid_tool_call"}
 _REFUSED_BLOCKS = {"audio", "input_audio", "file", "video", "document", "pdf", "input_file"}
+CALL_ARGUMENTS = ("skill", "model", "max_tokens", "temperature", "top_p", "seed", "tools", "tool_choice",
+                  "response_format")
+"""What ``invoke``/``stream``/``bind`` accept besides ``stop`` (anything else is a TypeError)."""
+# passed through by LangChain itself (stream=..., structured-output tracing); accepted, not used
+_LANGCHAIN_ARGUMENTS = ("stream", "ls_structured_output_format", "structured_output_format")
+
+
+def check_call_arguments(kwargs: Mapping[str, Any]) -> None:
+    """A misspelt argument (``skil="topic"``) must not silently answer zero-shot: raise a TypeError
+    that names the accepted ones."""
+    unknown = sorted(k for k in kwargs if k not in CALL_ARGUMENTS and k not in _LANGCHAIN_ARGUMENTS)
+    if unknown:
+        raise TypeError(
+            f"EMLoCChatModel got unexpected argument(s) {', '.join(map(repr, unknown))}; "
+            f"accepted: stop, {', '.join(CALL_ARGUMENTS)}"
+        )
 
 
 class UnsupportedContentError(ValueError):
@@ -318,6 +334,7 @@ class EMLoCChatModel(BaseChatModel):
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         from . import structured as st
 
+        check_call_arguments(kwargs)
         model_override = kwargs.pop("model", None)
         registry = self.get_registry(model_override if isinstance(model_override, str) else None)
         skill_name = kwargs.pop("skill", self.skill)
@@ -326,9 +343,8 @@ class EMLoCChatModel(BaseChatModel):
         instruction = ""
         if skill_name:
             skill = registry.skill(skill_name)
-            memory = registry.get(skill)
-            info = registry.info(skill)
-            created = info.compressed_tokens if info and info.source == "compressed" else 0
+            memory, info = registry.get_with_info(skill)  # this call's own info, not another thread's
+            created = info.compressed_tokens if info.source == "compressed" else 0
             instruction = skill.instruction
         lm = registry.lm
         turns = to_turns(messages)
@@ -550,6 +566,12 @@ class EMLoCChatModel(BaseChatModel):
             cancelled.set()
             await task
 
+    def bind(self, **kwargs: Any) -> Any:
+        """Bind call arguments (``skill=...``, ``max_tokens=...``, ...); unknown names raise TypeError now
+        rather than being ignored at every later call."""
+        check_call_arguments(kwargs)
+        return super().bind(**kwargs)
+
     # ---- tools and structured output -----------------------------------------------------------
 
     def bind_tools(
@@ -569,7 +591,7 @@ class EMLoCChatModel(BaseChatModel):
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         choice = _normalise_tool_choice(tool_choice, names)
-        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
         self,

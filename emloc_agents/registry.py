@@ -202,6 +202,11 @@ class MemoryRegistry:
 
     def get(self, skill: str | Skill) -> CompressedMemory:
         """The skill's memory: from RAM, else the store, else compressed now (once across processes)."""
+        return self.get_with_info(skill)[0]
+
+    def get_with_info(self, skill: str | Skill) -> tuple[CompressedMemory, MemoryInfo]:
+        """``get`` plus how this very call obtained the memory. Concurrent callers each get their own
+        ``MemoryInfo`` (``info()`` only keeps the latest call's, whichever thread made it)."""
         sk = self.skill(skill)
         t0 = time.perf_counter()
         header = self.header(sk)  # hashes every demonstration (and image): once per call
@@ -210,32 +215,34 @@ class MemoryRegistry:
             mem = self._ram.get(key)
             if mem is not None:
                 self._ram.move_to_end(key)
-                self.last_info[sk.name] = MemoryInfo("ram", time.perf_counter() - t0)
-                return mem
+                return mem, self._note(sk, MemoryInfo("ram", time.perf_counter() - t0))
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # threads of this process wait here; processes wait on the store lock
             with self._lock:
                 if key in self._ram:
-                    self.last_info[sk.name] = MemoryInfo("ram", time.perf_counter() - t0)
-                    return self._ram[key]
+                    return self._ram[key], self._note(sk, MemoryInfo("ram", time.perf_counter() - t0))
             mem = self._load(key, sk, header)
             if mem is not None:
-                self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
+                info = MemoryInfo("store", time.perf_counter() - t0)
             else:
                 with self.store.lock("compress:" + key, expire=self.lock_expire, timeout=None):
                     mem = self._load(key, sk, header)  # another process may have finished meanwhile
                     if mem is not None:
-                        self.last_info[sk.name] = MemoryInfo("store", time.perf_counter() - t0)
+                        info = MemoryInfo("store", time.perf_counter() - t0)
                     else:
                         mem = self._compress(sk)
                         self.store.mset([(key, dump_memory(mem, header))])
-                        self.last_info[sk.name] = MemoryInfo(
-                            "compressed", time.perf_counter() - t0, mem.original_length
-                        )
+                        info = MemoryInfo("compressed", time.perf_counter() - t0, mem.original_length)
             self._remember(key, mem)
-            return mem
+            return mem, self._note(sk, info)
+
+    def _note(self, skill: Skill, info: MemoryInfo) -> MemoryInfo:
+        self.last_info[skill.name] = info
+        return info
 
     def info(self, skill: str | Skill) -> MemoryInfo | None:
+        """How the latest ``get`` of this skill, in any thread, obtained its memory (for the CLI;
+        a caller that needs its own call's answer uses ``get_with_info``)."""
         return self.last_info.get(self.skill(skill).name)
 
     def warm(self, skills: list[str | Skill] | None = None) -> dict[str, MemoryInfo]:
@@ -243,8 +250,7 @@ class MemoryRegistry:
         out = {}
         for s in skills if skills is not None else self.names():
             sk = self.skill(s)
-            self.get(sk)
-            out[sk.name] = self.last_info[sk.name]
+            out[sk.name] = self.get_with_info(sk)[1]
         return out
 
     def cached(self, skill: str | Skill) -> bool:

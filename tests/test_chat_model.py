@@ -132,6 +132,53 @@ def test_usage_cache_creation_then_read(tmp_path) -> None:
         assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
 
 
+def test_usage_comes_from_the_calls_own_result_under_concurrency(tmp_path, monkeypatch) -> None:
+    """Threads on two skills: exactly one call per skill reports cache_creation (its own compression),
+    with that skill's length; registry.info(), shared by all threads, must not be what usage reads."""
+    import threading
+
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    reg.add(make_skill(n=5, name="a"))
+    reg.add(topic_skill().model_copy(update={"name": "b"}))
+    shared_info = reg.info
+
+    def late_info(skill):  # widen the window in which another thread's get() overwrites last_info
+        time.sleep(0.3)
+        return shared_info(skill)
+
+    monkeypatch.setattr(reg, "info", late_info)
+    chat = EMLoCChatModel(registry=reg, max_tokens=2)
+    calls = ["a", "b"] * 4
+    start = threading.Barrier(len(calls))
+
+    def call(skill: str) -> tuple[str, int]:
+        start.wait()
+        usage = chat.invoke("Review: fine\nSentiment:", skill=skill).usage_metadata
+        return skill, usage["input_token_details"]["cache_creation"]
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        results = list(pool.map(call, calls))
+    assert reg.compressions == 2
+    for name in ("a", "b"):
+        created = sorted(c for s, c in results if s == name)
+        assert created == [0, 0, 0, reg.get(name).original_length], (name, results)
+
+
+def test_unknown_call_argument_is_a_type_error(chat: EMLoCChatModel) -> None:
+    q = "Article: rates rose\nTopic:"
+    with pytest.raises(TypeError, match=r"'skil'.*accepted: stop, skill, model"):
+        chat.invoke(q, skil="topic")
+    with pytest.raises(TypeError, match=r"'skil'.*accepted: stop, skill"):
+        chat.bind(skil="topic").invoke(q)
+    with pytest.raises(TypeError, match="'skil'"):
+        list(chat.stream(q, skil="topic"))
+    with pytest.raises(TypeError, match="'skil'"):
+        asyncio.run(chat.ainvoke(q, skil="topic"))
+    # the accepted ones (and LangChain's own) still work
+    assert chat.bind(skill="topic", max_tokens=2).invoke(q, stop=["\n"]).response_metadata["skill"] == "topic"
+    assert chat.invoke(q, stream=True, temperature=0.0, seed=1).content is not None
+
+
 def test_model_override_per_call(chat: EMLoCChatModel) -> None:
     r = chat.invoke("hi", model="tiny-qwen2")
     assert r.response_metadata["model_name"] == "tiny-qwen2"
