@@ -732,7 +732,8 @@ NB05 = [
 
     **What this notebook teaches**
 
-    1. How to run `run_bench` (the engine of `emloc bench`) on a task in the shared data format.
+    1. How to load a bundled task by name (`Task.load("sst2")`) and run `run_bench` (the engine of
+       `emloc bench`) on it.
     2. How to read the results: accuracy vs kept ratio, **agreement with full ICL** (the fidelity
        measure), and time to first token (TTFT) of each method.
     3. Why, at this small scale, accuracy differences are noise.
@@ -745,22 +746,21 @@ NB05 = [
     `docs/benchmarks.md`).
     """),
     code(QUIET, """
-    import os
     import tempfile
     from pathlib import Path
 
     from IPython.display import Image, display
 
     from emloc_agents.bench import compare, run_bench
+    from emloc_agents.tasks import Task
 
-    # Shared data: $EMLOC_DATA_DIR, else <repo>/../shared/data (relative to this notebook's folder).
-    DATA_DIR = Path(os.environ.get("EMLOC_DATA_DIR", Path.cwd() / ".." / ".." / "shared" / "data")).resolve()
-    TASK = DATA_DIR / "sst2"
-    assert (TASK / "task.json").is_file(), f"SST-2 not found under {DATA_DIR}; set EMLOC_DATA_DIR"
+    # SST-2 ships with the package; a task is addressed by name or by the folder of any task.
+    TASK = Task.load("sst2")
+    print(f"{TASK.name}: {len(TASK.pool)} pool, {len(TASK.test)} test items, labels {TASK.labels}")
 
     OUT = Path(tempfile.mkdtemp(prefix="emloc-bench-"))
     METHODS = ["zero-shot", "full-icl", "emloc", "snapkv", "streaming-llm"]
-    rows = run_bench([TASK], model="default", methods=METHODS, shots=[16], seeds=[0], limit=20,
+    rows = run_bench([TASK.name], model="default", methods=METHODS, shots=[16], seeds=[0], limit=20,
                      out=OUT, progress=False)
     print("wrote", sorted(p.name for p in OUT.iterdir()))
     """),
@@ -873,11 +873,11 @@ NB05 = [
       predicts what the uncompressed demonstrations predict. A faithful compression agrees with full
       ICL even where full ICL is wrong. Compare `emloc` with `snapkv` and `streaming-llm` at the same
       kept ratio — but with 20 items one disagreement is 5 points, so treat single runs as a smoke test.
-      (In the committed run EMLoC agrees on 18 of 20 items, SnapKV on 15, StreamingLLM on 19: a
-      one-item difference between EMLoC and StreamingLLM is noise at this size.)
+      (In the committed run EMLoC agrees on 17 of 20 items, SnapKV and StreamingLLM on 16 each: a
+      one-item difference is noise at this size.)
     - **Latency** is the robust part: full ICL's TTFT grows with the number of demonstrations, the
       memory methods' does not.
-    - For a real comparison: `emloc bench --task $EMLOC_DATA_DIR/sst2 --task $EMLOC_DATA_DIR/trec
+    - For a real comparison: `emloc bench --task sst2 --task trec
       --methods zero-shot,full-icl,emloc,snapkv,streaming-llm --shots 16,64,128 --seeds 0,1,2
       --limit 300 --out results/bench` (hours on a CPU), and `docs/benchmarks.md` for the reading.
 

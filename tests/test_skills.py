@@ -1,4 +1,4 @@
-"""Skills: loading from JSON, JSONL, YAML and the shared task format; content hash; bad files."""
+"""Skills: loading from JSON, JSONL, YAML and from a task (emloc_agents.tasks); content hash; bad files."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from PIL import Image
 
 from emloc_agents import Skill, SkillError
 from emloc_agents.skills import load_image
+from emloc_agents.tasks import Task, bundled_tasks_dir
 
 
 def _write_image(path: Path, color: str) -> None:
@@ -32,12 +33,25 @@ def test_json_jsonl_yaml_folder(tmp_path: Path) -> None:
     assert Skill.from_file(tmp_path / "one.json").content_hash() not in hashes
 
 
-def test_task_folder(data_dir: Path) -> None:
-    skill = Skill.from_task(data_dir / "sst2", shots=8, seed=1)
+def test_task_skill() -> None:
+    task = Task.load("sst2")
+    skill = task.skill(shots=8, seed=1)
     assert len(skill.demonstrations) == 8
     assert skill.demonstrations[0].input.startswith("Review:")
-    assert Skill.from_task(data_dir / "sst2", shots=8, seed=1).content_hash() == skill.content_hash()
-    assert Skill.from_task(data_dir / "sst2", shots=8, seed=2).content_hash() != skill.content_hash()
+    assert task.skill(shots=8, seed=1).content_hash() == skill.content_hash()
+    assert task.skill(shots=8, seed=2).content_hash() != skill.content_hash()
+
+
+def test_task_folder_is_not_a_skill_folder() -> None:
+    with pytest.raises(SkillError, match="task folder"):
+        Skill.from_dir(bundled_tasks_dir() / "sst2")
+
+
+def test_skills_does_not_import_tasks() -> None:
+    """tasks builds skills from tasks; the reverse import would be a cycle."""
+    source = (Path(__file__).resolve().parents[1] / "emloc_agents" / "skills.py").read_text()
+    assert "tasks" not in {line.split()[1].lstrip(".") for line in source.splitlines()
+                           if line.strip().startswith(("import ", "from "))}
 
 
 @pytest.mark.parametrize(

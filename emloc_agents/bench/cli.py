@@ -1,5 +1,8 @@
 """`emloc bench`: argument parsing for ``run_bench``. Bad input -> one line on stderr, exit 2.
 
+``--task`` takes a task name (the bundled sst2, trec, agnews, or one in ``$EMLOC_DATA_DIR``) or a
+task folder; an unknown name is an error that lists the names known.
+
 ``--compare`` is a flag: after the run, print the ``compare`` lines of that run on stdout.
 (To compare an existing run, load its ``summary.json`` and call ``emloc_agents.bench.compare``.)
 ``--scaling`` runs the scaling study (``scaling.py``) over ``--shots`` for each ``--task`` with the
@@ -15,6 +18,7 @@ from typing import NoReturn
 
 from ..engine import PromptError, UnsupportedModelError
 from ..skills import SkillError
+from ..tasks import available_tasks
 from .compare import compare
 from .methods import METHODS
 from .run import SCORINGS, BenchError, run_bench
@@ -42,7 +46,8 @@ def _methods(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emloc bench", description="Accuracy, fidelity and cost of EMLoC memories vs baselines.")
-    p.add_argument("--task", action="append", required=True, metavar="DIR", help="task folder (repeatable)")
+    p.add_argument("--task", action="append", required=True, metavar="NAME|DIR",
+                   help=f"task name ({', '.join(available_tasks())}) or task folder (repeatable)")
     p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | tiny-llama | DIR")
     p.add_argument("--methods", type=_methods, default="zero-shot,full-icl,emloc",
                    help=f"comma list of {', '.join(METHODS)}")

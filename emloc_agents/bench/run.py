@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..engine import score_continuations
-from ..tasks import Task
+from ..tasks import Task, task_path
 from .methods import Prepared, order_methods, prepare
 from .metrics import accuracy, agreement, wilson_ci
 from .plots import make_plots
@@ -84,9 +84,10 @@ def match_label(text: str, labels: Sequence[str]) -> str | None:
 
 
 def load_tasks(folders: Sequence[str | Path]) -> list[Task]:
+    """Tasks by folder path or name (bundled, or in $EMLOC_DATA_DIR; see ``emloc_agents.tasks``)."""
     tasks = []
     for folder in folders:
-        path = Path(folder).expanduser()
+        path = task_path(folder)  # UnknownTaskError (a SkillError) for an unknown name
         if not path.is_dir():
             raise BenchError(f"task folder not found: {path}")
         task = Task.load(path)  # SkillError (a ValueError) for a folder without task.json
@@ -179,6 +180,7 @@ def run_bench(
         raise BenchError("limit must be a positive integer")
     if ratio is not None and not 0.0 < ratio <= 1.0:
         raise BenchError(f"ratio must lie in (0, 1], got {ratio}")
+    tasks = [task_path(t) for t in tasks]  # names -> folders (recorded in config.json)
     loaded = load_tasks(tasks)
     for task in loaded:
         if max(shots) > len(task.pool):

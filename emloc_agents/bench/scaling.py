@@ -43,7 +43,7 @@ from ..config import EMLoCConfig
 from ..engine.facts import ModelFacts
 from ..registry import MemoryRegistry
 from ..skills import Skill
-from ..tasks import Task
+from ..tasks import Task, task_path
 from .methods import prepare
 from .plots import make_scaling_plots
 from .rss import PeakRSS
@@ -209,7 +209,7 @@ def run_scaling(
 
     if not shots or any(s < 1 for s in shots):
         raise BenchError("shots must be positive integers")
-    folders = [Path(t).expanduser().resolve() for t in tasks]
+    folders = [task_path(t).resolve() for t in tasks]  # names (bundled tasks) or folders
     loaded = load_tasks(folders)
     lm = load_model(model)
     limit = lm.facts.max_positions
