@@ -61,28 +61,29 @@ def _load(name: str, dtype: str, cache_dir: Path) -> LanguageModel:
 
         processor = AutoProcessor.from_pretrained(directory)
         vlm = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype)
-        return LanguageModel(vlm, processor.tokenizer, name, weights_id=_weights_id(directory), processor=processor)
+        weights_id = _weights_id(directory, cache_dir)
+        return LanguageModel(vlm, processor.tokenizer, name, weights_id=weights_id, processor=processor)
     tok = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
-    return LanguageModel(model, tok, name, weights_id=_weights_id(directory))
+    return LanguageModel(model, tok, name, weights_id=_weights_id(directory, cache_dir))
 
 
-def _weights_id(directory: Path) -> str | None:
-    """The GGUF hash recorded at conversion, or the safetensors files' sizes and names (cheap)."""
-    marker = directory / "emloc_source.json"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def _weights_id(directory: Path, cache_dir: Path | None = None) -> str | None:
+    """The GGUF hash recorded at conversion, or the sha256 of every weight file, whole (two checkpoints
+    that differ anywhere get two ids). Each file's hash is cached by path, size and mtime, so only the
+    first load of a checkpoint reads it."""
+    import json
+
+    from .sources import MARKER, file_sha256
+
+    marker = directory / MARKER
     if marker.is_file():
-        import json
-
-        data = json.loads(marker.read_text())
-        return str(data.get("sha256") or data)
-    files = sorted(directory.glob("*.safetensors"))
+        data = json.loads(marker.read_text())  # holds gguf_sha256 (the whole GGUF file's hash)
+        return str(data.get("sha256") or data)  # unchanged form: existing memory keys stay valid
+    files = sorted({f for pattern in WEIGHT_FILES for f in directory.glob(pattern) if f.is_file()})
     if not files:
         return None
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
+    return "files:" + ";".join(f"{f.name}:{file_sha256(f, cache_dir)}" for f in files)
