@@ -85,11 +85,20 @@ def test_scoring_matches_language_model(tiny_llama, tmp_path):
         from emloc_agents.engine import score_continuations
 
         got = score_continuations(tiny_llama, prep.query_ids(tiny_llama, text, task.instruction),
-                                  prep.label_ids(tiny_llama, task.labels), prep.memory)
+                                  prep.label_ids(tiny_llama, text, task.instruction, task.labels), prep.memory)
         want = tiny_llama.score(text, task.labels, prep.memory, task.instruction)
         assert got == pytest.approx(want, abs=1e-5)
-    # full-icl recomputes the same prompt the uncompressed memory holds
+    # full-icl recomputes the same prompt the uncompressed memory holds: same tokens, same scores
     assert full.original_tokens == cached.memory.original_length
+    full_ids = full.query_ids(tiny_llama, text, task.instruction)
+    cached_ids = cached.query_ids(tiny_llama, text, task.instruction)
+    assert len(full_ids) == cached.memory.original_length + len(cached_ids)
+    assert full_ids[cached.memory.original_length :] == cached_ids
+    from emloc_agents.engine import score_continuations
+
+    got = score_continuations(tiny_llama, full_ids, full.label_ids(tiny_llama, text, task.instruction, task.labels), None)
+    want = tiny_llama.score(text, task.labels, cached.memory, task.instruction)
+    assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_metrics_by_hand():

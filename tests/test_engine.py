@@ -43,14 +43,14 @@ def test_keep_all_reproduces_full_context(arch: str, chat: bool) -> None:
     skill = make_skill(9)
     query = "Review: the quick fox\nSentiment:"
     r = lm.renderer()
-    full_prefix = r.prefix(skill.instruction).ids
-    for d in skill.demonstrations:
-        full_prefix += r.demo(d.input, d.output, skill.instruction).ids
+    whole = r.full_prompt(skill.instruction, skill.demonstrations, query)  # the whole text, tokenized once
+    full_prefix = r.render(skill.instruction, skill.demonstrations).ids
     answers = []
     for per_chunk in (1, 4, 100):
         mem = compress(lm, skill, EMLoCConfig(demos_per_chunk=per_chunk, **FULL))
         assert mem.original_length == len(full_prefix)
         logits, q = _query_logits(lm, mem, query)
+        assert full_prefix + q == whole
         with torch.no_grad():
             ref = reference(torch.tensor([full_prefix + q])).logits[0, -len(q) :]
         torch.testing.assert_close(logits, ref.float(), atol=1e-4, rtol=1e-4)

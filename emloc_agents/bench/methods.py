@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..config import EMLoCConfig
 from ..engine import CompressedMemory, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress, compress
 from ..engine.prompt import Renderer
+from ..models.lm import memory_context
 from ..skills import Skill
 from ..store.format import dump_memory
 
@@ -37,7 +38,7 @@ class Prepared:
 
     method: str
     memory: CompressedMemory | None = None
-    prefix_ids: list[int] | None = None  # full-icl: prepended to every query and recomputed each time
+    skill: Skill | None = None  # full-icl: the whole prompt (skill + query) is tokenized and prefilled per query
     original_tokens: int | None = None
     memory_tokens: float | None = None  # mean kept tokens per layer
     kept_ratio: float | None = None
@@ -51,16 +52,19 @@ class Prepared:
         return lm.renderer(self.memory.render_mode if self.memory is not None else "auto")
 
     def query_ids(self, lm, text: str, instruction: str) -> list[int]:
-        """Token ids of one query, exactly as ``LanguageModel.score``/``generate`` would render them."""
+        """Token ids of one query, exactly as ``LanguageModel.score``/``generate`` would render them;
+        full ICL: the whole text (instruction, demonstrations, query) tokenized once."""
         r = self.renderer(lm)
-        if self.prefix_ids is not None:
-            return self.prefix_ids + r.query(text, instruction=instruction, on_memory=True)
-        return r.query(text, instruction=instruction, on_memory=self.memory is not None)
+        if self.skill is not None:
+            return r.full_prompt(self.skill.instruction, self.skill.demonstrations, text)
+        return r.query(text, instruction=instruction, on_memory=self.memory is not None,
+                       **memory_context(self.memory))
 
-    def label_ids(self, lm, labels: Sequence[str]) -> list[list[int]]:
-        """Continuation ids per label (same rule as ``LanguageModel.score``)."""
+    def label_ids(self, lm, text: str, instruction: str, labels: Sequence[str]) -> list[list[int]]:
+        """Continuation ids per label, read after the query text (same rule as ``LanguageModel.score``)."""
         r = self.renderer(lm)
-        return [r.ids(o if r.mode == "chat" or o[:1].isspace() else " " + o) for o in labels]
+        query = r.query_text(text, instruction, on_memory=self.memory is not None or self.skill is not None)
+        return [r.label_ids(query, o) for o in labels]
 
 
 def order_methods(methods: Sequence[str]) -> list[str]:
@@ -91,12 +95,8 @@ def prepare(
     if method == "zero-shot":
         return Prepared(method)
     if method == "full-icl":
-        r = lm.renderer("auto")
-        ids = r.prefix(skill.instruction).ids
-        for d in skill.demonstrations:
-            ids = ids + r.demo(d.input, d.output, skill.instruction).ids
-        n = len(ids)
-        return Prepared(method, prefix_ids=ids, original_tokens=n, memory_tokens=float(n), kept_ratio=1.0)
+        n = lm.renderer("auto").render(skill.instruction, skill.demonstrations).num_tokens
+        return Prepared(method, skill=skill, original_tokens=n, memory_tokens=float(n), kept_ratio=1.0)
     if method == "full-icl-cached":
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":

@@ -99,8 +99,10 @@ def load_tasks(folders: Sequence[str | Path]) -> list[Task]:
     return tasks
 
 
-def _predict(lm, task: Task, prep: Prepared, text: Any, scoring: str, label_ids: list[list[int]]) -> tuple[str | None, Any]:
-    ids = prep.query_ids(lm, task.format_input(text), task.instruction)
+def _predict(lm, task: Task, prep: Prepared, text: Any, scoring: str) -> tuple[str | None, Any]:
+    query = task.format_input(text)
+    ids = prep.query_ids(lm, query, task.instruction)
+    label_ids = prep.label_ids(lm, query, task.instruction, task.labels)
     if scoring == "loglik":
         scores = score_continuations(lm, ids, label_ids, prep.memory)
         return task.labels[max(range(len(scores)), key=scores.__getitem__)], scores
@@ -125,11 +127,10 @@ def _timing(lm, task: Task, prep: Prepared, items: Sequence[Any]) -> tuple[float
 def _evaluate(lm, task: Task, prep: Prepared, items: Sequence[Any], scoring: str, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
-    label_ids = prep.label_ids(lm, task.labels)
     preds, extras = [], []
     t0 = time.perf_counter()
     for ex in tqdm(items, desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        p, extra = _predict(lm, task, prep, ex.text, scoring, label_ids)
+        p, extra = _predict(lm, task, prep, ex.text, scoring)
         preds.append(p)
         extras.append(extra)
     return preds, extras, time.perf_counter() - t0

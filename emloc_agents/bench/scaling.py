@@ -44,7 +44,6 @@ from ..engine.facts import ModelFacts
 from ..registry import MemoryRegistry
 from ..skills import Skill
 from ..tasks import Task, task_path
-from .methods import prepare
 from .plots import make_scaling_plots
 from .rss import PeakRSS
 from .run import BenchError, finish_run, load_tasks, machine_info
@@ -71,7 +70,7 @@ def full_kv_bytes(facts: ModelFacts, tokens: int, bytes_per_value: int = 2) -> i
 def demo_ids(lm: Any, skill: Skill) -> list[int]:
     """The demonstrations as one token sequence: what ``full-icl`` prefills (= the memory's
     ``original_length``)."""
-    return prepare(lm, "full-icl", skill).prefix_ids or []
+    return lm.renderer("auto").render(skill.instruction, skill.demonstrations).ids
 
 
 @torch.inference_mode()

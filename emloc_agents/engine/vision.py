@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 
 from ..skills import ImageLike, SkillError, load_image
-from .prompt import DEMO_SEPARATOR, Mode, Renderer, Segment
+from .prompt import DEMO_SEPARATOR, DemoLike, Mode, PromptError, Rendered, Renderer, Segment, _Piece
 
 SUPPORTED_VISION = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -197,6 +197,14 @@ class VisionRenderer(Renderer):
             return {"role": "user", "content": text}
         return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
+    def render(self, instruction: str, demos: Sequence[DemoLike]) -> Rendered:
+        """Text-only skills: one text tokenized once. With images, each demonstration goes through
+        the processor on its own (chat turns end in special tokens, so the pieces join cleanly)."""
+        if not any(getattr(d, "images", None) for d in demos):
+            return super().render(instruction, demos)
+        segs = [self.demo(d.input, d.output, instruction, images=getattr(d, "images", None) or ()) for d in demos]
+        return Rendered(self.mode, self.prefix(instruction), segs)
+
     def demo(self, input_text: str, output: str, instruction: str = "", images: Sequence[ImageLike] = ()) -> Segment:
         if not images:
             return super().demo(input_text, output, instruction)
@@ -208,7 +216,7 @@ class VisionRenderer(Renderer):
             answer = output if output[:1].isspace() or input_text[-1:].isspace() else " " + output
             seg.add(self.ids(answer), is_answer=True)
             seg.add(self.ids(DEMO_SEPARATOR))
-            seg.mm = mm
+            seg.mm, seg.text = mm, DEMO_SEPARATOR  # a query continues after the separator
             return seg
         base = self._system(instruction)
         user = base + [self._user(input_text, len(pil))]
@@ -217,15 +225,22 @@ class VisionRenderer(Renderer):
         ids, mm = self.mm_ids(self._suffix(asked, self._template(base) if base else ""), pil)
         seg.add(ids)
         seg.mm = mm
-        self._add_answer(seg, asked, answered, output)
+        tail = self._suffix(answered, asked)  # the assistant turn: text only, its answer marked
+        at = tail.find(output)
+        if at < 0:
+            raise PromptError("the chat template changed the assistant's answer text")
+        answer = self._segments([_Piece(tail, (at, at + len(output)))])[0]
+        seg.ids += answer.ids
+        seg.answer += answer.answer
         return seg
 
-    def conversation(self, turns: list[dict[str, Any]], instruction: str = "", on_memory: bool = True) -> list[int]:
+    def conversation(self, turns: list[dict[str, Any]], instruction: str = "", on_memory: bool = True,
+                     context: str | None = None, context_ids: Sequence[int] | None = None) -> list[int]:
         """Like :meth:`Renderer.conversation`; turns may carry ``"images"``. Returns :class:`PromptIds`."""
         pil = [img for t in turns for img in _images(t.get("images") or [])]
         plain = [{"role": t["role"], "content": t["content"]} for t in turns]
         if not pil:
-            return super().conversation(plain, instruction, on_memory)
+            return super().conversation(plain, instruction, on_memory, context, context_ids)
         if self.mode == "plain":
             text = ""
             for t in turns:

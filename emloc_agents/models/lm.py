@@ -19,6 +19,22 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
+def memory_context(memory: CompressedMemory | None) -> dict[str, Any]:
+    """What a prompt on ``memory`` is tokenized after: the memory's last segment (text and ids),
+    so that memory + prompt tokenize like the whole text. Memories without it: the defaults."""
+    if memory is None:
+        return {}
+    return {"context": memory.header.get("tail_text"), "context_ids": memory.header.get("tail_ids")}
+
+
+def memory_instruction(memory: CompressedMemory | None, instruction: str) -> str:
+    """A chat turn on a memory is rendered after the memory's system turn (its instruction);
+    without it, templates such as SmolLM2's insert their default system prompt before the turn."""
+    if instruction or memory is None:
+        return instruction
+    return str(memory.header.get("instruction", ""))
+
+
 class LanguageModel:
     """A causal LM prepared for EMLoC memories (``instrument`` installs the one hook)."""
 
@@ -101,7 +117,9 @@ class LanguageModel:
 
     def _prompt_ids(self, prompt: str, memory: CompressedMemory | None, instruction: str = "") -> list[int]:
         mode = memory.render_mode if memory is not None else "auto"
-        return self.renderer(mode).query(prompt, instruction=instruction, on_memory=memory is not None)
+        instruction = memory_instruction(memory, instruction)
+        return self.renderer(mode).query(prompt, instruction=instruction, on_memory=memory is not None,
+                                         **memory_context(memory))
 
     def generate(
         self,
@@ -135,10 +153,13 @@ class LanguageModel:
             raise ValueError(f"{self.name} is a text-only model: it cannot take images")
         # zero-shot conversations use the chat template where there is one (a chat assistant)
         mode = memory.render_mode if memory is not None else ("chat" if self.has_chat_template else "plain")
+        instruction = memory_instruction(memory, instruction)
         if self.is_vision:  # images stay on the turns; the ids carry the processor outputs (PromptIds.mm)
-            return self.renderer(mode).conversation(list(turns), instruction=instruction, on_memory=memory is not None)
+            return self.renderer(mode).conversation(list(turns), instruction=instruction, on_memory=memory is not None,
+                                                    **memory_context(memory))
         plain = [{"role": t["role"], "content": t["content"]} for t in turns]
-        return self.renderer(mode).conversation(plain, instruction=instruction, on_memory=memory is not None)
+        return self.renderer(mode).conversation(plain, instruction=instruction, on_memory=memory is not None,
+                                                **memory_context(memory))
 
     def generate_ids(self, prompt_ids: Sequence[int], memory: CompressedMemory | None, max_new_tokens: int = 32, **kw: Any) -> Generation:
         return generate(self, prompt_ids, memory, max_new_tokens=max_new_tokens, **kw)
@@ -150,8 +171,8 @@ class LanguageModel:
         """Log-likelihood of each option as the answer to ``prompt`` (label ranking)."""
         ids = self._prompt_ids(prompt, memory, instruction)
         renderer = self.renderer(memory.render_mode if memory is not None else "auto")
-        conts = [renderer.ids(o if renderer.mode == "chat" or o[:1].isspace() else " " + o) for o in options]
-        return score_continuations(self, ids, conts, memory)
+        text = renderer.query_text(prompt, memory_instruction(memory, instruction), on_memory=memory is not None)
+        return score_continuations(self, ids, [renderer.label_ids(text, o) for o in options], memory)
 
     def __repr__(self) -> str:
         f = self.facts
