@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .config import EMLoCConfig
 from .engine.compress import compress
 from .engine.memory import CompressedMemory
+from .engine.prompt import RENDER_VERSION
 from .skills import Demonstration, Skill, SkillError, image_bytes
 from .store import DiskCacheStore, LockingByteStore, MemoryFormatError, dump_memory, load_memory
 from .store.format import FORMAT_VERSION
@@ -68,7 +69,7 @@ def skill_from_json(raw: bytes) -> Skill:
     return Skill.model_validate(data)
 
 
-def _made_for(mem: CompressedMemory, expected: dict[str, Any]) -> bool:
+def _made_for(mem: Any, expected: dict[str, Any]) -> bool:
     """Whether a memory's header carries exactly the fields that determine its tensors."""
     return {k: mem.header.get(k) for k in expected} == expected
 
@@ -187,6 +188,7 @@ class MemoryRegistry:
         """Everything that determines the tensors; the key is its hash."""
         return {
             "format_version": FORMAT_VERSION,
+            "render_version": RENDER_VERSION,  # how text becomes tokens (a change alters the tensors)
             "model": self.model_name,
             "model_fingerprint": self.lm.fingerprint(),
             "config": self.config.model_dump(mode="json"),
@@ -282,7 +284,7 @@ class MemoryRegistry:
         if raw is None:
             return None
         try:
-            mem = load_memory(raw)
+            mem = load_memory(raw, CompressedMemory)
         except MemoryFormatError as e:
             log.warning("memory %s for skill %r is corrupt (%s); rebuilding", key, skill.name, e)
             self.store.mdelete([key])

@@ -18,6 +18,7 @@ import torch
 from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
+from .chunks import ChunkContext
 from .facts import ModelFacts
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
@@ -55,23 +56,6 @@ def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_p
             protected += d.answer
         chunks.append(Chunk(ids, protected, group, ([prefix] if start == 0 else []) + group))
     return chunks
-
-
-@dataclass
-class ChunkContext:
-    """What a press sees for one chunk."""
-
-    facts: ModelFacts
-    n: int
-    n_protected: int
-    offset: int
-    total_length: int
-    replay: Replay | None
-    window_scores: list[torch.Tensor] | None
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-
-    def record(self, layer: int, ratio: float, js: float | None) -> None:
-        self.decisions.append({"layer": layer, "ratio": ratio, "js": js})
 
 
 def _replay_pack(demos: list[Segment], start: int) -> tuple[torch.Tensor, ...]:

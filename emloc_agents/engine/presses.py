@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from .compress import ChunkContext
+from .selection import Selection, pool
 
-Selection = list[torch.Tensor | None]
+if TYPE_CHECKING:
+    from .chunks import ChunkContext
+
+__all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "StreamingLLMPress", "UniformPress",
+           "budget", "pool", "topk_per_head"]
 
 
 def topk_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -196,12 +199,3 @@ class RandomPress(Press):
             s = torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=self._gen)
             out.append(topk_per_head(s, k))
         return out
-
-
-def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Average pooling along the sequence (same length), as in SnapKV/EMLoC."""
-    if kernel <= 1:
-        return scores.clone()
-    return torch.nn.functional.avg_pool1d(
-        scores[None].float(), kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=False
-    )[0][..., : scores.shape[-1]]

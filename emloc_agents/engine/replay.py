@@ -24,7 +24,7 @@ import torch
 
 from .cache import MemoryCache
 from .forward import ModelHandle, lm_logits, run
-from .presses import Selection, pool
+from .selection import Selection, pool
 
 
 def js_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

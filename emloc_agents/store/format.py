@@ -1,4 +1,4 @@
-"""On-disk format of a ``CompressedMemory``: safetensors tensors + one JSON envelope in the metadata.
+"""On-disk format of a compressed memory: safetensors tensors + one JSON envelope in the metadata.
 
 Why safetensors: loading must never execute code (no pickle, no ``torch.load``), and the file should
 be readable by other tools. Tensors are ``k.{l}``, ``v.{l}``, ``p.{l}`` per layer, in the dtype they
@@ -6,6 +6,10 @@ have. The safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON en
 version, the caller's header (model fingerprint, config, skill hash ... passed through opaquely),
 the memory's scalars, and a sha256 over the tensors so corruption is detected instead of silently
 producing a wrong answer. Every failure to load raises ``MemoryFormatError``.
+
+The store knows bytes, not the engine: ``dump_memory`` takes any object with a memory's fields (the
+engine's ``CompressedMemory`` has them) and ``load_memory`` returns a plain ``MemoryRecord``, or
+whatever ``factory`` builds from the same fields (the registry passes ``CompressedMemory``).
 """
 
 from __future__ import annotations
@@ -15,15 +19,24 @@ import hmac
 import json
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from emloc_agents.engine.memory import CompressedMemory
-
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MemoryFormatError", "dump_memory", "load_memory", "read_info"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MemoryFormatError",
+    "MemoryLike",
+    "MemoryRecord",
+    "dump_memory",
+    "load_memory",
+    "read_info",
+]
 
 FORMAT_NAME = "emloc-memory"
 FORMAT_VERSION = 1
@@ -34,6 +47,46 @@ _POSITION_DTYPES = (torch.int32, torch.int64)
 
 class MemoryFormatError(ValueError):
     """The bytes are not a valid, intact emloc memory (truncated, foreign, corrupt, inconsistent)."""
+
+
+class MemoryLike(Protocol):
+    """What ``dump_memory`` reads: per-layer keys/values/positions and the memory's scalars."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    original_length: int
+    sliding: list[bool]
+    render_mode: str
+    next_position: int | None
+    header: dict[str, Any]
+    stats: dict[str, Any]
+
+
+@dataclass
+class MemoryRecord:
+    """A loaded memory file: the tensors and scalars, with no engine behaviour attached."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    original_length: int
+    sliding: list[bool]
+    render_mode: str = "plain"
+    next_position: int | None = None
+    header: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        return [int(k.shape[-2]) for k in self.keys]
+
+
+T = TypeVar("T")
 
 
 def _tensor_names(num_layers: int) -> list[str]:
@@ -71,9 +124,9 @@ def _check_layer(layer: int, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, 
         raise ValueError(f"layer {layer}: positions {tuple(p.shape)} do not match keys {tuple(k.shape)}")
 
 
-def dump_memory(mem: CompressedMemory, header: dict[str, Any] | None = None) -> bytes:
+def dump_memory(mem: MemoryLike, header: dict[str, Any] | None = None) -> bytes:
     """Serialise ``mem``; ``header`` (JSON-able) is merged over ``mem.header`` and stored verbatim."""
-    n = mem.num_layers
+    n = len(mem.keys)
     if not (len(mem.values) == len(mem.positions) == len(mem.sliding) == n):
         raise ValueError("keys, values, positions and sliding must have one entry per layer")
     tensors: dict[str, torch.Tensor] = {}
@@ -88,7 +141,7 @@ def dump_memory(mem: CompressedMemory, header: dict[str, Any] | None = None) -> 
         "format_version": FORMAT_VERSION,
         "header": {**mem.header, **(header or {})},
         "num_layers": n,
-        "layer_lengths": mem.layer_lengths,
+        "layer_lengths": [int(k.shape[-2]) for k in mem.keys],
         "original_length": int(mem.original_length),
         "sliding": [bool(s) for s in mem.sliding],
         "render_mode": str(mem.render_mode),
@@ -164,8 +217,11 @@ def _check_envelope(info: dict[str, Any]) -> None:
         raise _fail("missing sha256 checksum")
 
 
-def load_memory(data: bytes) -> CompressedMemory:
-    """Parse and fully validate bytes from ``dump_memory``; any problem raises ``MemoryFormatError``."""
+def load_memory(data: bytes, factory: Callable[..., T] = MemoryRecord) -> T:  # type: ignore[assignment]
+    """Parse and fully validate bytes from ``dump_memory``; any problem raises ``MemoryFormatError``.
+
+    ``factory`` builds the result from the fields of ``MemoryRecord`` as keyword arguments (the
+    registry passes the engine's ``CompressedMemory``)."""
     info = read_info(data)
     try:
         tensors = st_load(bytes(data))
@@ -189,7 +245,7 @@ def load_memory(data: bytes) -> CompressedMemory:
             raise _fail(str(exc)) from exc
     if not hmac.compare_digest(_checksum(tensors, n), info["checksum"]["digest"]):
         raise _fail("checksum mismatch (tensor bytes are corrupt)")
-    return CompressedMemory(
+    return factory(
         keys=[tensors[f"k.{layer}"] for layer in range(n)],
         values=[tensors[f"v.{layer}"] for layer in range(n)],
         positions=[tensors[f"p.{layer}"] for layer in range(n)],
