@@ -6,9 +6,12 @@
   recompute path.
 - ``full-icl-cached``: the uncompressed memory (``keep_ratios=(1.0,)``), prefilled once and reused.
 - ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked).
-- ``uniform``, ``snapkv``, ``streaming-llm``, ``random``: fixed-ratio presses. Their ratio is the
-  explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
+- ``uniform``, ``snapkv``, ``streaming-llm``, ``random``, ``kvzip``: fixed-ratio presses. Their ratio
+  is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
+  ``kvzip`` (Kim et al. 2025) scores tokens by reconstruction attention, query-agnostic.
+- ``fewer-shots``: the first whole demonstrations that fit the same token budget (the same ratio
+  rule), kept uncompressed: what a user gets by simply passing fewer examples.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import EMLoCConfig
-from ..engine import CompressedMemory, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress, compress
+from ..engine import (
+    CompressedMemory,
+    KVzipPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    UniformPress,
+    compress,
+)
 from ..engine.prompt import Renderer
 from ..models.lm import memory_context
 from ..skills import Skill
@@ -25,9 +36,11 @@ from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
     "zero-shot", "full-icl", "full-icl-cached", "emloc", "uniform", "snapkv", "streaming-llm", "random",
+    "kvzip", "fewer-shots",
 )
 FIXED_RATIO_PRESSES = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
+    "kvzip": KVzipPress,
 }
 DEFAULT_RATIO = 0.2
 
@@ -101,16 +114,36 @@ def prepare(
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":
         return _from_memory(method, compress(lm, skill, EMLoCConfig()))
+    if ratio is not None:
+        r_used, source = ratio, "--ratio"
+    elif emloc_ratio is not None:
+        r_used, source = emloc_ratio, "emloc"
+    else:
+        r_used, source = DEFAULT_RATIO, "default"
+    if method == "fewer-shots":
+        prepared = _from_memory(method, compress(lm, fewer_shots(lm, skill, r_used), EMLoCConfig(keep_ratios=(1.0,))))
+        full = lm.renderer("auto").render(skill.instruction, skill.demonstrations).num_tokens
+        prepared.kept_ratio = prepared.original_tokens / full if prepared.original_tokens else None
+        prepared.press_ratio, prepared.ratio_source = r_used, source
+        return prepared
     if method in FIXED_RATIO_PRESSES:
-        if ratio is not None:
-            r_used, source = ratio, "--ratio"
-        elif emloc_ratio is not None:
-            r_used, source = emloc_ratio, "emloc"
-        else:
-            r_used, source = DEFAULT_RATIO, "default"
         cls = FIXED_RATIO_PRESSES[method]
         press = cls(ratio=r_used, seed=seed) if cls is RandomPress else cls(ratio=r_used)
         prepared = _from_memory(method, compress(lm, skill, EMLoCConfig(), press=press))
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def fewer_shots(lm, skill: Skill, ratio: float) -> Skill:
+    """The skill cut to its first whole demonstrations whose rendering fits ``ratio`` of the full
+    rendering's tokens (at least one demonstration)."""
+    r = lm.renderer("auto")
+    full = r.render(skill.instruction, skill.demonstrations)
+    budget = ratio * full.num_tokens
+    used, k = len(full.prefix), 0
+    for seg in full.demos:
+        if k and used + len(seg) > budget:
+            break
+        used, k = used + len(seg), k + 1
+    return skill.model_copy(update={"demonstrations": skill.demonstrations[:k]})

@@ -5,7 +5,7 @@ from .compress import ContextTooLongError, compress
 from .decode import Generation, generate, score_continuations, stream_tokens
 from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
 from .memory import CompressedMemory
-from .presses import EMLoCPress, Press, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
+from .presses import EMLoCPress, KVzipPress, Press, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
 from .prompt import PromptError, Renderer
 from .replay import js_divergence
 from .runtime import instrument
@@ -23,6 +23,7 @@ __all__ = [
     "RandomPress",
     "Renderer",
     "SnapKVPress",
+    "KVzipPress",
     "StreamingLLMPress",
     "UniformPress",
     "UnsupportedModelError",

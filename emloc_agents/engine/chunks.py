@@ -25,6 +25,7 @@ class ChunkContext:
     replay: Replay | None
     window_scores: list[torch.Tensor] | None
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    reconstruction_scores: list[torch.Tensor] | None = None  # KVzip's (engine/reconstruct.py)
 
     def record(self, layer: int, ratio: float, js: float | None) -> None:
         self.decisions.append({"layer": layer, "ratio": ratio, "js": js})

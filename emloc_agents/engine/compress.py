@@ -24,6 +24,7 @@ from .forward import ModelHandle, run
 from .memory import CompressedMemory
 from .presses import EMLoCPress, Press
 from .prompt import Segment
+from .reconstruct import REPEAT_PROMPT, reconstruction_scores
 from .replay import Building, Replay, chunk_attention, gather_tokens
 
 
@@ -105,10 +106,8 @@ def compress(
         raise SkillError(f"skill {skill.name!r} has images but {lm.facts.model_type} is a text-only model")
     f = lm.facts
     renderer = lm.renderer(config.prompt_format)
-    prefix = renderer.prefix(skill.instruction)
-    demos = [renderer.demo(d.input, d.output, skill.instruction, **({"images": d.images} if d.images else {}))
-             for d in skill.demonstrations]
-    chunks = plan_chunks(prefix, demos, config.demos_per_chunk, config.protect_prefix)
+    rendered = renderer.render(skill.instruction, skill.demonstrations)
+    chunks = plan_chunks(rendered.prefix, rendered.demos, config.demos_per_chunk, config.protect_prefix)
     total = sum(len(c.ids) for c in chunks)
     if f.max_positions and total >= f.max_positions:
         raise ContextTooLongError(
@@ -153,6 +152,9 @@ def compress(
             [window_scores.get(i, torch.zeros(f.num_kv_heads, n)) for i in range(f.num_layers)]
             if press.needs_window_scores else None,
         )
+        if press.needs_reconstruction:
+            repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]
+            ctx.reconstruction_scores = reconstruction_scores(lm, building, chunk_k, chunk_v, chunk_pos, repeat, offset + n)
         selection = press.select(ctx)
         for layer in range(f.num_layers):
             ck, cv, cp = chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1)
@@ -181,6 +183,7 @@ def compress(
         sliding=list(f.sliding),
         render_mode=renderer.mode,
         next_position=rope_next if vision is not None and vision.mrope else None,
-        header={"skill": skill.name, "instruction": skill.instruction},
+        header={"skill": skill.name, "instruction": skill.instruction,
+                "tail_text": rendered.tail_text, "tail_ids": rendered.tail_ids},
         stats=stats,
     )

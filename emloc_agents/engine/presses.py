@@ -38,6 +38,7 @@ class Press:
 
     needs_replay: ClassVar[bool] = False
     needs_window_scores: ClassVar[bool] = False
+    needs_reconstruction: ClassVar[bool] = False
     name: ClassVar[str] = "full"
 
     def select(self, ctx: ChunkContext) -> Selection:
@@ -158,6 +159,23 @@ class SnapKVPress(Press):
             s[:, max(0, ctx.n - self.window) :] = float("inf")
             out.append(topk_per_head(s, k))
         return out
+
+
+@dataclass
+class KVzipPress(Press):
+    """KVzip (Kim et al. 2025), query-agnostic: after each chunk the model repeats it, and each chunk
+    token scores the most attention any reconstruction query pays it (engine/reconstruct.py); every
+    layer keeps that share per head. Nothing is protected: answers survive only if they score."""
+
+    ratio: float = 0.2
+    needs_reconstruction: ClassVar[bool] = True
+    name: ClassVar[str] = "kvzip"
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        assert ctx.reconstruction_scores is not None
+        k = budget(ctx.n, self.ratio, 0)
+        return [None if ctx.facts.sliding[i] else topk_per_head(ctx.reconstruction_scores[i], k)
+                for i in range(ctx.facts.num_layers)]
 
 
 @dataclass

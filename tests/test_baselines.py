@@ -1,0 +1,69 @@
+"""The off-the-shelf baselines the memory must beat: KVzip's reconstruction scores and fewer whole
+demonstrations at the same token budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emloc_agents import EMLoCConfig, compress
+from emloc_agents.bench.methods import fewer_shots, prepare
+from emloc_agents.engine import KVzipPress
+from emloc_agents.engine.cache import MemoryCache
+from emloc_agents.engine.forward import run
+from emloc_agents.engine.reconstruct import REPEAT_PROMPT, reconstruction_scores
+from emloc_agents.engine.replay import Building
+from emloc_agents.models.lm import LanguageModel
+from emloc_agents.models.tiny import tiny_model
+
+from .conftest import make_skill
+
+
+def test_reconstruction_scores_equal_eager_attention() -> None:
+    """One chunk: the scores are the max eager attention probability that the repeat rows pay to
+    each chunk token (over rows and the query heads of each KV head)."""
+    model, tok = tiny_model("qwen2", chat_template=False)  # GQA: 4 query heads share 2 KV heads
+    reference, _ = tiny_model("qwen2", chat_template=False)
+    reference.set_attn_implementation("eager")
+    lm = LanguageModel(model, tok, "tiny-qwen2")
+    skill = make_skill(3)
+    chunk = lm.renderer().render(skill.instruction, skill.demonstrations).ids
+    n = len(chunk)
+    cache_ids = torch.tensor([chunk])
+    f = lm.facts
+    cache = MemoryCache([None] * f.num_layers, [None] * f.num_layers, [None] * f.num_layers, f.windows)
+    run(lm.model, cache, cache_ids, torch.arange(n)[None])
+    ck, cv = zip(*(cache.chunk_kv(i) for i in range(f.num_layers)), strict=True)
+    repeat = lm.renderer().ids(REPEAT_PROMPT) + chunk[1:]
+    got = reconstruction_scores(lm, Building.empty(f.num_layers), ck, cv, torch.arange(n), repeat, n)
+    with torch.no_grad():
+        att = reference(torch.tensor([chunk + repeat]), output_attentions=True).attentions
+    group = reference.config.num_attention_heads // f.num_kv_heads
+    for layer in range(f.num_layers):
+        a = att[layer][0, :, n:, :n]  # (Hq, repeat rows, chunk)
+        want = a.amax(dim=1).view(f.num_kv_heads, group, n).amax(dim=1)
+        torch.testing.assert_close(got[layer], want.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_kvzip_press_keeps_its_share() -> None:
+    model, tok = tiny_model("llama", chat_template=False)
+    lm = LanguageModel(model, tok, "tiny-llama")
+    mem = compress(lm, make_skill(12), EMLoCConfig(), press=KVzipPress(ratio=0.3))
+    assert mem.kept_ratio == pytest.approx(0.3, abs=0.05)
+    full = compress(lm, make_skill(12), EMLoCConfig(), press=KVzipPress(ratio=1.0))
+    assert full.kept_ratio == 1.0
+
+
+def test_fewer_shots_fills_the_budget_with_whole_demonstrations(tiny_llama) -> None:
+    skill = make_skill(16)
+    r = tiny_llama.renderer()
+    full = r.render(skill.instruction, skill.demonstrations).num_tokens
+    cut = fewer_shots(tiny_llama, skill, 0.3)
+    k = len(cut.demonstrations)
+    assert 1 <= k < 16 and cut.demonstrations == skill.demonstrations[:k]
+    assert r.render(skill.instruction, cut.demonstrations).num_tokens <= 0.3 * full
+    assert r.render(skill.instruction, skill.demonstrations[: k + 1]).num_tokens > 0.3 * full
+    prep = prepare(tiny_llama, "fewer-shots", skill, ratio=0.3)
+    assert prep.memory is not None and prep.memory.kept_ratio == 1.0
+    assert prep.kept_ratio == pytest.approx(prep.memory.original_length / full)
+    assert prep.kept_ratio <= 0.3
