@@ -547,6 +547,23 @@ def test_redis_ttl_and_namespace_isolation(redis_url):
     other.close()
 
 
+def test_redis_lock_is_redis_py_lock(redis_url):
+    """The store's lock is redis-py's Lock on the namespaced key: a redis-py Lock held elsewhere excludes
+    it, and the store's holder is visible to (and not freeable by) a redis-py Lock with another token."""
+    ns = "lk-" + uuid.uuid4().hex[:8]
+    store = RedisStore(url=redis_url, namespace=ns)
+    other = store.client.lock(f"{ns}:l:job", timeout=5)
+    assert other.acquire(blocking=False)
+    with pytest.raises(StoreLockTimeout), store.lock("job", timeout=0.2):
+        pass
+    other.release()
+    with store.lock("job", expire=5):
+        assert store.client.lock(f"{ns}:l:job").locked()
+        assert not store.client.lock(f"{ns}:l:job", timeout=5).acquire(blocking=False)
+    assert not store.client.lock(f"{ns}:l:job").locked()
+    store.close()
+
+
 def test_redis_refuses_decoding_client(redis_url):
     import redis
 

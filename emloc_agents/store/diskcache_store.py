@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from diskcache.core import MODE_BINARY, MODE_RAW
 
 from emloc_agents.store.base import LockingByteStore, check_key
 
-__all__ = ["DEFAULT_SIZE_LIMIT", "DiskCacheStore", "SafeDisk", "UnsafeEntryError"]
+__all__ = ["DEFAULT_SIZE_LIMIT", "UNREADABLE_KEY", "DiskCacheStore", "SafeDisk", "UnsafeEntryError"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,18 @@ class UnsafeEntryError(ValueError):
     """A cache entry (key or value) that would need unpickling, or is not plain str/bytes."""
 
 
+class _UnreadableKey:
+    """Stands for a cache key ``SafeDisk`` refused to decode (pickled or not text)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unreadable cache key>"
+
+
+UNREADABLE_KEY = _UnreadableKey()
+
+
 class SafeDisk(diskcache.Disk):
     """A ``diskcache.Disk`` that never pickles or unpickles: str keys, bytes values, nothing else."""
 
@@ -45,9 +56,11 @@ class SafeDisk(diskcache.Disk):
             raise UnsafeEntryError(f"SafeDisk only stores str keys, got {type(key).__name__}")
         return key, True
 
-    def get(self, key: Any, raw: bool) -> str:
+    def get(self, key: Any, raw: bool) -> Any:
+        """Decode a key read from a row (iteration, ``peekitem``): a pickled or non-text key is never
+        decoded; it comes back as ``UNREADABLE_KEY``, so iterating skips it instead of aborting."""
         if not raw or type(key) is not str:
-            raise UnsafeEntryError("refusing to decode a pickled / non-str cache key")
+            return UNREADABLE_KEY
         return key
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[Any, ...]:
@@ -120,6 +133,9 @@ class DiskCacheStore(LockingByteStore):
         An entry larger than ``size_limit`` on its own survives its ``mset`` and goes on the next one.
         """
         while self._cache.volume() > self.size_limit:
+            # The one private call: no public diskcache API lists keys by access time without deleting
+            # them (``Cache.cull`` drops 10 rows at a time, the row just written among them when entries
+            # are few and large, as memories are), so read the LRU order from the table.
             rows = self._cache._sql(
                 "SELECT key FROM Cache WHERE raw = 1 AND typeof(key) = 'text' ORDER BY access_time LIMIT ?",
                 (len(keep) + 1,),
@@ -134,15 +150,10 @@ class DiskCacheStore(LockingByteStore):
             self._cache.delete(check_key(key), retry=True)
 
     def yield_keys(self, *, prefix: str | None = None) -> Iterator[str]:
-        # Cache.iterkeys() would run Disk.get on every row and abort on the first unsafe one, so read
-        # the key column directly and skip pickled (raw=0) or non-text keys without decoding them.
-        rows = self._cache._sql(
-            "SELECT key FROM Cache WHERE raw = 1 AND typeof(key) = 'text'"
-            " AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid",
-            (time.time(),),
-        ).fetchall()
-        for (key,) in rows:
-            if prefix is None or key.startswith(prefix):
+        # diskcache's own iteration (insertion order); SafeDisk.get hands pickled or non-text keys back
+        # as UNREADABLE_KEY, never decoded, and they are skipped. Values are not read.
+        for key in self._cache:
+            if type(key) is str and (prefix is None or key.startswith(prefix)):
                 yield key
 
     # -- locks -------------------------------------------------------------------------------------

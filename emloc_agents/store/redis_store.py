@@ -1,9 +1,10 @@
 """``RedisStore``: the byte store on a Redis server, for several hosts sharing one memory cache.
 
 redis-py is optional (``pip install 'emloc-agents[redis]'``) and imported only when a store is built.
-Keys are namespaced (``{namespace}:d:{key}`` for data, ``{namespace}:l:{key}`` for locks); locks are
-``SET NX PX`` with a random token and a Lua compare-and-delete release, so a holder whose lock expired
-can never free the next holder's lock.
+Keys are namespaced (``{namespace}:d:{key}`` for data, ``{namespace}:l:{key}`` for locks). Locks are
+redis-py's own ``redis.lock.Lock`` (``SET NX PX`` with our random token, Lua compare-and-delete
+release), so a holder whose lock expired can never free the next holder's lock; the waiting loop,
+timeout and jittered backoff are the shared ones of ``LockingByteStore.lock``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,6 @@ from typing import Any
 from emloc_agents.store.base import LockingByteStore, check_key
 
 __all__ = ["RedisStore"]
-
-_RELEASE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
-
 
 def _import_redis() -> Any:
     try:
@@ -62,7 +55,7 @@ class RedisStore(LockingByteStore):
         self.ttl = ttl
         self._data_prefix = f"{namespace}:d:"
         self._lock_prefix = f"{namespace}:l:"
-        self._release_script = client.register_script(_RELEASE_LUA)
+        self._not_owned = redis.exceptions.LockNotOwnedError
 
     def _k(self, key: str) -> str:
         return self._data_prefix + check_key(key)
@@ -94,11 +87,15 @@ class RedisStore(LockingByteStore):
             yield raw[cut:].decode("utf-8")
 
     def _try_acquire(self, key: str, token: bytes, expire: float) -> bool:
-        px = max(1, int(expire * 1000))
-        return bool(self.client.set(self._lock_prefix + key, token, nx=True, px=px))
+        lock = self.client.lock(self._lock_prefix + key, timeout=max(expire, 0.001))
+        return bool(lock.acquire(blocking=False, token=token))
 
     def _release(self, key: str, token: bytes) -> bool:
-        return bool(self._release_script(keys=[self._lock_prefix + key], args=[token]))
+        try:  # Lock.do_release: delete only if ``token`` still owns it
+            self.client.lock(self._lock_prefix + key).do_release(token)
+        except self._not_owned:
+            return False
+        return True
 
     def close(self) -> None:
         self.client.close()
