@@ -1,4 +1,6 @@
-"""EMLoCConfig: every knob of the compression, with the paper's reference values as defaults."""
+"""EMLoCConfig: every knob of the compression. The defaults are this library's choice (cheaper search,
+instruction protected); ``EMLoCConfig.reference()`` gives the paper's exact settings. docs/design.md
+lists each deviation and what it changes."""
 
 from __future__ import annotations
 
@@ -38,7 +40,15 @@ class EMLoCConfig(BaseModel):
         4, ge=1, description="Layers checked speculatively in one batched re-forward at the smallest keep ratio "
         "(same decisions as checking them one by one; 1 = no speculation).",
     )
-    protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix.")
+    protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix (reference: False, "
+                                 "only answer spans are protected).")
+    budget_rounding: Literal["ceil", "floor"] = Field(
+        "ceil", description="Tokens kept at share r of n: ceil(r*n) (default) or int(r*n) (reference).")
+    importance_keys: Literal["chunk", "chunk+replay"] = Field(
+        "chunk", description="Keys the answer rows' attention is renormalised over before scoring chunk tokens: the "
+        "chunk alone (default) or the chunk plus the replayed demonstration (reference).")
+    pool_count_pad: bool = Field(
+        False, description="Average pooling counts the zero padding at the chunk's ends (reference: True).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."
     )
@@ -50,6 +60,19 @@ class EMLoCConfig(BaseModel):
         description="How demonstrations are rendered: 'plain' input/answer text, 'chat' turns through the chat "
         "template, 'auto' = plain for text models, chat for vision-language models.",
     )
+
+    @classmethod
+    def reference(cls, **overrides: object) -> EMLoCConfig:
+        """The settings of the paper's reference code for in-context learning: exact search (the whole
+        replay re-run per check, one candidate at a time, no lookahead), only answer spans protected,
+        int(r*n) budgets, importance renormalised over chunk + replay, pooling that counts padding."""
+        values: dict[str, object] = dict(
+            demos_per_chunk=4, keep_ratios=(0.1, 0.2, 0.5), delta=0.005, pool_kernel=5, layer_group_size=1,
+            search_scope="exact", batch_candidates=False, lookahead=1, protect_prefix=False,
+            budget_rounding="floor", importance_keys="chunk+replay", pool_count_pad=True,
+        )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
 
     @field_validator("keep_ratios")
     @classmethod

@@ -86,7 +86,7 @@ def press_for(config: EMLoCConfig) -> Press:
     if not config.prunes:
         return Press()
     return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size, config.batch_candidates,
-                      config.lookahead)
+                      config.lookahead, config.budget_rounding)
 
 
 def compress(
@@ -146,7 +146,7 @@ def compress(
                             scope=config.search_scope)
             if vision is not None:
                 replay.embeds, replay.rope = vision.packed_inputs(chunk.demos, rope_end)
-            replay.run_teacher(config.pool_kernel, protected)
+            replay.run_teacher(config.pool_kernel, protected, config.importance_keys, config.pool_count_pad)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,
             [window_scores.get(i, torch.zeros(f.num_kv_heads, n)) for i in range(f.num_layers)]

@@ -28,8 +28,11 @@ def topk_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
-def budget(n: int, ratio: float, protected: int) -> int:
-    return min(n, max(math.ceil(ratio * n), protected))
+def budget(n: int, ratio: float, protected: int, rounding: str = "ceil") -> int:
+    """Tokens to keep of ``n`` at share ``ratio``: ceil(r*n) or, as the reference, int(r*n); never
+    fewer than the protected tokens."""
+    share = math.ceil(ratio * n) if rounding == "ceil" else int(ratio * n)
+    return min(n, max(share, protected))
 
 
 @dataclass
@@ -61,6 +64,7 @@ class EMLoCPress(Press):
     layer_group_size: int = 1
     batch_candidates: bool = True
     lookahead: int = 4
+    budget_rounding: str = "ceil"
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -72,13 +76,16 @@ class EMLoCPress(Press):
         prunable = [i for i in range(n_layers) if not ctx.facts.sliding[i]]
         size = self.layer_group_size
         groups = [prunable[max(0, j - size) : j] for j in range(len(prunable), 0, -size)]  # top-down
-        ratios = [r for r in self.keep_ratios if r < 1.0 and budget(ctx.n, r, ctx.n_protected) < ctx.n]
+        def k_of(r: float) -> int:
+            return budget(ctx.n, r, ctx.n_protected, self.budget_rounding)
+
+        ratios = [r for r in self.keep_ratios if r < 1.0 and k_of(r) < ctx.n]
         if not ratios:
             for group in groups:
                 for layer in group:
                     ctx.record(layer, 1.0, None)
             return decided
-        picks = {r: [topk_per_head(replay.scores[layer], budget(ctx.n, r, ctx.n_protected)) for layer in range(n_layers)]
+        picks = {r: [topk_per_head(replay.scores[layer], k_of(r)) for layer in range(n_layers)]
                  for r in ratios}
 
         def pruned(base: Selection, group: list[int], ratio: float) -> Selection:

@@ -163,7 +163,9 @@ class Replay:
 
     # ---- the teacher ---------------------------------------------------------------------------
 
-    def run_teacher(self, kernel: int, protected: torch.Tensor) -> None:
+    def run_teacher(self, kernel: int, protected: torch.Tensor, keys: str = "chunk", count_pad: bool = False) -> None:
+        """``keys``: renormalise the answer rows' attention over the chunk (``"chunk"``) or over chunk +
+        replay (``"chunk+replay"``, the reference) before summing; ``count_pad``: see ``pool``."""
         f = self.lm.facts
         cache = self.cache([None] * f.num_layers)
         cache.record_hidden = self.hidden_in
@@ -174,7 +176,8 @@ class Replay:
             if f.sliding[layer]:
                 return
             start = self.building.length(layer)
-            raw[layer] = chunk_attention(module, q, k, mask, self.rows, start, start + n)
+            norm_end = k.shape[-2] if keys == "chunk+replay" else None
+            raw[layer] = chunk_attention(module, q, k, mask, self.rows, start, start + n, norm_end)
 
         cache.observer = observe
         cache.keep_new = True
@@ -187,7 +190,7 @@ class Replay:
         self.scores = []
         for layer in range(f.num_layers):
             if layer in raw:
-                s = pool(raw[layer], kernel)
+                s = pool(raw[layer], kernel, count_pad)
                 s[:, protected] = float("inf")
             else:
                 s = torch.zeros(f.num_kv_heads, n)
@@ -322,10 +325,12 @@ def _keep_masks(selections: list[torch.Tensor | None], heads: int, n: int) -> to
 
 
 def chunk_attention(
-    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, lo: int, hi: int
+    module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, lo: int, hi: int,
+    norm_end: int | None = None,
 ) -> torch.Tensor:
-    """Attention (renormalised over keys lo:hi) that the selected query rows pay, summed over rows and
-    over the query heads of each KV head -> (kv_heads, hi - lo). Recomputed for these rows only."""
+    """Attention (renormalised over keys lo:norm_end, default lo:hi) that the selected query rows pay to
+    keys lo:hi, summed over rows and over the query heads of each KV head -> (kv_heads, hi - lo).
+    Recomputed for these rows only."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -337,6 +342,6 @@ def chunk_attention(
     logits = torch.einsum("rhd,rhkd->rhk", qs, ks) * scaling
     m = mask[sel[:, 0], 0, sel[:, 1]]  # (R, Lk)
     logits = logits.masked_fill(~m[:, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)[..., lo:hi]
-    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    probs = torch.softmax(logits, dim=-1)[..., lo : hi if norm_end is None else norm_end]
+    probs = (probs / probs.sum(-1, keepdim=True).clamp_min(1e-12))[..., : hi - lo]
     return probs.sum(0).view(hkv, group, hi - lo).sum(1)
