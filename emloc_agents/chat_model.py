@@ -45,7 +45,7 @@ from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .registry import MemoryRegistry
 
-_REGISTRIES: dict[tuple[str, str | None], MemoryRegistry] = {}
+_REGISTRIES: dict[tuple[str, str | None, str], MemoryRegistry] = {}  # (model, cache dir, device)
 _REG_LOCK = threading.Lock()
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
                    "server_tool_call", "server_tool_result", "invalid_tool_call"}
@@ -278,6 +278,9 @@ class EMLoCChatModel(BaseChatModel):
     """Model name for ``load_model`` (ignored when ``registry`` is given)."""
     registry: MemoryRegistry | None = Field(default=None, exclude=True)
     cache_dir: str | None = None
+    device: str = "auto"
+    """Where a model loaded by name runs: "auto" (CUDA when present, else the CPU), "cpu", "cuda",
+    "cuda:N" or "mps" (ignored when ``registry`` is given)."""
     skill: str | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -323,10 +326,10 @@ class EMLoCChatModel(BaseChatModel):
         cache_dir = self.cache_dir
         if cache_dir is None and self.registry is not None:
             cache_dir = str(self.registry.cache_dir)
-        key = (name, cache_dir)
+        key = (name, cache_dir, self.device)
         with _REG_LOCK:
             if key not in _REGISTRIES:
-                _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir)
+                _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir, device=self.device)
             return _REGISTRIES[key]
 
     # ---- one call ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (SkillError, FileNotFoundError, V
 def _registry(args: argparse.Namespace, progress: bool = True):
     from .registry import MemoryRegistry
 
-    return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress)
+    return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
+                          device=getattr(args, "device", "auto"))
 
 
 def demo_skills() -> list[Skill]:
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC skill memories for LangChain agents")
     p.add_argument("--model", default="default", help="default | gemma-3-270m | smollm2-135m | DIR | FILE.gguf")
     p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="end-to-end demo on the embedded default model").set_defaults(func=cmd_demo)
     c = sub.add_parser("compress", help="register and compress the skills in a folder or file")

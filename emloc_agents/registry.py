@@ -84,6 +84,8 @@ class MemoryRegistry:
         config: the EMLoCConfig used to compress.
         max_ram_memories: how many memories to keep decoded in RAM.
         lock_expire: seconds after which a crashed compressor's lock frees itself.
+        device: where a model named by ``model`` runs (``load_model``'s ``device``: "auto", "cpu",
+            "cuda", "cuda:N", "mps"); memories move there once, when they enter the RAM cache.
     """
 
     def __init__(
@@ -95,9 +97,13 @@ class MemoryRegistry:
         max_ram_memories: int = 8,
         progress: bool = False,
         lock_expire: float = 900.0,
+        device: str = "auto",
     ) -> None:
-        from .models.loader import default_cache_dir
+        from .models.loader import default_cache_dir, resolve_device
 
+        if isinstance(model, str):
+            resolve_device(device)  # an unknown or absent device fails here, not at first use
+        self.device = device
         self.model_name = model if isinstance(model, str) else model.name
         self._lm = None if isinstance(model, str) else model
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -122,7 +128,7 @@ class MemoryRegistry:
 
             with self._lock:
                 if self._lm is None:
-                    self._lm = load_model(self.model_name, dtype=self.config.dtype)
+                    self._lm = load_model(self.model_name, dtype=self.config.dtype, device=self.device)
         return self._lm
 
     @property
@@ -235,7 +241,7 @@ class MemoryRegistry:
                         mem = self._compress(sk)
                         self.store.mset([(key, dump_memory(mem, header))])
                         info = MemoryInfo("compressed", time.perf_counter() - t0, mem.original_length)
-            self._remember(key, mem)
+            mem = self._remember(key, mem)
             return mem, self._note(sk, info)
 
     def _note(self, skill: Skill, info: MemoryInfo) -> MemoryInfo:
@@ -295,12 +301,16 @@ class MemoryRegistry:
             return None
         return mem
 
-    def _remember(self, key: str, mem: CompressedMemory) -> None:
+    def _remember(self, key: str, mem: CompressedMemory) -> CompressedMemory:
+        """Keep ``mem`` in the RAM cache, on the model's device (moved here once, not per call; the
+        store keeps device-neutral bytes, loaded to the CPU)."""
+        mem = mem.to(device=self.lm.device)
         with self._lock:
             self._ram[key] = mem
             self._ram.move_to_end(key)
             while len(self._ram) > self.max_ram_memories:
                 self._ram.popitem(last=False)
+        return mem
 
     # ---- one file per memory ---------------------------------------------------------------
 

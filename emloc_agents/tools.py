@@ -51,10 +51,10 @@ def embed(registry: MemoryRegistry, texts: list[str]) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for text in texts:
-            ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :256]
+            ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :256].to(lm.device)
             hidden = backbone(lm.model)(input_ids=ids).last_hidden_state[0].float()
             out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1))
-    return torch.stack(out)
+    return torch.stack(out).cpu()  # router arithmetic is tiny: the host
 
 
 class SkillRouter(Runnable[Any, dict[str, Any]]):

@@ -66,7 +66,7 @@ def test_construction_is_lazy_and_backends_are_shared(tmp_path) -> None:
     a = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), max_tokens=4)
     b = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), temperature=0.5)
     assert time.perf_counter() - t0 < 0.5
-    assert ("tiny-llama", str(tmp_path)) not in cm._REGISTRIES  # nothing loaded yet
+    assert ("tiny-llama", str(tmp_path), "auto") not in cm._REGISTRIES  # nothing loaded yet
     a.invoke("hi")
     assert a.get_registry() is b.get_registry()
     assert a.get_registry().lm is b.get_registry().lm

@@ -25,19 +25,27 @@ from emloc_agents.models.tiny import TINY_ARCHS, tiny_model
 from .conftest import make_skill
 
 FULL = dict(keep_ratios=(1.0,), storage_dtype="float32")
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA GPU: the exactness check runs on the CPU only")),
+]
 
 
 def _query_logits(lm, memory, query: str) -> tuple[torch.Tensor, list[int]]:
     ids = lm._prompt_ids(query, memory)
     cache, start = memory_cache(lm, memory)
-    hidden = run(lm.model, cache, torch.tensor([ids]), start + torch.arange(len(ids))[None])
+    hidden = run(lm.model, cache, torch.tensor([ids], device=lm.device),
+                 start + torch.arange(len(ids), device=lm.device)[None])
     return lm_logits(lm.model, lm.facts, hidden[0]), ids
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_keep_all_reproduces_full_context(arch: str, chat: bool) -> None:
+def test_keep_all_reproduces_full_context(arch: str, chat: bool, device: str) -> None:
     model, tok = tiny_model(arch, chat_template=chat)
+    model.to(device)
     reference = copy.deepcopy(model)  # untouched SDPA model, full prefix in one forward
     lm = LanguageModel(model, tok, f"tiny-{arch}")
     skill = make_skill(9)
@@ -52,12 +60,13 @@ def test_keep_all_reproduces_full_context(arch: str, chat: bool) -> None:
         logits, q = _query_logits(lm, mem, query)
         assert full_prefix + q == whole
         with torch.no_grad():
-            ref = reference(torch.tensor([full_prefix + q])).logits[0, -len(q) :]
+            ref = reference(torch.tensor([full_prefix + q], device=device)).logits[0, -len(q) :]
         torch.testing.assert_close(logits, ref.float(), atol=1e-4, rtol=1e-4)
         answers.append(lm.generate(query, mem, max_new_tokens=5))
     with torch.no_grad():
         ref_ids = reference.generate(
-            torch.tensor([full_prefix + q]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=2
+            torch.tensor([full_prefix + q], device=device), max_new_tokens=5, do_sample=False, eos_token_id=None,
+            pad_token_id=2,
         )[0, len(full_prefix) + len(q) :]
     expected = tok.decode(ref_ids, skip_special_tokens=True)
     assert answers == [expected] * 3

@@ -102,7 +102,7 @@ def test_checkpoints_differing_after_the_first_mib_get_two_fingerprints_and_two_
     before.add(skill)
     before.get(skill.name)
     _change_after_first_mib(weights)
-    loader._LOADED.pop((str(tmp_path / "a"), "float32"))
+    loader._LOADED.pop((str(tmp_path / "a"), "cpu", "float32"))
     lm_new = load_model(str(tmp_path / "a"), cache_dir=cache)
     assert lm_new.name == lm_a.name and lm_new.fingerprint() not in (lm_a.fingerprint(), lm_b.fingerprint())
     after = MemoryRegistry(model=lm_new, store=store, config=config)

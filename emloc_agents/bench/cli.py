@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", choices=SCORINGS, default="loglik",
                    help="loglik: argmax label log-likelihood; generate: label the greedy answer starts with")
     p.add_argument("--compare", action="store_true", help="print the headline ratios after the run")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--scaling", action="store_true",
                    help="instead: peak RSS, cold/warm time and bytes of EMLoC vs full KV over --shots (first seed)")
     return p
@@ -77,12 +79,13 @@ def bench_main(argv: list[str] | None = None) -> int:
                 raise BenchError("no seeds given")
             from .scaling import run_scaling
 
-            rows = run_scaling(args.task, model=args.model, shots=args.shots, seed=args.seeds[0], out=out)
+            rows = run_scaling(args.task, model=args.model, shots=args.shots, seed=args.seeds[0], out=out,
+                               device=args.device)
             print(f"emloc bench: {len(rows)} scaling rows written to {out}/scaling.json", file=sys.stderr)
             return 0
         rows = run_bench(
             args.task, model=args.model, methods=args.methods, shots=args.shots, seeds=args.seeds,
-            limit=args.limit, out=out, ratio=args.ratio, scoring=args.scoring,
+            limit=args.limit, out=out, ratio=args.ratio, scoring=args.scoring, device=args.device,
         )
     except (BenchError, SkillError, PromptError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as e:
         print(f"emloc bench: error: {e}", file=sys.stderr)

@@ -159,6 +159,7 @@ def run_bench(
     timing_items: int = 3,
     progress: bool = True,
     plots: bool = True,
+    device: str = "auto",
 ) -> list[dict]:
     """Run the benchmark (see module docstring) and return the summary rows.
 
@@ -187,14 +188,18 @@ def run_bench(
         if max(shots) > len(task.pool):
             raise BenchError(f"task {task.name}: {max(shots)} shots asked, pool has {len(task.pool)}")
 
-    from ..models.loader import load_model
+    from ..models.loader import load_model, resolve_device
 
-    lm = load_model(model)
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    lm = load_model(model, device=device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "tasks": [str(Path(t).expanduser().resolve()) for t in tasks], "model": str(getattr(model, "name", model)),
-        "resolved_model": lm.name, "methods": methods, "shots": list(shots), "seeds": list(seeds), "limit": limit,
+        "resolved_model": lm.name, "device": str(lm.device), "methods": methods, "shots": list(shots), "seeds": list(seeds), "limit": limit,
         "out": str(out), "ratio": ratio, "scoring": scoring, "timing_items": timing_items,
         "timing_tokens": TIMING_TOKENS, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
     }

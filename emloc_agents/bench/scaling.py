@@ -142,7 +142,7 @@ def worker_main(argv: Sequence[str]) -> int:
     from ..models.loader import load_model
 
     spec = json.loads(argv[0])
-    lm = load_model(spec["model"])
+    lm = load_model(spec["model"], device=spec.get("device", "auto"))
     skill = Task.load(spec["task"]).skill(spec["shots"], spec["seed"])
     if spec["op"] == "compress":
         result = _compress_worker(lm, skill, Path(spec["cache_dir"]))
@@ -202,15 +202,20 @@ def run_scaling(
     *,
     progress: bool = True,
     plots: bool = True,
+    device: str = "auto",
 ) -> list[dict]:
     """Run the scaling study (module docstring); ``model`` is a ``load_model`` name (workers load it too)."""
-    from ..models.loader import load_model
+    from ..models.loader import load_model, resolve_device
 
     if not shots or any(s < 1 for s in shots):
         raise BenchError("shots must be positive integers")
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     folders = [task_path(t).resolve() for t in tasks]  # names (bundled tasks) or folders
     loaded = load_tasks(folders)
-    lm = load_model(model)
+    lm = load_model(model, device=device)
     limit = lm.facts.max_positions
     plan = []
     for task, folder in zip(loaded, folders, strict=True):  # check every point before any work
@@ -224,7 +229,7 @@ def run_scaling(
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
-        "study": "scaling", "tasks": [str(f) for f in folders], "model": model, "resolved_model": lm.name,
+        "study": "scaling", "tasks": [str(f) for f in folders], "model": model, "resolved_model": lm.name, "device": str(lm.device),
         "shots": list(shots), "seed": seed, "out": str(out), "warm_repeats": WARM_REPEATS,
         "warmup_demos": WARMUP_DEMOS, "emloc_config": EMLoCConfig().model_dump(mode="json"), "code": code_state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
@@ -232,7 +237,7 @@ def run_scaling(
     (out / "config.json").write_text(json.dumps(config, indent=1))
     rows: list[dict] = []
     for task, folder, n, tokens in plan:
-        spec = {"model": model, "task": str(folder), "shots": n, "seed": seed}
+        spec = {"model": model, "task": str(folder), "shots": n, "seed": seed, "device": device}
         if progress:
             print(f"emloc bench: scaling {task.name} {n} shots ({tokens} tokens)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="emloc-scaling-") as tmp:

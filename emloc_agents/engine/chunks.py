@@ -26,6 +26,7 @@ class ChunkContext:
     window_scores: list[torch.Tensor] | None
     decisions: list[dict[str, Any]] = field(default_factory=list)
     reconstruction_scores: list[torch.Tensor] | None = None  # KVzip's (engine/reconstruct.py)
+    device: torch.device | str = "cpu"  # the model's: where a press makes its own tensors
 
     def record(self, layer: int, ratio: float, js: float | None) -> None:
         self.decisions.append({"layer": layer, "ratio": ratio, "js": js})

@@ -59,13 +59,14 @@ def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_p
     return chunks
 
 
-def _replay_pack(demos: list[Segment], start: int) -> tuple[torch.Tensor, ...]:
+def _replay_pack(demos: list[Segment], start: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """The demonstrations packed into one row (1, T), each from position ``start``; per token its
-    demonstration index, and the rows that predict an answer token (row j predicts token j+1)."""
-    ids = torch.tensor([[t for d in demos for t in d.ids]])
-    positions = torch.cat([start + torch.arange(len(d)) for d in demos])[None]
-    segments = torch.cat([torch.full((len(d),), i) for i, d in enumerate(demos)])[None]
-    rows = torch.cat([torch.tensor(d.answer[1:] + [False]) for d in demos])[None]
+    demonstration index, and the rows that predict an answer token (row j predicts token j+1);
+    all on ``device`` (the model's)."""
+    ids = torch.tensor([[t for d in demos for t in d.ids]], dtype=torch.long, device=device)
+    positions = torch.tensor([[start + j for d in demos for j in range(len(d))]], dtype=torch.long, device=device)
+    segments = torch.tensor([[i for i, d in enumerate(demos) for _ in range(len(d))]], dtype=torch.long, device=device)
+    rows = torch.tensor([[a for d in demos for a in d.answer[1:] + [False]]], dtype=torch.bool, device=device)
     return ids, positions, segments, rows
 
 
@@ -74,7 +75,7 @@ def _window_observer(facts: ModelFacts, window: int, store: dict[int, torch.Tens
         if facts.sliding[layer]:
             return
         t = q.shape[2]
-        rows = torch.zeros(q.shape[0], t, dtype=torch.bool)
+        rows = torch.zeros(q.shape[0], t, dtype=torch.bool, device=q.device)
         rows[:, max(0, t - window) :] = True
         lo = start_of(layer)
         store[layer] = chunk_attention(module, q, k, mask, rows, lo, lo + t)
@@ -138,10 +139,10 @@ def compress(
         chunk_k, chunk_v = zip(*(cache.chunk_kv(i) for i in range(f.num_layers)), strict=True)
         del cache
         chunk_pos = pos[0]
-        protected = torch.tensor(chunk.protected, dtype=torch.bool)
+        protected = torch.tensor(chunk.protected, dtype=torch.bool, device=device)
         replay = None
         if press.needs_replay and chunk.demos:
-            ids, rpos, segments, rows = _replay_pack(chunk.demos, offset + n)
+            ids, rpos, segments, rows = _replay_pack(chunk.demos, offset + n, device)
             replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
                             scope=config.search_scope)
             if vision is not None:
@@ -149,8 +150,9 @@ def compress(
             replay.run_teacher(config.pool_kernel, protected, config.importance_keys, config.pool_count_pad)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,
-            [window_scores.get(i, torch.zeros(f.num_kv_heads, n)) for i in range(f.num_layers)]
+            [window_scores.get(i, torch.zeros(f.num_kv_heads, n, device=device)) for i in range(f.num_layers)]
             if press.needs_window_scores else None,
+            device=device,
         )
         if press.needs_reconstruction:
             repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]

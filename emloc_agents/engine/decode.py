@@ -81,10 +81,10 @@ def stream_tokens(
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
     eos = _eos_ids(lm)
     device = lm.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)  # multinomial wants it on the probs' device
     ids = torch.tensor([list(prompt_ids)], device=device)
     pos = start + torch.arange(len(prompt_ids), device=device)[None]
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def stream_tokens(
         logits = lm_logits(lm.model, f, hidden[:, -1])
         if step == 0:
             ttft = time.perf_counter() - t0
-        all_ids = torch.tensor([list(prompt_ids) + out_ids])
+        all_ids = torch.tensor([list(prompt_ids) + out_ids], device=device)
         scores = processors(all_ids, logits)  # type: ignore[arg-type]  # stubs want LongTensor/FloatTensor
         if temperature > 0:
             probs = torch.softmax(scores, dim=-1)
@@ -146,8 +146,9 @@ def score_continuations(
     """Summed log-probability of each continuation after the prompt (label log-likelihood)."""
     f = lm.facts
     cache, start = memory_cache(lm, memory)
-    ids = torch.tensor([list(prompt_ids)])
-    pos = start + torch.arange(len(prompt_ids))[None]
+    device = lm.device
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    pos = start + torch.arange(len(prompt_ids), device=device)[None]
     hidden = run(lm.model, cache, ids, pos)
     first = torch.log_softmax(lm_logits(lm.model, f, hidden[:, -1]), -1)[0]
     scores = []
@@ -155,8 +156,8 @@ def score_continuations(
         total = float(first[c[0]])
         if len(c) > 1:
             sub, sub_start = _fork(cache), int(pos[0, -1]) + 1
-            cids = torch.tensor([list(c[:-1])])
-            cpos = sub_start + torch.arange(len(c) - 1)[None]
+            cids = torch.tensor([list(c[:-1])], device=device)
+            cpos = sub_start + torch.arange(len(c) - 1, device=device)[None]
             h = run(lm.model, sub, cids, cpos)
             lp = torch.log_softmax(lm_logits(lm.model, f, h[0]), -1)
             total += float(sum(lp[i, c[i + 1]] for i in range(len(c) - 1)))

@@ -65,11 +65,18 @@ class CompressedMemory:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def to(self, dtype: torch.dtype) -> CompressedMemory:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CompressedMemory:
+        """A copy with keys/values in ``dtype`` and every tensor on ``device`` (None: unchanged); the
+        same object when nothing changes (moving a memory to its model's device costs one copy, once)."""
+        tensors = (*self.keys, *self.values, *self.positions)
+        same_dtype = dtype is None or all(t.dtype == dtype for t in (*self.keys, *self.values))
+        same_device = device is None or all(t.device == torch.device(device) for t in tensors)
+        if same_dtype and same_device:
+            return self
         return CompressedMemory(
-            keys=[k.to(dtype) for k in self.keys],
-            values=[v.to(dtype) for v in self.values],
-            positions=self.positions,
+            keys=[k.to(device=device, dtype=dtype) for k in self.keys],
+            values=[v.to(device=device, dtype=dtype) for v in self.values],
+            positions=[p.to(device=device) for p in self.positions],
             original_length=self.original_length,
             sliding=self.sliding,
             render_mode=self.render_mode,

@@ -196,7 +196,7 @@ class StreamingLLMPress(Press):
     def select(self, ctx: ChunkContext) -> Selection:
         total_budget = max(self.sinks, math.ceil(self.ratio * ctx.total_length))
         recent_from = ctx.total_length - (total_budget - self.sinks)
-        pos = ctx.offset + torch.arange(ctx.n)
+        pos = ctx.offset + torch.arange(ctx.n, device=ctx.device)
         keep = (pos < self.sinks) | (pos >= recent_from)
         idx = keep.nonzero().flatten()
         sel = idx[None].expand(ctx.facts.num_kv_heads, -1).contiguous()
@@ -214,13 +214,13 @@ class RandomPress(Press):
 
     def select(self, ctx: ChunkContext) -> Selection:
         if self._gen is None:
-            self._gen = torch.Generator().manual_seed(self.seed)
+            self._gen = torch.Generator(device=ctx.device).manual_seed(self.seed)
         k = budget(ctx.n, self.ratio, 0)
         out: Selection = []
         for i in range(ctx.facts.num_layers):
             if ctx.facts.sliding[i]:
                 out.append(None)
                 continue
-            s = torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=self._gen)
+            s = torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=self._gen, device=self._gen.device)
             out.append(topk_per_head(s, k))
         return out

@@ -193,7 +193,7 @@ class Replay:
                 s = pool(raw[layer], kernel, count_pad)
                 s[:, protected] = float("inf")
             else:
-                s = torch.zeros(f.num_kv_heads, n)
+                s = torch.zeros(f.num_kv_heads, n, device=self.ids.device)
             self.scores.append(s)
 
     def _log_probs(self, hidden_rows: torch.Tensor) -> torch.Tensor:
@@ -235,11 +235,11 @@ class Replay:
         prefixes = {i: self._shared_prefix(i, room=c * r) for i in layers}
         keep: list[torch.Tensor | None] = [None] * f.num_layers
         for i in layers:
-            keep[i] = _keep_masks([t[i] for t in trials], f.num_kv_heads, n)
+            keep[i] = _keep_masks([t[i] for t in trials], f.num_kv_heads, n, self.ids.device)
         k, v, p, seg, buffers = ([prefixes[i][j] if i in prefixes else None for i in range(f.num_layers)]
                                  for j in range(5))
         cache = TrialCache(k, v, p, f.windows, keep=keep, n=n, prefix_segments=seg, q_heads=f.num_heads,
-                           row_trial=torch.arange(c).repeat_interleave(r), row_demo=demo.repeat(c),
+                           row_trial=torch.arange(c, device=ids.device).repeat_interleave(r), row_demo=demo.repeat(c),
                            chunk_start=[self.building.length(i) for i in range(f.num_layers)], buffers=buffers)
         cache.start_layer = start_layer
         cache.start_hidden = self.hidden_in[start_layer][:, idx].repeat(1, c, 1)
@@ -293,7 +293,7 @@ class Replay:
                 k, v = torch.cat([k, self.replay_k[layer]], dim=2), torch.cat([v, self.replay_v[layer]], dim=2)
                 seg = self.segments[0].masked_fill(self.rows[0], -2)
                 p = torch.cat([p, self.positions[0]])
-                seg = torch.cat([torch.full((p.shape[0] - seg.shape[0],), -1, dtype=torch.long), seg])
+                seg = torch.cat([torch.full((p.shape[0] - seg.shape[0],), -1, dtype=torch.long, device=seg.device), seg])
             else:
                 k, v, p, seg, _ = hit
             m = k.shape[-2]
@@ -312,11 +312,13 @@ class Replay:
         return idx, self.ids[:, idx], self.positions[:, idx], self.segments[0, idx]
 
 
-def _keep_masks(selections: list[torch.Tensor | None], heads: int, n: int) -> torch.Tensor | None:
+def _keep_masks(
+    selections: list[torch.Tensor | None], heads: int, n: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """(trials, heads, n) chunk tokens each trial keeps at one layer, or None if all keep all."""
     if all(s is None for s in selections):
         return None
-    keep = torch.ones(len(selections), heads, n, dtype=torch.bool)
+    keep = torch.ones(len(selections), heads, n, dtype=torch.bool, device=device)
     for j, s in enumerate(selections):
         if s is not None:
             keep[j] = False

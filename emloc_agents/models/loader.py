@@ -1,7 +1,7 @@
 """load_model: a name, a checkpoint dir, a .gguf file or a hub id -> a ready LanguageModel.
 
-Loaded models are shared per process (keyed by source and dtype), so many chat-model instances
-and registries use one set of weights.
+Loaded models are shared per process (keyed by source, device and dtype), so many chat-model
+instances and registries use one set of weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from .lm import LanguageModel
 
 DEFAULT_MODEL = "smollm2-135m"
-_LOADED: dict[tuple[str, str], LanguageModel] = {}
+_LOADED: dict[tuple[str, str, str], LanguageModel] = {}
+DTYPES = ("float32", "bfloat16", "float16")
 _LOCK = threading.Lock()
 
 
@@ -23,16 +24,68 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EMLOC_CACHE_DIR", "~/.cache/emloc-agents")).expanduser()
 
 
-def load_model(name: str = "default", dtype: str = "float32", cache_dir: str | Path | None = None) -> LanguageModel:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``
+    as a ``torch.device``; a ValueError for anything else or for a device this machine lacks."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string such as 'auto', 'cpu', 'cuda', 'cuda:0' or 'mps', got {device!r}")
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device 'mps' is not available on this machine (no Apple-silicon GPU / MPS build)")
+        return torch.device("mps")
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: torch sees no CUDA GPU on this machine")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(name)
+    raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> str:
+    """``"auto"``: bfloat16 on CUDA, float32 elsewhere; else one of ``DTYPES`` (a ValueError otherwise)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto' or one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def load_model(
+    name: str = "default",
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+) -> LanguageModel:
     """Load (once per process) ``"default"``, ``"gemma-3-270m"``, ``"smollm2-135m"``, ``"tiny-<arch>"``,
-    a local checkpoint directory, a ``.gguf`` file, or a hub id already in the local HF cache."""
+    a local checkpoint directory, a ``.gguf`` file, or a hub id already in the local HF cache.
+
+    ``device``: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+    ``"mps"``. ``dtype``: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``,
+    ``"bfloat16"`` or ``"float16"``. One copy per (name, device, dtype)."""
     if isinstance(name, LanguageModel):
         return name
-    key = (str(name), dtype)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    key = (str(name), str(dev), dtype)
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
         lm = _load(str(name), dtype, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        if dev.type != "cpu":
+            lm.model.to(dev)
         _LOADED[key] = lm
         return lm
 
