@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
@@ -244,6 +245,40 @@ def _text_reply_limits(stops: Sequence[str], max_tokens: int) -> Callable[[str, 
     return finish_when
 
 
+def _checked(value: Any, name: str, what: str, ok: Callable[[float], bool]) -> float:
+    """A per-call number, or a ValueError that says what was expected."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def _stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return [s for s in stops if s]
+
+
+def _tool_specs(tools: Any) -> list[dict[str, Any]]:
+    """Tools passed per call (``bind_tools`` already converts them) as OpenAI function specs."""
+    if not isinstance(tools, list | tuple):
+        raise ValueError(f"tools must be a list of tools, got {type(tools).__name__}")
+    specs = []
+    for i, tool in enumerate(tools):
+        try:
+            spec = convert_to_openai_tool(tool)
+            name = spec["function"]["name"]
+        except Exception as e:  # noqa: BLE001 - any malformed tool: one clear error
+            raise ValueError(f"tools[{i}] is not a tool (a BaseTool, function, pydantic model or "
+                             f"OpenAI function spec): {str(e)[:200] or type(e).__name__}") from e
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tools[{i}] has no name")
+        specs.append(spec)
+    return specs
+
+
 def _normalise_tool_choice(choice: Any, names: list[str]) -> str:
     if choice is None or choice == "auto":
         return "auto"
@@ -282,13 +317,13 @@ class EMLoCChatModel(BaseChatModel):
     """Where a model loaded by name runs: "auto" (CUDA when present, else the CPU), "cpu", "cuda",
     "cuda:N" or "mps" (ignored when ``registry`` is given)."""
     skill: str | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    json_max_tokens: int = 256
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1)
+    json_max_tokens: int = Field(default=256, ge=1)
     """Token budget of constrained JSON outputs (tool calls, structured output): at least
     ``max_tokens``, so a small ``max_tokens`` for chat does not cut a JSON document short."""
-    json_max_string_chars: int | None = 256
+    json_max_string_chars: int | None = Field(default=256, ge=1)
     """Strings in constrained JSON without their own ``maxLength`` are capped at this many
     characters, integers without bounds at 15 digits (None: no caps); keeps small models from
     looping inside a value until the budget runs out."""
@@ -352,7 +387,7 @@ class EMLoCChatModel(BaseChatModel):
         lm = registry.lm
         turns = to_turns(messages)
 
-        tools: list[dict[str, Any]] = kwargs.pop("tools", None) or []
+        tools = _tool_specs(kwargs.pop("tools", None) or [])
         tool_choice = kwargs.pop("tool_choice", None)
         response_format = kwargs.pop("response_format", None)
         mode: Literal["text", "tools", "json"] = "text"
@@ -387,13 +422,18 @@ class EMLoCChatModel(BaseChatModel):
         else:
             ids = lm.encode_conversation(turns, instruction=instruction, memory=memory)
 
-        max_tokens = int(kwargs.pop("max_tokens", self.max_tokens))
+        max_tokens = int(_checked(kwargs.pop("max_tokens", self.max_tokens), "max_tokens", "an integer >= 1",
+                                  lambda v: float(v).is_integer() and v >= 1))
+        seed = kwargs.pop("seed", self.seed)
+        if seed is not None:
+            seed = int(_checked(seed, "seed", "an integer or None", lambda v: float(v).is_integer()))
         gen_kw: dict[str, Any] = dict(
             max_new_tokens=max_tokens,
-            temperature=float(kwargs.pop("temperature", self.temperature)),
-            top_p=float(kwargs.pop("top_p", self.top_p)),
-            stop=list(stop or self.stop or []),
-            seed=kwargs.pop("seed", self.seed),
+            temperature=_checked(kwargs.pop("temperature", self.temperature), "temperature", "a number >= 0",
+                                 lambda v: 0 <= v < math.inf),
+            top_p=_checked(kwargs.pop("top_p", self.top_p), "top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
+            stop=_stop_list(stop or self.stop),
+            seed=seed,
         )
         text_stops = gen_kw["stop"]
         if grammar is not None:

@@ -9,6 +9,7 @@ that fail validation (corrupt, truncated, foreign) are logged, deleted and rebui
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from .config import EMLoCConfig
 from .engine.compress import compress
 from .engine.memory import CompressedMemory
 from .engine.prompt import RENDER_VERSION
-from .skills import Demonstration, Skill, SkillError, image_bytes
+from .skills import Demonstration, Skill, SkillError, image_bytes, load_image
 from .store import DiskCacheStore, LockingByteStore, MemoryFormatError, dump_memory, load_memory
 from .store.format import FORMAT_VERSION
 
@@ -61,12 +62,24 @@ def skill_to_json(skill: Skill) -> bytes:
 
 
 def skill_from_json(raw: bytes) -> Skill:
-    data = json.loads(raw)
-    data["demonstrations"] = [
-        Demonstration(input=d["input"], output=d["output"], images=[base64.b64decode(i) for i in d.get("images", [])])
-        for d in data.get("demonstrations", [])
-    ]
-    return Skill.model_validate(data)
+    """The inverse of ``skill_to_json``; anything malformed raises ``SkillError``."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise SkillError("a skill must be a JSON object")
+        demos = data.get("demonstrations", [])
+        if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
+            raise SkillError("demonstrations must be a list of objects")
+        data["demonstrations"] = [
+            Demonstration(input=d.get("input"), output=d.get("output"),
+                          images=[base64.b64decode(i, validate=True) for i in d.get("images", [])])
+            for d in demos
+        ]
+        return Skill.model_validate(data)
+    except SkillError:
+        raise
+    except (ValueError, TypeError, binascii.Error) as e:  # JSON, base64, pydantic
+        raise SkillError(f"not a valid skill: {e}") from e
 
 
 def _made_for(mem: Any, expected: dict[str, Any]) -> bool:
@@ -81,7 +94,7 @@ class MemoryRegistry:
         model: a model name for ``load_model`` (loaded on first use) or a loaded LanguageModel.
         cache_dir: where the default diskcache store lives (``~/.cache/emloc-agents``).
         store: any ``LockingByteStore`` (diskcache, Redis, in-memory); overrides ``cache_dir``.
-        config: the EMLoCConfig used to compress.
+        config: the EMLoCConfig used to compress (or a dict of its fields).
         max_ram_memories: how many memories to keep decoded in RAM.
         lock_expire: seconds after which a crashed compressor's lock frees itself.
         device: where a model named by ``model`` runs (``load_model``'s ``device``: "auto", "cpu",
@@ -93,7 +106,7 @@ class MemoryRegistry:
         model: str | LanguageModel = "default",
         cache_dir: str | Path | None = None,
         store: LockingByteStore | None = None,
-        config: EMLoCConfig | None = None,
+        config: EMLoCConfig | dict[str, Any] | None = None,
         max_ram_memories: int = 8,
         progress: bool = False,
         lock_expire: float = 900.0,
@@ -108,6 +121,10 @@ class MemoryRegistry:
         self._lm = None if isinstance(model, str) else model
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._store = store
+        if isinstance(config, dict):
+            config = EMLoCConfig.model_validate(config)  # a bad field raises pydantic's ValidationError
+        elif config is not None and not isinstance(config, EMLoCConfig):
+            raise TypeError(f"config must be an EMLoCConfig (or a dict of its fields), got {type(config).__name__}")
         self.config = config or EMLoCConfig()
         self.max_ram_memories = max_ram_memories
         self.progress = progress
@@ -145,10 +162,17 @@ class MemoryRegistry:
         """Register (or replace) a skill; nothing is compressed until first use."""
         if not isinstance(skill, Skill):
             raise TypeError(f"expected a Skill, got {type(skill).__name__}")
+        for i, d in enumerate(skill.demonstrations):  # a broken image is refused now, not at first use
+            for img in d.images:
+                try:
+                    load_image(img)
+                except SkillError as e:
+                    raise SkillError(f"skill {skill.name!r}, demonstration {i}: {e}") from e
+        raw = skill_to_json(skill)  # before registering: a skill that cannot be stored replaces nothing
         with self._lock:
             self._skills[skill.name] = skill
         if persist:
-            self.store.mset([(SKILL_PREFIX + skill.name, skill_to_json(skill))])
+            self.store.mset([(SKILL_PREFIX + skill.name, raw)])
         return skill
 
     def remove(self, name: str) -> None:
@@ -182,7 +206,7 @@ class MemoryRegistry:
             raise UnknownSkillError(f"unknown skill {name!r}; registered skills: {known}")
         try:
             skill = skill_from_json(raw)
-        except (ValueError, KeyError) as e:
+        except SkillError as e:
             raise SkillError(f"stored skill {name!r} is unreadable: {e}") from e
         with self._lock:
             self._skills[name] = skill
@@ -333,9 +357,12 @@ class MemoryRegistry:
         data = path.read_bytes()  # read once: the bytes stored are the bytes validated
         mem = load_memory(data)
         raw = mem.header.get("skill_json")
-        if not raw:
+        if not raw or not isinstance(raw, str):
             raise MemoryFormatError(f"{path}: no skill inside (not written by export)")
-        skill = skill_from_json(raw.encode())
+        try:
+            skill = skill_from_json(raw.encode())
+        except SkillError as e:
+            raise MemoryFormatError(f"{path}: the skill inside is unreadable: {e}") from e
         expected = self.header(skill)
         if not _made_for(mem, expected):
             raise MemoryFormatError(

@@ -202,7 +202,7 @@ def _check_envelope(info: dict[str, Any]) -> None:
     if not _is_int(info.get("original_length")) or info["original_length"] < 0:
         raise _fail("bad original_length")
     nxt = info.get("next_position")
-    if nxt is not None and not _is_int(nxt):
+    if "next_position" not in info or (nxt is not None and not _is_int(nxt)):
         raise _fail("bad next_position")
     if not isinstance(info.get("render_mode"), str):
         raise _fail("bad render_mode")
