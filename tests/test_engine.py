@@ -233,9 +233,13 @@ def test_batched_candidates_match_one_by_one(tiny_llama) -> None:
         assert a == pytest.approx(b, rel=1e-3, abs=1e-7)
 
 
-def test_masked_trials_equal_dropping_the_tokens(tiny_llama) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_trials_equal_dropping_the_tokens(tiny_llama, device: str) -> None:
     """An answers-scope check masks the pruned chunk tokens out of one shared prefix; that must equal
     re-running on a chunk from which those tokens were physically removed (GQA heads included)."""
+    if device != "cpu":
+        model, tok = tiny_model("llama")
+        tiny_llama = LanguageModel(model.to(device), tok, "tiny-llama")
     from emloc_agents.engine.presses import Press, topk_per_head
     from emloc_agents.engine.replay import Replay, gather_tokens
 
@@ -265,10 +269,12 @@ def test_masked_trials_equal_dropping_the_tokens(tiny_llama) -> None:
         assert masked == pytest.approx(physical, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_lookahead_keeps_the_sequential_decisions(arch: str) -> None:
+def test_lookahead_keeps_the_sequential_decisions(arch: str, device: str) -> None:
     """Speculating several layers per re-forward must not change what the layer-by-layer search keeps."""
     model, tok = tiny_model(arch)
+    model.to(device)
     lm = LanguageModel(model, tok, f"tiny-{arch}")
     skill = make_skill(12)
     probe = compress(lm, skill, EMLoCConfig(delta=1.0))  # every layer passes at 10 %: its JS values
