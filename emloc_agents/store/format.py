@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 import torch
 from safetensors.torch import load as st_load
@@ -217,7 +217,11 @@ def _check_envelope(info: dict[str, Any]) -> None:
         raise _fail("missing sha256 checksum")
 
 
-def load_memory(data: bytes, factory: Callable[..., T] = MemoryRecord) -> T:  # type: ignore[assignment]
+@overload
+def load_memory(data: bytes) -> MemoryRecord: ...
+@overload
+def load_memory(data: bytes, factory: Callable[..., T]) -> T: ...
+def load_memory(data: bytes, factory: Callable[..., Any] = MemoryRecord) -> Any:
     """Parse and fully validate bytes from ``dump_memory``; any problem raises ``MemoryFormatError``.
 
     ``factory`` builds the result from the fields of ``MemoryRecord`` as keyword arguments (the
