@@ -418,7 +418,7 @@ class EMLoCChatModel(BaseChatModel):
             with_instruction = _with_system(turns, instruction) if instruction else turns
             plain = [{"role": t["role"], "content": t["content"]} for t in with_instruction]
             text = lm.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=True)
-            ids = lm.renderer("chat")._with_bos(text)
+            ids = lm.renderer("chat").standalone("", text)
         else:
             ids = lm.encode_conversation(turns, instruction=instruction, memory=memory)
 

@@ -127,8 +127,14 @@ class Skill(BaseModel):
         if not isinstance(data, dict):
             raise SkillError(f"{path}: expected a JSON object")
         data.setdefault("name", path.stem)
-        for d in data.get("demonstrations", []):
-            d["images"] = [str((path.parent / p).resolve()) for p in d.get("images", [])]
+        demos = data.get("demonstrations", [])
+        if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
+            raise SkillError(f"{path}: 'demonstrations' must be a list of objects")
+        for d in demos:
+            images = d.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise SkillError(f"{path}: a demonstration's 'images' must be a list of paths")
+            d["images"] = [str((path.parent / p).resolve()) for p in images]
         try:
             return cls.model_validate(data)
         except ValueError as e:

@@ -229,9 +229,9 @@ class VisionRenderer(Renderer):
         at = tail.find(output)
         if at < 0:
             raise PromptError("the chat template changed the assistant's answer text")
-        answer = self._segments([_Piece(tail, (at, at + len(output)))])[0]
-        seg.ids += answer.ids
-        seg.answer += answer.answer
+        turn = self._segments([_Piece(tail, (at, at + len(output)))])[0]
+        seg.ids += turn.ids
+        seg.answer += turn.answer
         return seg
 
     def conversation(self, turns: list[dict[str, Any]], instruction: str = "", on_memory: bool = True,
