@@ -51,7 +51,7 @@ class Prepared:
 
     method: str
     memory: CompressedMemory | None = None
-    skill: Skill | None = None  # full-icl: the whole prompt (skill + query) is tokenized and prefilled per query
+    skill_text: str | None = None  # full-icl: rendered once; skill text + query is tokenized and prefilled per query
     original_tokens: int | None = None
     memory_tokens: float | None = None  # mean kept tokens per layer
     kept_ratio: float | None = None
@@ -68,15 +68,15 @@ class Prepared:
         """Token ids of one query, exactly as ``LanguageModel.score``/``generate`` would render them;
         full ICL: the whole text (instruction, demonstrations, query) tokenized once."""
         r = self.renderer(lm)
-        if self.skill is not None:
-            return r.full_prompt(self.skill.instruction, self.skill.demonstrations, text)
+        if self.skill_text is not None:  # = Renderer.full_prompt, without re-rendering the skill per query
+            return r.standalone(self.skill_text, r.query_text(text, instruction))
         return r.query(text, instruction=instruction, on_memory=self.memory is not None,
                        **memory_context(self.memory))
 
     def label_ids(self, lm, text: str, instruction: str, labels: Sequence[str]) -> list[list[int]]:
         """Continuation ids per label, read after the query text (same rule as ``LanguageModel.score``)."""
         r = self.renderer(lm)
-        query = r.query_text(text, instruction, on_memory=self.memory is not None or self.skill is not None)
+        query = r.query_text(text, instruction, on_memory=self.memory is not None or self.skill_text is not None)
         return [r.label_ids(query, o) for o in labels]
 
 
@@ -108,8 +108,10 @@ def prepare(
     if method == "zero-shot":
         return Prepared(method)
     if method == "full-icl":
-        n = lm.renderer("auto").render(skill.instruction, skill.demonstrations).num_tokens
-        return Prepared(method, skill=skill, original_tokens=n, memory_tokens=float(n), kept_ratio=1.0)
+        r = lm.renderer("auto")
+        n = r.render(skill.instruction, skill.demonstrations).num_tokens
+        return Prepared(method, skill_text=r.skill_text(skill.instruction, skill.demonstrations),
+                        original_tokens=n, memory_tokens=float(n), kept_ratio=1.0)
     if method == "full-icl-cached":
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":

@@ -253,12 +253,14 @@ class Renderer:
         """BOS + ``prefix`` + ``text`` tokenized as one text."""
         return self._lead(prefix or text) + self.ids(prefix + text)
 
+    def skill_text(self, instruction: str, demos: Sequence[DemoLike]) -> str:
+        """The instruction and demonstrations as the one text the model reads (no BOS)."""
+        return self.prefix_text(instruction) + "".join(self.demo_piece(d.input, d.output, instruction).text for d in demos)
+
     def full_prompt(self, instruction: str, demos: Sequence[DemoLike], input_text: str) -> list[int]:
         """Instruction, demonstrations and query as one text tokenized once: what full-context ICL
         feeds the model, independent of segments and probes (the reference for memory tokens)."""
-        text = self.prefix_text(instruction)
-        text += "".join(self.demo_piece(d.input, d.output, instruction).text for d in demos)
-        return self.standalone(text, self.query_text(input_text, instruction))
+        return self.standalone(self.skill_text(instruction, demos), self.query_text(input_text, instruction))
 
     def _default_context(self) -> str:
         return DEMO_SEPARATOR if self.mode == "plain" else ""
