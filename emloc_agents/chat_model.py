@@ -45,6 +45,7 @@ from pydantic import ConfigDict, Field
 from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .registry import MemoryRegistry
+from .tool_format import ToolFormat, parse_reply, tool_format
 
 _REGISTRIES: dict[tuple[str, str | None, str], MemoryRegistry] = {}  # (model, cache dir, device)
 _REG_LOCK = threading.Lock()
@@ -52,7 +53,7 @@ _SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reas
                    "server_tool_call", "server_tool_result", "invalid_tool_call"}
 _REFUSED_BLOCKS = {"audio", "input_audio", "file", "video", "document", "pdf", "input_file"}
 CALL_ARGUMENTS = ("skill", "model", "max_tokens", "temperature", "top_p", "seed", "tools", "tool_choice",
-                  "response_format")
+                  "parallel_tool_calls", "response_format")
 """What ``invoke``/``stream``/``bind`` accept besides ``stop`` (anything else is a TypeError)."""
 # passed through by LangChain itself (stream=..., structured-output tracing); accepted, not used
 _LANGCHAIN_ARGUMENTS = ("stream", "ls_structured_output_format", "structured_output_format")
@@ -202,6 +203,30 @@ def to_turns(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return turns
 
 
+def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as a tool-aware chat template reads them (``ToolFormat.native``): assistant
+    turns keep their ``tool_calls`` and tool results keep the tool role, so the model sees earlier
+    calls and results in the format it was trained on. Consecutive plain messages of one role merge."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        text, images = content_parts(m)
+        if images:
+            raise UnsupportedContentError("images cannot be sent with tools to this model's chat template")
+        if isinstance(m, ToolMessage):
+            out.append({"role": "tool", "content": text, "name": m.name or ""})
+        elif isinstance(m, AIMessage) and m.tool_calls:
+            out.append({"role": "assistant", "content": text, "tool_calls": [
+                {"type": "function", "id": c.get("id"), "function": {"name": c["name"], "arguments": c.get("args", {})}}
+                for c in m.tool_calls]})
+        elif out and out[-1]["role"] == _role(m) and "tool_calls" not in out[-1] and out[-1]["role"] != "tool":
+            out[-1]["content"] = "\n".join(t for t in (out[-1]["content"], text) if t)
+        else:
+            out.append({"role": _role(m), "content": text})
+    if not out:
+        raise ValueError("no messages to answer")
+    return out
+
+
 def _with_system(turns: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     turns = [dict(t) for t in turns]
     if turns[0]["role"] == "system":
@@ -229,13 +254,12 @@ def _answer_text(text: str) -> str:
     return text.lstrip()
 
 
-def _text_reply_limits(stops: Sequence[str], max_tokens: int) -> Callable[[str, int], tuple[int, str] | None]:
+def _text_reply_limits(stops: Sequence[str], max_tokens: int, fmt: ToolFormat) -> Callable[[str, int], tuple[int, str] | None]:
     """Under the auto tools grammar: once the reply is text (not a call), end it at the caller's stop
     strings and ``max_tokens``; a call runs until its JSON closes (``json_max_tokens`` at most)."""
 
     def finish_when(text: str, n_tokens: int) -> tuple[int, str] | None:
-        lead = text.lstrip()
-        if not lead or lead.startswith("{"):
+        if not text.strip() or fmt.starts_call(text):
             return None
         hit = first_stop(text, stops)
         if hit is not None:
@@ -389,6 +413,10 @@ class EMLoCChatModel(BaseChatModel):
 
         tools = _tool_specs(kwargs.pop("tools", None) or [])
         tool_choice = kwargs.pop("tool_choice", None)
+        parallel = kwargs.pop("parallel_tool_calls", None)
+        if parallel is not None and not isinstance(parallel, bool):
+            raise ValueError(f"parallel_tool_calls must be True, False or None, got {parallel!r}")
+        fmt = tool_format(lm.tokenizer)
         response_format = kwargs.pop("response_format", None)
         mode: Literal["text", "tools", "json"] = "text"
         hints: list[str] = []
@@ -400,10 +428,12 @@ class EMLoCChatModel(BaseChatModel):
             if choice != "none":
                 mode = "tools"
                 chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
-                grammar = st.tool_grammar(chosen, required=choice != "auto",
-                                          max_string_chars=self.json_max_string_chars)
                 use_template_tools = (memory is None and not any(t["images"] for t in turns)
                                       and st.template_takes_tools(lm.tokenizer))
+                if not use_template_tools:
+                    fmt = ToolFormat("json")  # tools described in the system text ask for bare JSON calls
+                grammar = fmt.grammar(chosen, required=choice != "auto", parallel=parallel is not False,
+                                      max_string_chars=self.json_max_string_chars)
                 if not use_template_tools:
                     hints.append(st.describe_tools(tools, choice))
         elif response_format is not None:
@@ -415,8 +445,10 @@ class EMLoCChatModel(BaseChatModel):
         if hints:
             turns = _with_system(turns, "\n\n".join(hints))
         if use_template_tools:
-            with_instruction = _with_system(turns, instruction) if instruction else turns
-            plain = [{"role": t["role"], "content": t["content"]} for t in with_instruction]
+            plain = to_template_messages(messages) if fmt.native else [
+                {"role": t["role"], "content": t["content"]} for t in turns]
+            if instruction:
+                plain = _with_system(plain, instruction)
             text = lm.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=True)
             ids = lm.renderer("chat").standalone("", text)
         else:
@@ -441,11 +473,12 @@ class EMLoCChatModel(BaseChatModel):
             gen_kw["stop"] = []  # the grammar decides where a JSON document ends
             gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]
             if choice == "auto":  # a text reply keeps the caller's stop and max_tokens
-                gen_kw["finish_when"] = _text_reply_limits(text_stops, max_tokens)
+                gen_kw["finish_when"] = _text_reply_limits(text_stops, max_tokens, fmt)
             else:
                 text_stops = []
         return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw,
-                "mode": mode, "model_name": registry.model_name, "text_stops": text_stops}
+                "mode": mode, "model_name": registry.model_name, "text_stops": text_stops, "format": fmt,
+                "tool_names": [t["function"]["name"] for t in tools]}
 
     @staticmethod
     def _response_schema(response_format: Any) -> tuple[dict[str, Any], bool]:
@@ -482,15 +515,13 @@ class EMLoCChatModel(BaseChatModel):
         return usage, meta
 
     def _message(self, p: dict[str, Any], g: Generation) -> AIMessage:
-        from .structured import parse_tool_call
-
         usage, meta = self._metadata(p, g)
         text = _answer_text(g.text)
-        if p["mode"] == "tools" and text.startswith("{"):
-            call, invalid = parse_tool_call(text)
-            if call is not None:
+        if p["mode"] == "tools":
+            reply = parse_reply(text, p["tool_names"], p["format"])
+            if reply.tool_calls:
                 meta["finish_reason"] = "tool_calls"
-            return AIMessage(content="", tool_calls=[call] if call else [], invalid_tool_calls=[invalid] if invalid else [],
+            return AIMessage(content=reply.content, tool_calls=reply.tool_calls, invalid_tool_calls=reply.invalid_tool_calls,
                              usage_metadata=usage, response_metadata=meta)
         return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
 
@@ -515,8 +546,6 @@ class EMLoCChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        from .structured import parse_tool_call
-
         p = self._prepare(messages, stop, dict(kwargs))
         buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st non-blank
         stops = p["text_stops"]
@@ -530,7 +559,7 @@ class EMLoCChatModel(BaseChatModel):
                 raw = final.text
             seen = _answer_text(raw)
             if buffering is None and seen:
-                buffering = seen.startswith("{")
+                buffering = p["format"].may_hold_call(seen)
             if not buffering:
                 ready = seen if final is not None else seen[: len(seen) - _held_back(seen, stops)]
                 if ready.startswith(sent) and len(ready) > len(sent):
@@ -542,16 +571,18 @@ class EMLoCChatModel(BaseChatModel):
             if final is None:
                 continue
             usage, meta = self._metadata(p, final)
-            if buffering:
-                call, invalid = parse_tool_call(seen)
-                if call is not None:
+            reply = parse_reply(seen, p["tool_names"], p["format"]) if p["mode"] == "tools" else None
+            if reply is not None and (buffering or reply.tool_calls):
+                # calls are sent whole once complete; a buffered reply's text comes with them (a reply
+                # streamed as text keeps its fence: only the call is added)
+                if reply.tool_calls:
                     meta["finish_reason"] = "tool_calls"
-                    tc = {"name": call["name"], "args": json.dumps(call["args"], ensure_ascii=False),
-                          "id": call["id"], "index": 0, "type": "tool_call_chunk"}
-                else:
-                    assert invalid is not None  # parse_tool_call returns exactly one of the two
-                    tc = {"name": None, "args": seen, "id": invalid["id"], "index": 0, "type": "tool_call_chunk"}
-                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tc]))
+                chunks = [{"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"],
+                           "index": i, "type": "tool_call_chunk"} for i, c in enumerate(reply.tool_calls)]
+                chunks += [{"name": None, "args": c["args"], "id": c["id"], "index": len(chunks) + i,
+                            "type": "tool_call_chunk"} for i, c in enumerate(reply.invalid_tool_calls)]
+                yield ChatGenerationChunk(message=AIMessageChunk(content=reply.content if buffering else "",
+                                                                 tool_call_chunks=chunks))
             yield ChatGenerationChunk(
                 message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
                 generation_info={"finish_reason": final.finish_reason},
@@ -628,9 +659,10 @@ class EMLoCChatModel(BaseChatModel):
 
         ``tool_choice``: ``"auto"``/None (the model picks text or a call at its first non-blank token),
         ``"any"``/``"required"``/True (must call one), a tool name (must call that one), ``"none"``.
-        ``strict``/``parallel_tool_calls`` are accepted; calls are always schema-valid, one per turn."""
+        ``parallel_tool_calls``: models with a native call format (``tool_format``) may make several
+        calls in one turn unless it is False; the JSON format makes one. ``strict`` is accepted: calls
+        are always schema-valid."""
         kwargs.pop("strict", None)
-        kwargs.pop("parallel_tool_calls", None)
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         choice = _normalise_tool_choice(tool_choice, names)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import ValidationError
@@ -196,8 +197,14 @@ def _to_json(data: dict[str, Any]) -> str:
         return "{not json"
 
 
-@pytest.mark.skip(reason="session 5: order-dependent; with the whole suite collected, hypothesis finds a skill "
-                  "named '1e-12' (no demonstrations) accepted and stored; not yet diagnosed, see the issue note")
+def yaml_reads_a_good_skill(text: str) -> bool:
+    try:
+        Skill.model_validate(yaml.safe_load(text))
+    except Exception:
+        return False
+    return True
+
+
 @_settings(BUDGET["skills"])
 @given(data=bad_skill_data(), as_file=st.sampled_from([None, ".json", ".jsonl", ".yaml"]))
 def test_bad_skills_and_demonstrations(world: World, data: dict[str, Any], as_file: str | None) -> None:
@@ -213,6 +220,9 @@ def test_bad_skills_and_demonstrations(world: World, data: dict[str, Any], as_fi
             if as_file == ".jsonl" and text.startswith("{"):
                 head = {k: v for k, v in data.items() if k != "demonstrations"}
                 text = "\n".join([_to_json(head), *(_to_json(d) for d in data["demonstrations"])])
+            # YAML reads some JSON numbers as text (PyYAML: 1e-12 has no dot, so it is the string
+            # "1e-12"), which makes a valid name: that file is a good skill, not a bad one.
+            assume(not (as_file == ".yaml" and yaml_reads_a_good_skill(text)))
             path.write_text(text)
             skill = Skill.from_file(path)
         return reg.add(skill)

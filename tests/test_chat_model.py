@@ -297,8 +297,9 @@ def test_stop_string_spanning_tokens(chat: EMLoCChatModel, registry: MemoryRegis
 def test_text_reply_limits_under_the_auto_tools_grammar() -> None:
     """A text reply keeps the caller's stop strings and max_tokens; a call is left to its grammar."""
     from emloc_agents.chat_model import _text_reply_limits
+    from emloc_agents.tool_format import ToolFormat
 
-    limits = _text_reply_limits(["\n\n"], max_tokens=4)
+    limits = _text_reply_limits(["\n\n"], max_tokens=4, fmt=ToolFormat("json"))
     assert limits("  ", 9) is None  # undecided: only blanks so far
     assert limits(' {"name": "add", "arguments": {"a": 1,\n\n', 99) is None  # a call: the grammar ends it
     assert limits(" It is three.\n\nAlso", 3) == (len(" It is three."), "stop")
@@ -487,8 +488,10 @@ def test_auto_grammar_allows_leading_blanks(registry: MemoryRegistry, text: str,
 ])
 def test_message_drops_leading_blanks(jchat: EMLoCChatModel, mode: str, text: str) -> None:
     from emloc_agents.engine.decode import Generation
+    from emloc_agents.tool_format import ToolFormat
 
-    p = {"mode": mode, "memory": None, "created": 0, "model_name": "m", "skill": None}
+    p = {"mode": mode, "memory": None, "created": 0, "model_name": "m", "skill": None, "format": ToolFormat("json"),
+         "tool_names": ["add"]}
     msg = jchat._message(p, Generation(text, [1, 2], 3, "stop", 0.0, 0.0))
     if "{" in text:
         assert msg.content == "" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}

@@ -1,5 +1,5 @@
 """LangChain's standard chat-model suites: unit tests on a tiny random model (construction must be
-cheap and lazy), integration tests on the real SmolLM2-135M (slow)."""
+cheap and lazy), integration tests on the real SmolLM2-135M and Qwen2.5-Coder-0.5B (slow)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ _AUTO_REASON = (
 
 @pytest.mark.slow
 class TestEMLoCChatModelIntegration(ChatModelIntegrationTests):
+    MODEL = "smollm2-135m"
     _registry: MemoryRegistry | None = None
 
     @property
@@ -62,7 +63,7 @@ class TestEMLoCChatModelIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # short answers keep the suite fast on 2 cores; JSON outputs get their own budget
-        return {"model": "smollm2-135m", "max_tokens": 16, "json_max_tokens": 160, "json_max_string_chars": 48}
+        return {"model": self.MODEL, "max_tokens": 16, "json_max_tokens": 160, "json_max_string_chars": 48}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -100,7 +101,7 @@ class TestEMLoCChatModelIntegration(ChatModelIntegrationTests):
     def _skill_chat(self) -> EMLoCChatModel:
         cls = type(self)
         if cls._registry is None:
-            cls._registry = MemoryRegistry(model="smollm2-135m", cache_dir=tempfile.mkdtemp(prefix="emloc-std-"))
+            cls._registry = MemoryRegistry(model=cls.MODEL, cache_dir=tempfile.mkdtemp(prefix="emloc-std-"))
             cls._registry.add(make_skill(n=4, name="sentiment"))
         return EMLoCChatModel(registry=cls._registry, skill="sentiment", max_tokens=4)
 
@@ -134,3 +135,16 @@ class TestEMLoCChatModelIntegration(ChatModelIntegrationTests):
     def test_agent_loop(self, model: Any) -> None:
         super().test_agent_loop(model)
 
+
+
+@pytest.mark.slow
+class TestEMLoCChatModelIntegrationQwen(TestEMLoCChatModelIntegration):
+    """The same suite on the tool-trained model: its chat template's Hermes format (``tool_format``),
+    so the agent loop runs unforced, with no xfail."""
+
+    MODEL = "qwen2.5-coder-0.5b"
+    _registry: MemoryRegistry | None = None
+
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model: Any) -> None:
+        ChatModelIntegrationTests.test_agent_loop(self, model)

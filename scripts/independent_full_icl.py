@@ -1,0 +1,83 @@
+"""Full-ICL accuracy from plain transformers, independent of the emloc engine.
+
+A cross-check for ``emloc bench --methods full-icl-cached``: the same task, demonstrations and label
+set, but the prompt is built by string concatenation here, tokenized once by the Hugging Face
+tokenizer, and scored with ``AutoModelForCausalLM`` and a ``DynamicCache`` — no emloc renderer, cache
+or decode code. Only the checkpoint (from ``emloc_agents.load_model``'s converted cache) and the task
+sampling are shared.
+
+    python scripts/independent_full_icl.py --model smollm2-135m --task trec --shots 128 --seed 0 --limit 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from emloc_agents.models.sources import resolve_model_dir
+from emloc_agents.tasks import Task
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="trec")
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    path = resolve_model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    task = Task.load(args.task)
+    demos = task.sample_demos(args.shots, args.seed)
+    context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+
+    def encode(text: str) -> list[int]:
+        return bos + tok(text, add_special_tokens=False)["input_ids"]
+
+    # the cached prefix stops before the last separator: "\n\n" + the next word may tokenize differently
+    prefix = encode(context.rstrip("\n"))[:-1]
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+    n_prefix = len(prefix)
+
+    items = task.test[: args.limit]
+    preds, t0 = [], time.perf_counter()
+    for k, ex in enumerate(items):
+        if k % 50 == 0:
+            print(f"{k}/{len(items)} items, {time.perf_counter() - t0:.0f} s", flush=True)
+        query = task.format_input(ex.text)
+        q_ids = encode(context + query)
+        assert q_ids[:n_prefix] == prefix, "the prefix is not a prefix of the whole text's tokens"
+        scores = []
+        for label in task.labels:
+            full = encode(context + query + " " + label)
+            assert full[: len(q_ids)] == q_ids, f"label {label!r} changes the query's tokens"
+            rest = full[n_prefix:]
+            with torch.inference_mode():
+                logits = model(torch.tensor([rest]), past_key_values=cache, use_cache=True).logits[0].float()
+            cache.crop(n_prefix - cache.get_seq_length())  # drop this label's tokens again
+            lp = torch.log_softmax(logits, -1)
+            start = len(q_ids) - n_prefix  # first label token's index in rest
+            scores.append(float(sum(lp[i - 1, rest[i]] for i in range(start, len(rest)))))
+        preds.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+    acc = sum(p == ex.label for p, ex in zip(preds, items, strict=True)) / len(items)
+    result = {"model": args.model, "task": args.task, "shots": args.shots, "seed": args.seed, "n": len(items),
+              "prompt_tokens": n_prefix + 1, "accuracy": acc, "seconds": time.perf_counter() - t0, "predictions": preds}
+    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()
