@@ -433,7 +433,7 @@ class EMLoCChatModel(BaseChatModel):
                 if not use_template_tools:
                     fmt = ToolFormat("json")  # tools described in the system text ask for bare JSON calls
                 grammar = fmt.grammar(chosen, required=choice != "auto", parallel=parallel is not False,
-                                      max_string_chars=self.json_max_string_chars)
+                                      max_string_chars=self.json_max_string_chars, tokenizer=lm.tokenizer)
                 if not use_template_tools:
                     hints.append(st.describe_tools(tools, choice))
         elif response_format is not None:

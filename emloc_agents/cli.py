@@ -6,11 +6,12 @@ Every user mistake prints one line on stderr and exits non-zero, never a traceba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .skills import Skill, SkillError
 
@@ -73,8 +74,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
         usage = cast("UsageMetadata", resp.usage_metadata)  # always set by EMLoCChatModel
         print(f"  [{skill:9}] {line[:60]:60} -> {str(zero).strip()!r:14} | {str(resp.content).strip()!r} "
               f"(ttft {resp.response_metadata['ttft_s'] * 1000:.0f} ms, memory {usage['input_token_details']['cache_read']} tok)")
+    _agent_demo(reg)
     print(f"\nmemories live in {reg.cache_dir}; run `emloc demo` again to load them from disk.")
     return 0
+
+
+AGENT_REQUESTS = (
+    "Is this movie review positive or negative? 'A warm, funny film that I loved.'",
+    "Which topic is this headline about: 'The goalkeeper saved a late penalty to win the match.'",
+    "Hello! What can you do?",
+)
+
+
+def _agent_demo(reg: "MemoryRegistry") -> None:
+    """An agent loop on the skills as tools, the model choosing (``tool_choice="auto"``): only on a
+    model with a tool-call format of its own (``tool_format``); the others do not call unforced."""
+    from langchain_core.messages import HumanMessage
+
+    from .chat_model import EMLoCChatModel
+    from .tool_format import tool_format
+
+    if not tool_format(reg.lm.tokenizer).native:
+        print(f"\nagent: skipped: {reg.model_name} has no tool-call format of its own and does not call tools "
+              "unforced; run `emloc demo --model qwen2.5-coder-0.5b` for the agent loop.")
+        return
+    tools = reg.as_tools(EMLoCChatModel(registry=reg, max_tokens=4, stop=["\n"]))
+    by_name = {t.name: t for t in tools}
+    chat = EMLoCChatModel(registry=reg, max_tokens=48)
+    agent = chat.bind_tools(tools)  # the model decides: a skill tool, or a text answer
+    print("\nagent (the model picks a skill tool, or none):")
+    for request in AGENT_REQUESTS:
+        print(f"  user: {request}")
+        messages: list[Any] = [HumanMessage(request)]
+        ai = agent.invoke(messages)
+        if not ai.tool_calls:
+            print(f"  assistant: {str(ai.content).strip()}")
+            continue
+        messages.append(ai)
+        for call in ai.tool_calls:
+            result = by_name[call["name"]].invoke(call)
+            messages.append(result)
+            print(f"  tool call: {call['name']}({json.dumps(call['args'], ensure_ascii=False)}) -> {str(result.content).strip()!r}")
+        final = chat.invoke(messages)  # the answer, from the tool's result (no tools bound: no new call)
+        print(f"  assistant: {str(final.content).strip()}")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

@@ -78,13 +78,34 @@ class Skill(BaseModel):
     instruction: str = ""
     demonstrations: list[Demonstration] = Field(default_factory=list)
     description: str = ""
+    input_template: str = Field(default="", description=(
+        "How a raw input is phrased like the demonstrations' inputs, with one {input} "
+        "(e.g. 'Review: {input}\\nSentiment:'); skill tools apply it to what an agent passes."))
+
+    @field_validator("input_template")
+    @classmethod
+    def _one_input_slot(cls, v: str) -> str:
+        if v and v.count("{input}") != 1:
+            raise ValueError("input_template must contain {input} exactly once (or be empty)")
+        return v
+
+    def format_input(self, text: str) -> str:
+        """``text`` phrased like the demonstrations' inputs: the template applied, unless the text
+        already starts like it (an agent may pass either the raw text or the phrased one)."""
+        if not self.input_template:
+            return text
+        head = self.input_template.split("{input}")[0]
+        if head and text.lstrip().startswith(head.strip()):
+            return text
+        return self.input_template.replace("{input}", text.strip())
 
     @property
     def has_images(self) -> bool:
         return any(d.images for d in self.demonstrations)
 
     def content_hash(self) -> str:
-        """sha256 over instruction, demonstration text and image bytes (not name or description)."""
+        """sha256 over instruction, demonstration text and image bytes (not name, description or
+        input_template: none of them changes the memory)."""
         h = hashlib.sha256()
         h.update(json.dumps({"instruction": self.instruction}).encode())
         for d in self.demonstrations:

@@ -140,4 +140,7 @@ class Task:
             instruction=self.instruction,
             description=self.description or self.instruction,
             demonstrations=demos,
+            # single-text tasks: skill tools phrase an agent's raw text like the demonstrations
+            input_template=self.input_template.replace("{text}", "{input}") if self.input_template.count("{text}") == 1
+            and self.input_template.count("{") == 1 else "",
         )

@@ -31,7 +31,8 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_PARALLEL_CALLS = 4  # a turn's calls stay within the JSON token budget even if a model never stops calling
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.S)
-_HERMES_BLOCK = re.compile(re.escape(HERMES_OPEN) + r"(.*?)(?:" + re.escape(HERMES_CLOSE) + r"|$)", re.S)
+_HERMES_BLOCK = re.compile(
+    re.escape(HERMES_OPEN) + r"(.*?)(?:" + re.escape(HERMES_CLOSE) + r"|(?=" + re.escape(HERMES_OPEN) + r")|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,21 @@ class ToolFormat:
         return self.name == "hermes"
 
     def grammar(self, tools: Sequence[dict[str, Any]], required: bool, parallel: bool,
-                max_string_chars: int | None) -> str:
+                max_string_chars: int | None, tokenizer: Any = None) -> str:
         """Calls to ``tools`` (one, or up to ``MAX_PARALLEL_CALLS`` when ``parallel``), or under ``auto``
-        also free text."""
+        also free text. ``tokenizer``: where the tags are single added tokens (Qwen2.5), the grammar
+        names those tokens; llguidance does not match them as the bytes of a string."""
         if self.name == "json":
             return st.tool_grammar(tools, required=required, max_string_chars=max_string_chars)
         schema = json.dumps({**st.bound_strings(st.tool_call_schema(tools), max_string_chars), "x-guidance": _HERMES_JSON})
         calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
         lark = (f"start: calls{'' if required else ' | TEXT'}\n"
                 f"calls: {calls}\n"
-                f'call: "{HERMES_OPEN}" "\\n" %json {schema} "\\n" "{HERMES_CLOSE}"\n'
-                # text may not start with "<": that character opens a call (it is one token here)
+                # the closing tag may be left out at the end of the turn: Qwen2.5-Coder-0.5B ends its turn
+                # right after the JSON (P(<|im_end|>) is its top choice there); forcing the tag made it
+                # go on and repeat the call until the limit
+                f'call: {_tag(tokenizer, HERMES_OPEN)} "\\n" %json {schema} ("\\n" {_tag(tokenizer, HERMES_CLOSE)})?\n'
+                # text may not start with "<": a call starts with that character where the tag is text
                 "TEXT: /[ \\t\\r\\n]*[^< \\t\\r\\n](.|\\n)*/\n")
         from llguidance import LLMatcher
 
@@ -74,6 +79,13 @@ class ToolFormat:
         """A reply that may carry calls and must be read whole before any of it is streamed: a call,
         or a text reply that opens with a code fence or a JSON object (``parse_reply``)."""
         return self.starts_call(text) or text.lstrip().startswith(("`", "{"))
+
+
+def _tag(tokenizer: Any, tag: str) -> str:
+    """A lark reference to ``tag``: its token (``<[id]>``) where the tokenizer has it as one added
+    token, else the quoted string."""
+    added = getattr(tokenizer, "get_added_vocab", dict)() if tokenizer is not None else {}
+    return f"<[{added[tag]}]>" if tag in added else json.dumps(tag)
 
 
 def tool_format(tokenizer: Any) -> ToolFormat:

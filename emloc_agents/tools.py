@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 
 class SkillInput(BaseModel):
-    input: str = Field(description="The text to handle, phrased like the skill's demonstration inputs.")
+    input: str = Field(description="The text to handle.")
 
 
 def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) -> list[BaseTool]:
-    """One tool per registered skill; calling it answers on that skill's memory."""
+    """One tool per registered skill; calling it answers on that skill's memory. The input is
+    phrased like the demonstrations first (``Skill.format_input``), so an agent may pass raw text."""
     from .chat_model import EMLoCChatModel
 
     chat = chat or EMLoCChatModel(registry=registry)
@@ -29,11 +30,11 @@ def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) ->
     for skill in registry.skills():
         bound = chat.bind(skill=skill.name)
 
-        def run(input: str, _bound: Any = bound) -> str:
-            return str(_bound.invoke(input).content)
+        def run(input: str, _bound: Any = bound, _skill: Any = skill) -> str:
+            return str(_bound.invoke(_skill.format_input(input)).content)
 
-        async def arun(input: str, _bound: Any = bound) -> str:
-            return str((await _bound.ainvoke(input)).content)
+        async def arun(input: str, _bound: Any = bound, _skill: Any = skill) -> str:
+            return str((await _bound.ainvoke(_skill.format_input(input))).content)
 
         tools.append(
             StructuredTool.from_function(

@@ -79,6 +79,8 @@ CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call
     (CALL + "\n" + CALL, False, True, True),  # several calls in one turn ...
     (CALL + "\n" + CALL, False, False, False),  # ... unless parallel_tool_calls=False
     ("\n".join([CALL] * 5), False, True, False),  # at most MAX_PARALLEL_CALLS
+    (CALL.removesuffix("\n</tool_call>"), False, True, True),  # the closing tag may end the turn unwritten
+    (CALL.removesuffix("</tool_call>") + CALL, False, True, True),  # ... also between calls
     ("It is three.", False, True, True),  # auto: text ...
     ("It is three.", True, True, False),  # ... but not when a call is required
     ('<tool_call>\n{"name": "add", "arguments": {"a": "one", "b": 2}}\n</tool_call>', False, True, False),  # schema
@@ -102,6 +104,8 @@ def test_parse_hermes_blocks() -> None:
     broken = parse_reply('Let me check.\n<tool_call>\n{"name": "add", "argu', NAMES, ToolFormat("hermes"))
     assert broken.content == "Let me check." and not broken.tool_calls
     assert broken.invalid_tool_calls[0]["args"].startswith('{"name": "add"')
+    unclosed = parse_reply(CALL.removesuffix("</tool_call>") + CALL.removesuffix("</tool_call>"), NAMES, ToolFormat("hermes"))
+    assert [c["name"] for c in unclosed.tool_calls] == ["add", "add"] and not unclosed.invalid_tool_calls
 
 
 def test_parse_wrappings_small_models_emit() -> None:
@@ -193,3 +197,19 @@ def test_tool_call_bench_runs(hermes_chat: EMLoCChatModel) -> None:
     tools = {"get_weather", "multiply", "convert_currency", "set_timer"}
     assert all(r["forced_call"] is None or r["forced_call"]["name"] in tools for r in res["replies"][:2])
     assert "| tiny |" in markdown({"tiny": res})
+
+
+def test_hermes_tags_as_added_tokens() -> None:
+    """Qwen2.5 has <tool_call> and </tool_call> as single added tokens, which llguidance does not
+    match as the bytes of a quoted string: the grammar names the tokens (a string literal here
+    rejected the model's own tag token, seen on the real model)."""
+    from emloc_agents.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    ids = tok(CALL, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<tool_call>")
+    tools = [convert_to_openai_tool(add)]
+    for required in (True, False):
+        grammar = ToolFormat("hermes").grammar(tools, required=required, parallel=True, max_string_chars=None, tokenizer=tok)
+        assert "<[" in grammar and _accepts(tok, grammar, CALL) == (True, True)

@@ -84,3 +84,22 @@ def test_router_picks_the_right_skill_on_real_model(tmp_path) -> None:
     answer = router.answer_with(chat).invoke("Article: The striker signed a new contract.\nTopic:")
     assert answer.response_metadata["skill"] == "topic"
     assert SkillRouter(reg, threshold=1.01).invoke("hello there")["skill"] is None
+
+
+def test_skill_tools_phrase_raw_input_like_the_demonstrations(tiny_registry: MemoryRegistry) -> None:
+    from emloc_agents.tasks import Task
+
+    skill = Skill(name="s", input_template="Review: {input}\nSentiment:")
+    assert skill.format_input(" a joyful film ") == "Review: a joyful film\nSentiment:"
+    assert skill.format_input("Review: a joyful film\nSentiment:") == "Review: a joyful film\nSentiment:"
+    assert Skill(name="s").format_input("raw") == "raw"
+    with pytest.raises(ValueError, match="exactly once"):
+        Skill(name="s", input_template="Review: {input} {input}")
+    assert Task.load("trec").skill(2).input_template == "Question: {input}\nAnswer type:"
+    # the tool sends the phrased text: the same answer as asking the skill with the phrased text
+    chat = EMLoCChatModel(registry=tiny_registry, max_tokens=3)
+    tiny_registry.add(Skill(name="phrased", input_template="Review: {input}\nSentiment:",
+                            demonstrations=tiny_registry.skill("sentiment").demonstrations))
+    tool = {t.name: t for t in tiny_registry.as_tools(chat)}["phrased"]
+    expected = chat.invoke("Review: a joyful film\nSentiment:", skill="phrased").content
+    assert tool.invoke({"input": "a joyful film"}) == expected

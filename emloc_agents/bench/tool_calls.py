@@ -62,10 +62,10 @@ def args_match(expected: dict[str, Any], actual: dict[str, Any], unordered: Sequ
     if unordered:
         want = sorted(float(expected[k]) for k in unordered)
         try:
-            got = sorted(float(actual.get(k)) for k in unordered)  # type: ignore[arg-type]
+            ordered = sorted(float(actual.get(k)) for k in unordered)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return False
-        if want != got:
+        if want != ordered:
             return False
     for key, value in expected.items():
         if key in unordered:
