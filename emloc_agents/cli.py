@@ -18,6 +18,8 @@ from .skills import Skill, SkillError
 if TYPE_CHECKING:
     from langchain_core.messages.ai import UsageMetadata
 
+    from .registry import MemoryRegistry
+
 USER_ERRORS: tuple[type[BaseException], ...] = (SkillError, FileNotFoundError, ValueError, KeyError, TypeError)
 
 
@@ -86,7 +88,7 @@ AGENT_REQUESTS = (
 )
 
 
-def _agent_demo(reg: "MemoryRegistry") -> None:
+def _agent_demo(reg: MemoryRegistry) -> None:
     """An agent loop on the skills as tools, the model choosing (``tool_choice="auto"``): only on a
     model with a tool-call format of its own (``tool_format``); the others do not call unforced."""
     from langchain_core.messages import HumanMessage
@@ -179,7 +181,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC skill memories for LangChain agents")
-    p.add_argument("--model", default="default", help="default | gemma-3-270m | smollm2-135m | DIR | FILE.gguf")
+    p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | qwen2.5-coder-0.5b | DIR | FILE.gguf")
     p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")

@@ -4,14 +4,15 @@ Two formats, chosen from the chat template (``tool_format``):
 
 - ``hermes``: templates that render ``tools=`` and ask for ``<tool_call>{"name", "arguments"}</tool_call>``
   (Qwen2.5, Hermes and their fine-tunes). The prompt is the template's own: tools in its system turn,
-  earlier calls as ``tool_calls`` of assistant turns, results in its tool role. Several calls may
-  follow one another in one turn.
+  earlier calls as ``tool_calls`` of assistant turns, results in its tool role. Several tagged calls
+  may follow one another in one turn. Small models also write calls as a ```json fence or a bare
+  object: those are read from the text when they name a bound tool.
 - ``json``: every other model: one bare ``{"name", "arguments"}`` object, tools described in the
   system text (``structured.describe_tools``).
 
 Both are generated under a grammar (``structured``): under ``tool_choice="auto"`` the model chooses
 text or calls at its first non-blank token, and a call's arguments always match the bound tool's
-schema. Parsing (``parse_reply``) also reads the other wrappings small models emit as text: fenced
+schema (hermes: the tagged calls). Parsing (``parse_reply``) also reads the other wrappings small models emit as text: fenced
 JSON and a bare call object, when the name is a bound tool.
 """
 
@@ -54,14 +55,16 @@ class ToolFormat:
         if self.name == "json":
             return st.tool_grammar(tools, required=required, max_string_chars=max_string_chars)
         schema = json.dumps({**st.bound_strings(st.tool_call_schema(tools), max_string_chars), "x-guidance": _HERMES_JSON})
-        calls = f'call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
-        lark = (f"start: calls{'' if required else ' | TEXT'}\n"
-                f"calls: {calls}\n"
+        tagged = f'tagged ("\\n" tagged){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "tagged"
+        lark = (f"start: {tagged}{'' if required else ' | TEXT'}\n"
                 # the closing tag may be left out at the end of the turn: Qwen2.5-Coder-0.5B ends its turn
                 # right after the JSON (P(<|im_end|>) is its top choice there); forcing the tag made it
                 # go on and repeat the call until the limit
-                f'call: {_tag(tokenizer, HERMES_OPEN)} "\\n" %json {schema} ("\\n" {_tag(tokenizer, HERMES_CLOSE)})?\n'
-                # text may not start with "<": a call starts with that character where the tag is text
+                f'tagged: {_tag(tokenizer, HERMES_OPEN)} "\\n" %json {schema} ("\\n" {_tag(tokenizer, HERMES_CLOSE)})?\n'
+                # text may not start with "<" where the tag is text. Fenced or bare JSON stays text here
+                # and is read by parse_reply when it names a bound tool: constraining those wrappings
+                # too forced invented calls onto bound tools (false calls 4/9 against 1/9, same right
+                # calls, docs/benchmarks.md)
                 "TEXT: /[ \\t\\r\\n]*[^< \\t\\r\\n](.|\\n)*/\n")
         from llguidance import LLMatcher
 
@@ -71,9 +74,14 @@ class ToolFormat:
             raise st.StructuredOutputError(f"cannot build the tool grammar: {e}") from e
 
     def starts_call(self, text: str) -> bool:
-        """Whether a reply beginning with ``text`` (blanks stripped) is a call, as the grammar decides
-        it at the first non-blank character."""
-        return text.lstrip().startswith("<" if self.name == "hermes" else "{")
+        """Whether a reply beginning with ``text`` may be a call: it gets the calls' token budget
+        (``json_max_tokens``) rather than the text's stops and ``max_tokens``. json: "{" (its grammar
+        makes that a call); hermes: the tag, or a bare object or ```json fence (read by
+        ``parse_reply``). Undecided prefixes count."""
+        lead = text.lstrip()
+        if self.name == "json":
+            return lead.startswith("{")
+        return lead.startswith(("<", "{", "```json")) or (lead != "" and "```json".startswith(lead))
 
     def may_hold_call(self, text: str) -> bool:
         """A reply that may carry calls and must be read whole before any of it is streamed: a call,
@@ -84,7 +92,7 @@ class ToolFormat:
 def _tag(tokenizer: Any, tag: str) -> str:
     """A lark reference to ``tag``: its token (``<[id]>``) where the tokenizer has it as one added
     token, else the quoted string."""
-    added = getattr(tokenizer, "get_added_vocab", dict)() if tokenizer is not None else {}
+    added: dict[str, int] = getattr(tokenizer, "get_added_vocab", dict)() if tokenizer is not None else {}
     return f"<[{added[tag]}]>" if tag in added else json.dumps(tag)
 
 

@@ -81,6 +81,8 @@ CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call
     ("\n".join([CALL] * 5), False, True, False),  # at most MAX_PARALLEL_CALLS
     (CALL.removesuffix("\n</tool_call>"), False, True, True),  # the closing tag may end the turn unwritten
     (CALL.removesuffix("</tool_call>") + CALL, False, True, True),  # ... also between calls
+    ('```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', False, True, True),  # fences: text, parsed after
+    ('```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', True, True, False),  # a forced call is tagged
     ("It is three.", False, True, True),  # auto: text ...
     ("It is three.", True, True, False),  # ... but not when a call is required
     ('<tool_call>\n{"name": "add", "arguments": {"a": "one", "b": 2}}\n</tool_call>', False, True, False),  # schema
@@ -213,3 +215,28 @@ def test_hermes_tags_as_added_tokens() -> None:
     for required in (True, False):
         grammar = ToolFormat("hermes").grammar(tools, required=required, parallel=True, max_string_chars=None, tokenizer=tok)
         assert "<[" in grammar and _accepts(tok, grammar, CALL) == (True, True)
+
+
+def test_demo_agent_loop_runs_on_a_native_format(hermes_chat: EMLoCChatModel, tiny_llama, capsys, tmp_path) -> None:
+    from emloc_agents.cli import AGENT_REQUESTS, _agent_demo, demo_skills
+
+    reg = hermes_chat.get_registry()
+    for s in demo_skills():
+        reg.add(s)
+    _agent_demo(reg)
+    out = capsys.readouterr().out
+    assert out.count("user: ") == len(AGENT_REQUESTS) and out.count("assistant: ") >= 1
+    _agent_demo(MemoryRegistry(model=tiny_llama, cache_dir=tmp_path))  # no format of its own: said, not run
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_call_looking_text_gets_the_call_budget() -> None:
+    """Under auto, a hermes reply that opens like a call (tag, bare object, ```json fence) is not cut
+    at the text's max_tokens (it would never parse); other text keeps the caller's limits."""
+    from emloc_agents.chat_model import _text_reply_limits
+
+    limits = _text_reply_limits(["\n\n"], max_tokens=4, fmt=ToolFormat("hermes"))
+    for lead in ("``", "```json\n{\"name\": \"add\",\n\n", "{\"name\":", "<tool_call>\n{"):
+        assert limits(lead, 99) is None, lead
+    assert limits("```python\nprint(1)", 4) == (len("```python\nprint(1)"), "length")
+    assert limits("It is three.\n\nAlso", 2) == (len("It is three."), "stop")

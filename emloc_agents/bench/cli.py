@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emloc bench", description="Accuracy, fidelity and cost of EMLoC memories vs baselines.")
     p.add_argument("--task", action="append", required=True, metavar="NAME|DIR",
                    help=f"task name ({', '.join(available_tasks())}) or task folder (repeatable)")
-    p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | tiny-llama | DIR")
+    p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | qwen2.5-coder-0.5b | tiny-llama | DIR")
     p.add_argument("--methods", type=_methods, default="zero-shot,full-icl,emloc",
                    help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--shots", type=_ints, default="16", help="comma list of demonstration counts")
