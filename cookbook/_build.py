@@ -1143,24 +1143,26 @@ NB06 = [
     md("""
     ## 2. The agent loop
 
-    Ask; run every call the model makes; hand the results back. After a tool result this 0.5B model
-    tends to repeat its call as text instead of answering (measured: its top first token is `{"`
-    at 98 %), so the final turn is asked with the tools unbound — a common guard for small models.
+    Ask; run every call the model makes; answer from the results. With its own call and the
+    `<tool_response>` turn in the history (the template's official form), this 0.5B model repeats
+    the call as text instead of answering (its first token is `{"` at 98 %; forbidding a call with
+    `tool_choice="none"` only makes it wrap the same JSON in a ```` ```xml ```` fence). A fresh turn
+    that states the question and the results gets a plain answer, so that is what the loop sends.
+    Larger tool-trained models take the standard history (`[request, ai, *tool_messages]`) directly.
     """),
     code("""
     def run_agent(request: str) -> None:
-        messages = [HumanMessage(request)]
-        ai = agent.invoke(messages)
-        messages.append(ai)
+        ai = agent.invoke([HumanMessage(request)])
         if not ai.tool_calls:
-            print(f"user: {request}\\nassistant (no tool): {ai.content}\\n")
+            print(f"user: {request}\nassistant (no tool): {ai.content}\n")
             return
+        results = []
         for call in ai.tool_calls:
-            result = tools_by_name[call["name"]].invoke(call)  # a ToolMessage with the call's id
-            messages.append(result)
-            print(f"user: {request}\\n  call {call['name']}({call['args']}) -> {result.content!r}")
-        final = chat.invoke(messages)  # no tools bound: an answer, not another call
-        print(f"assistant: {final.content}\\n")
+            message = tools_by_name[call["name"]].invoke(call)  # a ToolMessage with the call's id
+            results.append(f"Result of {call['name']}: {message.content}")
+            print(f"user: {request}\n  call {call['name']}({call['args']}) -> {message.content!r}")
+        final = chat.invoke([HumanMessage(f"{request}\n\n" + "\n".join(results) + "\nAnswer in one sentence.")])
+        print(f"assistant: {final.content}\n")
 
 
     for request in (
@@ -1180,6 +1182,13 @@ NB06 = [
     Qwen2.5-Coder-0.5B calls on every request that needs a tool and picks the right one with the
     right arguments on most; it also calls on some requests that need none, so an agent on it
     should offer only the tools a task needs. SmolLM2-135M and Gemma-3 270M never call unforced.
+
+    ## Where to go next
+
+    - [`02_agents_and_routing.ipynb`](02_agents_and_routing.ipynb): a deterministic router as the
+      policy, for models that should not choose tools themselves.
+    - [`04_persistence_and_sharing.ipynb`](04_persistence_and_sharing.ipynb): keep the skills'
+      memories on disk or in Redis, shared between agent processes.
     """),
 ]
 

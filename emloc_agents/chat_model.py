@@ -425,11 +425,16 @@ class EMLoCChatModel(BaseChatModel):
         choice: str | None = None
         if tools:
             choice = _normalise_tool_choice(tool_choice, [t["function"]["name"] for t in tools])
-            if choice != "none":
+            use_template_tools = (memory is None and not any(t["images"] for t in turns)
+                                  and st.template_takes_tools(lm.tokenizer))
+            if choice == "none" and fmt.native and use_template_tools:
+                # the conversation keeps its native form (calls, tool role); the grammar rules out a call
+                grammar = fmt.no_call_grammar()
+            elif choice == "none":
+                use_template_tools = False
+            else:
                 mode = "tools"
                 chosen = tools if choice in ("auto", "required") else [t for t in tools if t["function"]["name"] == choice]
-                use_template_tools = (memory is None and not any(t["images"] for t in turns)
-                                      and st.template_takes_tools(lm.tokenizer))
                 if not use_template_tools:
                     fmt = ToolFormat("json")  # tools described in the system text ask for bare JSON calls
                 grammar = fmt.grammar(chosen, required=choice != "auto", parallel=parallel is not False,
@@ -468,7 +473,9 @@ class EMLoCChatModel(BaseChatModel):
             seed=seed,
         )
         text_stops = gen_kw["stop"]
-        if grammar is not None:
+        if grammar is not None and mode == "text":  # tool_choice="none", native format: text, but no call
+            gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]
+        elif grammar is not None:
             gen_kw["max_new_tokens"] = max(max_tokens, self.json_max_tokens)
             gen_kw["stop"] = []  # the grammar decides where a JSON document ends
             gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]

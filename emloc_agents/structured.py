@@ -239,16 +239,3 @@ def template_takes_tools(tokenizer: Any) -> bool:
 
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
-
-
-def parse_tool_call(text: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(tool_call, invalid_tool_call) from generated text that starts with a JSON object."""
-    call_id = new_call_id()
-    try:
-        data = json.loads(text)
-        name, args = data["name"], data.get("arguments", {})
-        if not isinstance(name, str) or not isinstance(args, dict):
-            raise TypeError("name must be a string and arguments an object")
-    except (ValueError, KeyError, TypeError) as e:
-        return None, {"type": "invalid_tool_call", "name": None, "args": text, "id": call_id, "error": str(e)}
-    return {"type": "tool_call", "name": name, "args": args, "id": call_id}, None

@@ -73,6 +73,16 @@ class ToolFormat:
         except Exception as e:  # noqa: BLE001 - llguidance raises plain ValueError/RuntimeError
             raise st.StructuredOutputError(f"cannot build the tool grammar: {e}") from e
 
+    def no_call_grammar(self) -> str:
+        """``tool_choice="none"`` on a model that writes calls as text too: a reply that cannot open a
+        call ("<", "{" or a ```json fence), so it answers instead (after a tool result, Qwen2.5-Coder-0.5B
+        repeats its call as JSON text at 98 % otherwise)."""
+        from llguidance import LLMatcher
+
+        return LLMatcher.grammar_from_lark(
+            "start: TEXT\n"
+            "TEXT: /[ \\t\\r\\n]*([^<{` \\t\\r\\n]|`[^`]|``[^`]|```[^j]|```j[^s]|```js[^o]|```jso[^n])(.|\\n)*/\n")
+
     def starts_call(self, text: str) -> bool:
         """Whether a reply beginning with ``text`` may be a call: it gets the calls' token budget
         (``json_max_tokens``) rather than the text's stops and ``max_tokens``. json: "{" (its grammar

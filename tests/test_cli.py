@@ -69,3 +69,17 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "gemma-3-270m" in proc.stderr and "smollm2-135m" in proc.stderr
+
+
+def test_cli_model_default(monkeypatch) -> None:
+    """The CLI runs on Qwen2.5-Coder unless --model or EMLOC_DEFAULT_MODEL says otherwise."""
+    import emloc_agents.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_chat", lambda args: seen.append(args.model) or 0)
+    monkeypatch.delenv("EMLOC_DEFAULT_MODEL", raising=False)
+    main(["chat", "hi"])
+    monkeypatch.setenv("EMLOC_DEFAULT_MODEL", "smollm2-135m")
+    main(["chat", "hi"])
+    main(["--model", "tiny-llama", "chat", "hi"])
+    assert seen == [cli.CLI_MODEL, "smollm2-135m", "tiny-llama"] and cli.CLI_MODEL == "qwen2.5-coder-0.5b"

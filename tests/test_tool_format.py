@@ -240,3 +240,19 @@ def test_call_looking_text_gets_the_call_budget() -> None:
         assert limits(lead, 99) is None, lead
     assert limits("```python\nprint(1)", 4) == (len("```python\nprint(1)"), "length")
     assert limits("It is three.\n\nAlso", 2) == (len("It is three."), "stop")
+
+
+def test_tool_choice_none_keeps_the_native_form_and_rules_out_calls(hermes_chat: EMLoCChatModel) -> None:
+    call = {"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"}
+    msgs = [HumanMessage("What is 1 + 2?"), AIMessage("", tool_calls=[call]), ToolMessage("3", tool_call_id="call_1")]
+    bound = hermes_chat.bind_tools([add], tool_choice="none")
+    p = hermes_chat._prepare(msgs, None, dict(bound.kwargs))
+    text = hermes_chat.get_registry().lm.tokenizer.decode(p["ids"])
+    assert "<tool_response>\n3\n</tool_response>" in text and "<tools>" in text and p["mode"] == "text"
+    grammar = ToolFormat("hermes").no_call_grammar()
+    tok = hermes_chat.get_registry().lm.tokenizer
+    for reply, ok in [("It is 3.", True), ('{"name": "add"}', False), ("<tool_call>", False),
+                      ("```json\n{}", False), ("```python\nprint(3)\n```", True)]:
+        assert _accepts(tok, grammar, reply)[1] == ok, reply
+    r = bound.invoke(msgs)
+    assert not r.tool_calls and not str(r.content).lstrip().startswith(("{", "<"))
