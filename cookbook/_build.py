@@ -1154,15 +1154,15 @@ NB06 = [
     def run_agent(request: str) -> None:
         ai = agent.invoke([HumanMessage(request)])
         if not ai.tool_calls:
-            print(f"user: {request}\nassistant (no tool): {ai.content}\n")
+            print(f"user: {request}\\nassistant (no tool): {ai.content}\\n")
             return
         results = []
         for call in ai.tool_calls:
             message = tools_by_name[call["name"]].invoke(call)  # a ToolMessage with the call's id
             results.append(f"Result of {call['name']}: {message.content}")
-            print(f"user: {request}\n  call {call['name']}({call['args']}) -> {message.content!r}")
-        final = chat.invoke([HumanMessage(f"{request}\n\n" + "\n".join(results) + "\nAnswer in one sentence.")])
-        print(f"assistant: {final.content}\n")
+            print(f"user: {request}\\n  call {call['name']}({call['args']}) -> {message.content!r}")
+        final = chat.invoke([HumanMessage(f"{request}\\n\\n" + "\\n".join(results) + "\\nAnswer in one sentence.")])
+        print(f"assistant: {final.content}\\n")
 
 
     for request in (
