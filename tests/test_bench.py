@@ -154,3 +154,15 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_agreement_against_the_cached_full_icl(tmp_path):
+    """Without ``full-icl``, agreement is read against ``full-icl-cached`` (identical by test)."""
+    from emloc_agents.bench.run import run_bench
+
+    task = make_task(tmp_path / "mini")
+    rows = run_bench([task], model="tiny-llama", methods=["full-icl-cached", "emloc"], shots=[4], seeds=[0], limit=4,
+                     out=tmp_path / "out", plots=False, progress=False)
+    by = {r["method"]: r for r in rows}
+    assert by["full-icl-cached"]["agreement"] == 1.0
+    assert by["emloc"]["agreement"] is not None and 0.0 <= by["emloc"]["agreement"] <= 1.0

@@ -15,8 +15,9 @@ Measurement notes:
 - ``peak_rss_mb``: the process's peak resident set size (``ru_maxrss``) read after the method ran.
   It is monotone over the run (model weights + everything before), so only its growth from one
   row to the next says anything about a method; a clean per-method peak needs one process each.
-- ``agreement``: share of items whose prediction equals full-icl's for the same task/shots/seed
-  (null when full-icl was not run). ``zero-shot`` is evaluated once per task and reused across
+- ``agreement``: share of items whose prediction equals full ICL's (``full-icl``, else
+  ``full-icl-cached``: identical predictions, by test) for the same task/shots/seed
+  (null when neither ran). ``zero-shot`` is evaluated once per task and reused across
   shots/seeds.
 """
 
@@ -249,8 +250,9 @@ def run_bench(
                             items_fh.write(json.dumps(rec) + "\n")
                         items_fh.flush()
                         del prep
-                    if "full-icl" in group:
-                        reference = group["full-icl"][1]
+                    exact = next((m for m in ("full-icl", "full-icl-cached") if m in group), None)
+                    if exact is not None:  # the two are identical by test: either is the reference
+                        reference = group[exact][1]
                         for row, preds in group.values():
                             row["agreement"] = agreement(preds, reference)
                     rows.extend(row for row, _ in group.values())
