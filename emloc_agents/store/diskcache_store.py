@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW
+from langchain_core.runnables.config import run_in_executor
 
 from emloc_agents.store.base import LockingByteStore, check_key
 
@@ -155,6 +156,13 @@ class DiskCacheStore(LockingByteStore):
         for key in self._cache:
             if type(key) is str and (prefix is None or key.startswith(prefix)):
                 yield key
+
+    async def ayield_keys(self, *, prefix: str | None = None) -> AsyncIterator[str]:
+        # LangChain's default runs each next() in an executor thread, possibly a different one each
+        # time, and diskcache's iterator holds its thread's SQLite connection: list the keys in one call.
+        keys = await run_in_executor(None, lambda: list(self.yield_keys(prefix=prefix)))
+        for key in keys:
+            yield key
 
     # -- locks -------------------------------------------------------------------------------------
     def _try_acquire(self, key: str, token: bytes, expire: float) -> bool:
