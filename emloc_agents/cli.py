@@ -115,7 +115,9 @@ def _agent_demo(reg: MemoryRegistry) -> None:
         print(f"  user: {request}")
         ai = agent.invoke([HumanMessage(request)])
         if not ai.tool_calls:
-            print(f"  assistant: {str(ai.content).strip()}")
+            text = str(ai.content).strip()
+            looks_like_call = text.startswith(("{", "```"))  # a call of a tool it invented: kept as text
+            print(f"  assistant{' (text: it named no bound tool)' if looks_like_call else ''}: {text}")
             continue
         results = []
         for call in ai.tool_calls:
