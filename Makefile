@@ -27,5 +27,5 @@ fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check emloc_agents tests cookbook
+	$(BIN)/ruff check emloc_agents tests cookbook scripts
 	$(BIN)/mypy emloc_agents

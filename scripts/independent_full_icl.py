@@ -34,7 +34,7 @@ def main() -> None:
 
     path = resolve_model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     task = Task.load(args.task)
     demos = task.sample_demos(args.shots, args.seed)
     context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
