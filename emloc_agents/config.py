@@ -49,6 +49,15 @@ class EMLoCConfig(BaseModel):
         "chunk alone (default) or the chunk plus the replayed demonstration (reference).")
     pool_count_pad: bool = Field(
         False, description="Average pooling counts the zero padding at the chunk's ends (reference: True).")
+    probe: Literal["self", "next"] = Field(
+        "self", description="Demonstrations replayed after a chunk to score its tokens and check a candidate: the "
+        "chunk's own ('self', reference) or ones it does not contain ('next': the next chunk's; the last chunk "
+        "takes the one before). A replayed demonstration can copy its own label from the chunk, so 'self' "
+        "can pass a selection that has lost the questions.")
+    importance: Literal["answers", "reconstruction", "answers+reconstruction"] = Field(
+        "answers", description="How chunk tokens are ranked before the JS search picks a layer's share: the "
+        "attention the replayed answers pay them ('answers', reference), the most attention any query pays "
+        "them while the model repeats the chunk (KVzip's, 'reconstruction'), or the two shares summed.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."
     )

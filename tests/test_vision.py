@@ -124,8 +124,12 @@ def test_pruning_runs_and_kept_counts_add_up(arch: str) -> None:
     assert mem.memory_tokens == sum(mem.layer_lengths)
     assert 0 < mem.kept_ratio <= 1
     turns = [{"role": "user", "content": "What color?", "images": [image(1)]}]
-    assert isinstance(lm.generate_ids(lm.encode_conversation(turns, memory=mem), mem, max_new_tokens=2).text, str)
-    assert isinstance(lm.generate("What color?", mem, max_new_tokens=2), str)  # text-only query on the memory
+    ids = lm.encode_conversation(turns, memory=mem)
+    first, again = (lm.generate_ids(ids, mem, max_new_tokens=2) for _ in range(2))
+    assert first.token_ids == again.token_ids and first.prompt_tokens == len(ids)  # the memory is read-only
+    assert len(first.token_ids) == 2 or first.finish_reason == "stop"
+    text_only = lm.generate_ids(lm._prompt_ids("What color?", mem, ""), mem, max_new_tokens=2)
+    assert len(text_only.token_ids) == 2 or text_only.finish_reason == "stop"
     assert len(lm.score("What color?", ["red", "blue"], mem)) == 2
 
 

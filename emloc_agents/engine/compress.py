@@ -26,6 +26,7 @@ from .presses import EMLoCPress, Press
 from .prompt import Segment
 from .reconstruct import REPEAT_PROMPT, reconstruction_scores
 from .replay import Building, Replay, chunk_attention, gather_tokens
+from .selection import blend_importance
 
 
 class ContextTooLongError(SkillError):
@@ -57,6 +58,13 @@ def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_p
             protected += d.answer
         chunks.append(Chunk(ids, protected, group, ([prefix] if start == 0 else []) + group))
     return chunks
+
+
+def probe_demos(chunks: list[Chunk], ci: int, probe: str) -> list[Segment]:
+    """The demonstrations replayed after chunk ``ci`` (see ``EMLoCConfig.probe``)."""
+    if probe == "self" or len(chunks) == 1:
+        return chunks[ci].demos
+    return chunks[ci + 1].demos if ci + 1 < len(chunks) else chunks[ci - 1].demos
 
 
 def _replay_pack(demos: list[Segment], start: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -142,11 +150,12 @@ def compress(
         protected = torch.tensor(chunk.protected, dtype=torch.bool, device=device)
         replay = None
         if press.needs_replay and chunk.demos:
-            ids, rpos, segments, rows = _replay_pack(chunk.demos, offset + n, device)
+            probe = probe_demos(chunks, ci, config.probe)
+            ids, rpos, segments, rows = _replay_pack(probe, offset + n, device)
             replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
                             scope=config.search_scope)
             if vision is not None:
-                replay.embeds, replay.rope = vision.packed_inputs(chunk.demos, rope_end)
+                replay.embeds, replay.rope = vision.packed_inputs(probe, rope_end)
             replay.run_teacher(config.pool_kernel, protected, config.importance_keys, config.pool_count_pad)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,
@@ -154,9 +163,12 @@ def compress(
             if press.needs_window_scores else None,
             device=device,
         )
-        if press.needs_reconstruction:
+        if press.needs_reconstruction or (replay is not None and config.importance != "answers"):
             repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]
             ctx.reconstruction_scores = reconstruction_scores(lm, building, chunk_k, chunk_v, chunk_pos, repeat, offset + n)
+            if replay is not None:
+                replay.scores = [blend_importance(a, r, protected, config.importance)
+                                 for a, r in zip(replay.scores, ctx.reconstruction_scores, strict=True)]
         selection = press.select(ctx)
         for layer in range(f.num_layers):
             ck, cv, cp = chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1)

@@ -1,0 +1,73 @@
+"""EMLoC search variants side by side: kept share, accuracy and agreement with full ICL per config.
+
+The experiment behind the search's defaults (docs/benchmarks.md, "Search variants"). Each variant is
+an ``EMLoCConfig`` built from overrides; full ICL (the unpruned memory, exact by test) is scored once
+per task and seed and every variant's label predictions are compared with it on the same items.
+Appends one JSON line per (task, seed, variant) to ``--out`` so an interrupted run keeps its rows.
+
+    python scripts/search_variants.py --model smollm2-135m --task trec --seeds 0 --limit 300 \
+        --variant default='{}' --variant next='{"probe": "next"}' --out results/variants.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.methods import Prepared
+from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.run import _predict
+from emloc_agents.tasks import Task
+
+
+def _scores(lm, task: Task, memory, items) -> list[str | None]:
+    prep = Prepared("variant", memory=memory)
+    return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--variant", action="append", required=True, help="name=JSON overrides of EMLoCConfig")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    variants = {}
+    for v in args.variant:
+        name, _, overrides = v.partition("=")
+        variants[name] = EMLoCConfig(**json.loads(overrides or "{}"))
+    lm = load_model(args.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for task_name in args.task:
+        task = Task.load(task_name)
+        items = task.test[: args.limit]
+        labels = [ex.label for ex in items]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            skill = task.skill(shots=args.shots, seed=seed)
+            full = _scores(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
+            for name, config in variants.items():
+                t0 = time.perf_counter()
+                mem = compress(lm, skill, config)
+                compress_s = time.perf_counter() - t0
+                preds = _scores(lm, task, mem, items)
+                k = sum(p == y for p, y in zip(preds, labels, strict=True))
+                row = {
+                    "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
+                    "variant": name, "overrides": json.loads(config.model_dump_json(exclude_defaults=True)),
+                    "kept_ratio": mem.kept_ratio, "accuracy": accuracy(preds, labels),
+                    "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
+                    "agreement": agreement(preds, full), "compress_s": compress_s,
+                }
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
