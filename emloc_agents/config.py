@@ -58,6 +58,11 @@ class EMLoCConfig(BaseModel):
         "answers", description="How chunk tokens are ranked before the JS search picks a layer's share: the "
         "attention the replayed answers pay them ('answers', reference), the most attention any query pays "
         "them while the model repeats the chunk (KVzip's, 'reconstruction'), or the two shares summed.")
+    prefill_context: Literal["memory", "full"] = Field(
+        "memory", description="What a chunk is prefilled, replayed and scored on: the memory pruned so far "
+        "('memory', reference: compression needs only the memory's room) or every earlier token, unpruned "
+        "('full': the chunk's keys are those of full-context ICL; needs the full context's room while "
+        "compressing).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."
     )

@@ -20,6 +20,7 @@ from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
 from emloc_agents.bench.run import _predict
+from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.tasks import Task
 
 
@@ -38,10 +39,12 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, help="name=JSON overrides of EMLoCConfig")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    variants = {}
+    variants: dict[str, tuple[EMLoCConfig, KVzipPress | None]] = {}
     for v in args.variant:
         name, _, overrides = v.partition("=")
-        variants[name] = EMLoCConfig(**json.loads(overrides or "{}"))
+        fields = json.loads(overrides or "{}")
+        kvzip = fields.pop("kvzip", None)  # {"ratio": r, "layer_budgets": bool}: the KVzip press instead
+        variants[name] = (EMLoCConfig(**fields), None if kvzip is None else KVzipPress(**kvzip))
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for task_name in args.task:
@@ -51,15 +54,16 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)
             full = _scores(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
-            for name, config in variants.items():
+            for name, (config, press) in variants.items():
                 t0 = time.perf_counter()
-                mem = compress(lm, skill, config)
+                mem = compress(lm, skill, config, press=press)
                 compress_s = time.perf_counter() - t0
                 preds = _scores(lm, task, mem, items)
                 k = sum(p == y for p, y in zip(preds, labels, strict=True))
                 row = {
                     "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
                     "variant": name, "overrides": json.loads(config.model_dump_json(exclude_defaults=True)),
+                    "press": None if press is None else {"name": press.name, **vars(press)},
                     "kept_ratio": mem.kept_ratio, "accuracy": accuracy(preds, labels),
                     "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
                     "agreement": agreement(preds, full), "compress_s": compress_s,

@@ -67,3 +67,22 @@ def test_fewer_shots_fills_the_budget_with_whole_demonstrations(tiny_llama) -> N
     assert prep.memory is not None and prep.memory.kept_ratio == 1.0
     assert prep.kept_ratio == pytest.approx(prep.memory.original_length / full)
     assert prep.kept_ratio <= 0.3
+
+
+def test_global_layer_budgets_follow_the_scores() -> None:
+    from emloc_agents.engine.presses import global_layer_budgets
+
+    gen = torch.Generator().manual_seed(0)
+    low, high = torch.rand(2, 50, generator=gen) * 0.1, 0.5 + torch.rand(2, 50, generator=gen)
+    budgets = global_layer_budgets({0: low, 3: high, 5: low.flip(-1)}, k=10)
+    assert budgets[3] == 30 and budgets[0] == budgets[5] == 1  # all winners sit in layer 3 (capped at n: 50)
+    even = global_layer_budgets({0: high, 1: high.clone()}, k=10)
+    assert even == {0: 10, 1: 10}
+
+
+def test_kvzip_layer_budgets_keep_the_overall_share() -> None:
+    lm = LanguageModel(*tiny_model("llama"), "tiny-llama")
+    uniform = compress(lm, make_skill(8), EMLoCConfig(), press=KVzipPress(ratio=0.3))
+    adaptive = compress(lm, make_skill(8), EMLoCConfig(), press=KVzipPress(ratio=0.3, layer_budgets=True))
+    assert len(set(uniform.layer_lengths)) == 1 and len(set(adaptive.layer_lengths)) > 1
+    assert abs(adaptive.kept_ratio - uniform.kept_ratio) < 0.05

@@ -166,3 +166,22 @@ def test_agreement_against_the_cached_full_icl(tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["full-icl-cached"]["agreement"] == 1.0
     assert by["emloc"]["agreement"] is not None and 0.0 <= by["emloc"]["agreement"] <= 1.0
+
+
+def test_several_ratios_give_a_fidelity_curve(tmp_path):
+    """``--ratio 0.2,0.5,1.0`` runs each fixed-ratio method once per ratio and plots agreement per task."""
+    task = make_task(tmp_path / "mini")
+    out = tmp_path / "out"
+    argv = ["--task", str(task), "--model", "tiny-llama", "--methods", "full-icl-cached,kvzip,fewer-shots",
+            "--shots", "4", "--limit", "4", "--ratio", "0.2,0.5,1.0", "--out", str(out)]
+    assert bench_main(argv) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    runs = [(r["method"], r["press_ratio"]) for r in rows]
+    assert runs == [("full-icl-cached", None)] + [(m, r) for m in ("kvzip", "fewer-shots") for r in (0.2, 0.5, 1.0)]
+    kvzip = [r for r in rows if r["method"] == "kvzip"]
+    assert [r["kept_ratio"] for r in kvzip] == sorted(r["kept_ratio"] for r in kvzip)
+    assert kvzip[-1]["kept_ratio"] == 1.0 and kvzip[-1]["agreement"] == 1.0  # keeping all is full ICL
+    assert all(r["ratio_source"] == "--ratio" for r in rows[1:])
+    assert (out / "fidelity_curve_mini.png").stat().st_size > 1000
+    items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 4 * 7 and {i["press_ratio"] for i in items} == {None, 0.2, 0.5, 1.0}

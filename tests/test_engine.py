@@ -391,3 +391,20 @@ def test_search_ranks_by_reconstruction_when_asked(tiny_llama, importance: str) 
         protected = s.isinf()[0]
         if importance == "reconstruction":
             assert torch.equal(s, blend_importance(s, r, protected, "reconstruction"))
+
+
+@pytest.mark.parametrize("context", ["memory", "full"])
+def test_prefill_context_full_keeps_full_icl_keys(tiny_llama, context: str) -> None:
+    """``prefill_context="full"``: each kept key/value is exactly full ICL's at that position (the chunk
+    was prefilled on every earlier token); on the pruned memory (the default) later chunks' keys differ."""
+    from emloc_agents.engine.presses import UniformPress
+
+    skill = make_skill(12)
+    ref = compress(tiny_llama, skill, EMLoCConfig(keep_ratios=(1.0,), demos_per_chunk=4))
+    mem = compress(tiny_llama, skill, EMLoCConfig(demos_per_chunk=4, prefill_context=context), press=UniformPress(0.3))
+    assert mem.kept_ratio < 0.5
+    same = []
+    for k, rk, pos in zip(mem.keys, ref.keys, mem.positions, strict=True):
+        gathered = torch.stack([rk[h, pos[h]] for h in range(k.shape[0])])
+        same.append(torch.allclose(k.float(), gathered.float(), atol=2e-3))
+    assert all(same) if context == "full" else not all(same)

@@ -36,6 +36,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _methods(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     for n in names:
@@ -55,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default="0", help="comma list of demonstration-sampling seeds")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N test items (default: all)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default results/bench-<timestamp>)")
-    p.add_argument("--ratio", type=float, default=None,
-                   help="keep ratio of uniform/snapkv/streaming-llm/random (default: EMLoC's kept ratio "
-                        "for the same shots/seed when emloc runs, else 0.2)")
+    p.add_argument("--ratio", type=_floats, default=None,
+                   help="keep ratio of uniform/snapkv/streaming-llm/random/kvzip/fewer-shots; a comma list "
+                        "runs each once per ratio, a fidelity curve (default: EMLoC's kept ratio for the "
+                        "same shots/seed when emloc runs, else 0.2)")
     p.add_argument("--scoring", choices=SCORINGS, default="loglik",
                    help="loglik: argmax label log-likelihood; generate: label the greedy answer starts with")
     p.add_argument("--compare", action="store_true", help="print the headline ratios after the run")

@@ -42,6 +42,7 @@ FIXED_RATIO_PRESSES = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
     "kvzip": KVzipPress,
 }
+FIXED_RATIO_METHODS = (*FIXED_RATIO_PRESSES, "fewer-shots")  # the methods a --ratio sets
 DEFAULT_RATIO = 0.2
 
 

@@ -51,6 +51,30 @@ def accuracy_vs_kept_ratio(rows: Sequence[dict], path: Path) -> Path | None:
                  _title(rows, "accuracy vs kept ratio"))
 
 
+def fidelity_curves(rows: Sequence[dict], out: Path) -> list[Path]:
+    """Per task: agreement with full ICL against kept ratio, one line per method (its mean over seeds
+    at each ratio it ran), for runs where a method ran at several ratios (``--ratio 0.05,0.1,...``)."""
+    made = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        pts = [r for r in rows if r["task"] == task and r.get("agreement") is not None
+               and r.get("kept_ratio") is not None and r["method"] not in ("full-icl", "full-icl-cached")]
+        if len({r.get("press_ratio") for r in pts}) < 3:
+            continue
+        fig, ax = _figure()
+        for method in dict.fromkeys(r["method"] for r in pts):
+            by_ratio: dict[object, list[dict]] = defaultdict(list)
+            for r in pts:
+                if r["method"] == method:
+                    by_ratio[r.get("press_ratio")].append(r)
+            line = sorted((mean(r["kept_ratio"] for r in g), mean(r["agreement"] for r in g)) for g in by_ratio.values())
+            ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=method)
+        ax.set_ylim(0, 1.02)
+        made.append(_save(fig, ax, out / f"fidelity_curve_{task}.png", "kept ratio (share of demonstration tokens)",
+                          "agreement with full ICL", _title([r for r in rows if r["task"] == task],
+                                                            "fidelity curve")))
+    return made
+
+
 def accuracy_vs_shots(rows: Sequence[dict], path: Path) -> Path | None:
     pts = [r for r in rows if r.get("accuracy") is not None]
     if len({r["shots"] for r in pts}) < 2:
@@ -144,4 +168,4 @@ def make_plots(rows: Sequence[dict], out: str | Path) -> list[Path]:
         ttft_vs_tokens(rows, out / "ttft_vs_tokens.png"),
         decode_vs_tokens(rows, out / "decode_vs_tokens.png"),
     ]
-    return [p for p in made if p is not None]
+    return [p for p in made if p is not None] + fidelity_curves(rows, out)

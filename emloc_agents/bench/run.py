@@ -38,7 +38,7 @@ import torch
 
 from ..engine import score_continuations
 from ..tasks import Task, task_path
-from .methods import Prepared, order_methods, prepare
+from .methods import FIXED_RATIO_METHODS, Prepared, order_methods, prepare
 from .metrics import accuracy, agreement, wilson_ci
 from .plots import make_plots
 
@@ -154,7 +154,7 @@ def run_bench(
     seeds: Sequence[int] = (0,),
     limit: int | None = None,
     out: str | Path = "results/bench",
-    ratio: float | None = None,
+    ratio: float | Sequence[float] | None = None,
     scoring: str = "loglik",
     *,
     timing_items: int = 3,
@@ -165,8 +165,10 @@ def run_bench(
     """Run the benchmark (see module docstring) and return the summary rows.
 
     ``model`` is a name for ``load_model`` (or a loaded ``LanguageModel``). ``ratio`` fixes the
-    ratio of the fixed-ratio presses; None matches EMLoC's kept ratio when emloc ran (else 0.2).
+    ratio of the fixed-ratio presses; several ratios run each of them once per ratio (a fidelity
+    curve); None matches EMLoC's kept ratio when emloc ran (else 0.2).
     """
+    ratios: list[float | None] = [None] if ratio is None else [ratio] if isinstance(ratio, int | float) else list(ratio)
     try:
         methods = order_methods(methods)
     except ValueError as e:
@@ -181,8 +183,11 @@ def run_bench(
         raise BenchError("no seeds given")
     if limit is not None and limit < 1:
         raise BenchError("limit must be a positive integer")
-    if ratio is not None and not 0.0 < ratio <= 1.0:
-        raise BenchError(f"ratio must lie in (0, 1], got {ratio}")
+    if not ratios:
+        raise BenchError("no ratio given")
+    for r in ratios:
+        if r is not None and not 0.0 < r <= 1.0:
+            raise BenchError(f"ratio must lie in (0, 1], got {r}")
     tasks = [task_path(t) for t in tasks]  # names -> folders (recorded in config.json)
     loaded = load_tasks(tasks)
     for task in loaded:
@@ -201,7 +206,7 @@ def run_bench(
     config = {
         "tasks": [str(Path(t).expanduser().resolve()) for t in tasks], "model": str(getattr(model, "name", model)),
         "resolved_model": lm.name, "device": str(lm.device), "methods": methods, "shots": list(shots), "seeds": list(seeds), "limit": limit,
-        "out": str(out), "ratio": ratio, "scoring": scoring, "timing_items": timing_items,
+        "out": str(out), "ratio": ratios if len(ratios) > 1 else ratios[0], "scoring": scoring, "timing_items": timing_items,
         "timing_tokens": TIMING_TOKENS, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -217,16 +222,18 @@ def run_bench(
             for n_shots in shots:
                 for seed in seeds:
                     skill = task.skill(n_shots, seed)
-                    group: dict[str, tuple[dict, list]] = {}
+                    group: dict[tuple[str, float | None], tuple[dict, list]] = {}
                     emloc_ratio = None
-                    for method in methods:
-                        prep = prepare(lm, method, skill, seed=seed, ratio=ratio, emloc_ratio=emloc_ratio)
+                    runs = [(m, r) for m in methods for r in (ratios if m in FIXED_RATIO_METHODS else [None])]
+                    for method, ratio_run in runs:
+                        prep = prepare(lm, method, skill, seed=seed, ratio=ratio_run, emloc_ratio=emloc_ratio)
                         if method == "emloc":
                             emloc_ratio = prep.kept_ratio
                         if method == "zero-shot" and zero_shot is not None:
                             preds, extras, eval_s, ttft, rate = zero_shot
                         else:
-                            desc = f"{task.name} {method} {n_shots}-shot seed {seed}"
+                            desc = f"{task.name} {method} {n_shots}-shot seed {seed}" + (
+                                f" ratio {ratio_run}" if ratio_run is not None else "")
                             preds, extras, eval_s = _evaluate(lm, task, prep, items, scoring, desc, progress)
                             ttft, rate = _timing(lm, task, prep, items[:timing_items])
                             if method == "zero-shot":
@@ -242,15 +249,16 @@ def run_bench(
                             "press_ratio": prep.press_ratio, "ratio_source": prep.ratio_source, "replay_forwards": prep.replay_forwards,
                             "eval_s": eval_s,
                         }
-                        group[method] = (row, preds)
+                        group[method, ratio_run] = (row, preds)
                         for i, (ex, p, extra) in enumerate(zip(items, preds, extras, strict=True)):
-                            rec = {"task": task.name, "method": method, "shots": n_shots, "seed": seed, "index": i,
+                            rec = {"task": task.name, "method": method, "shots": n_shots, "seed": seed,
+                                   "press_ratio": prep.press_ratio, "index": i,
                                    "label": ex.label, "prediction": p, "correct": p == ex.label,
                                    "scores" if scoring == "loglik" else "output": extra}
                             items_fh.write(json.dumps(rec) + "\n")
                         items_fh.flush()
                         del prep
-                    exact = next((m for m in ("full-icl", "full-icl-cached") if m in group), None)
+                    exact = next(((m, None) for m in ("full-icl", "full-icl-cached") if (m, None) in group), None)
                     if exact is not None:  # the two are identical by test: either is the reference
                         reference = group[exact][1]
                         for row, preds in group.values():

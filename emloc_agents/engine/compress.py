@@ -124,6 +124,9 @@ def compress(
         )
     device = lm.device
     building = Building.empty(f.num_layers)
+    # what chunks are prefilled and scored on: the memory itself, or (prefill_context="full") every
+    # earlier token unpruned, kept beside the memory until the end
+    context = Building.empty(f.num_layers) if config.prefill_context == "full" else building
     offset = 0
     rope_next = 0  # next free RoPE index (differs from offset for M-RoPE VLMs)
     t0 = time.perf_counter()
@@ -132,11 +135,11 @@ def compress(
     for ci, chunk in enumerate(chunks):
         n = len(chunk.ids)
         pos = (offset + torch.arange(n, device=device))[None]
-        mem_k, mem_v, mem_p = zip(*(building.prefix(i) for i in range(f.num_layers)), strict=True)
+        mem_k, mem_v, mem_p = zip(*(context.prefix(i) for i in range(f.num_layers)), strict=True)
         cache = MemoryCache(mem_k, mem_v, mem_p, f.windows)
         window_scores: dict[int, torch.Tensor] = {}
         if press.needs_window_scores:
-            cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, building.length)
+            cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, context.length)
         tp = time.perf_counter()
         embeds = rope = None
         rope_end = rope_next + n
@@ -152,7 +155,7 @@ def compress(
         if press.needs_replay and chunk.demos:
             probe = probe_demos(chunks, ci, config.probe)
             ids, rpos, segments, rows = _replay_pack(probe, offset + n, device)
-            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
+            replay = Replay(lm, context, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
                             scope=config.search_scope)
             if vision is not None:
                 replay.embeds, replay.rope = vision.packed_inputs(probe, rope_end)
@@ -165,7 +168,7 @@ def compress(
         )
         if press.needs_reconstruction or (replay is not None and config.importance != "answers"):
             repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]
-            ctx.reconstruction_scores = reconstruction_scores(lm, building, chunk_k, chunk_v, chunk_pos, repeat, offset + n)
+            ctx.reconstruction_scores = reconstruction_scores(lm, context, chunk_k, chunk_v, chunk_pos, repeat, offset + n)
             if replay is not None:
                 replay.scores = [blend_importance(a, r, protected, config.importance)
                                  for a, r in zip(replay.scores, ctx.reconstruction_scores, strict=True)]
@@ -176,9 +179,13 @@ def compress(
             if idx is not None:
                 ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), torch.gather(cp, 1, idx)
             building.append(layer, ck, cv, cp)
+            if context is not building:
+                context.append(layer, chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1))
             window = f.windows[layer]
             if window:  # later tokens (positions >= offset + n) only see positions > offset + n - window
                 building.keep_after(layer, offset + n - window)
+                if context is not building:
+                    context.keep_after(layer, offset + n - window)
         if replay is not None:
             stats["replay_forwards"] += replay.forwards
             stats["js_checks"] += replay.js_checks

@@ -175,14 +175,31 @@ class KVzipPress(Press):
     layer keeps that share per head. Nothing is protected: answers survive only if they score."""
 
     ratio: float = 0.2
+    layer_budgets: bool = False
     needs_reconstruction: ClassVar[bool] = True
     name: ClassVar[str] = "kvzip"
 
     def select(self, ctx: ChunkContext) -> Selection:
         assert ctx.reconstruction_scores is not None
+        scores = ctx.reconstruction_scores
         k = budget(ctx.n, self.ratio, 0)
-        return [None if ctx.facts.sliding[i] else topk_per_head(ctx.reconstruction_scores[i], k)
-                for i in range(ctx.facts.num_layers)]
+        layers = [i for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]]
+        ks = dict.fromkeys(layers, k)
+        if self.layer_budgets and layers:
+            ks = global_layer_budgets({i: scores[i] for i in layers}, k)
+        return [topk_per_head(scores[i], ks[i]) if i in ks else None for i in range(ctx.facts.num_layers)]
+
+
+def global_layer_budgets(scores: dict[int, torch.Tensor], k: int) -> dict[int, int]:
+    """KVzip's non-uniform budget (``layerwise=False`` in kvpress), per layer: rank every (layer, head,
+    token) score of the chunk together, keep as many as ``k`` per head and layer would, and give each
+    layer its share of the winners, split evenly over its heads (a memory has one length per layer)."""
+    flat = torch.cat([s.flatten().float() for s in scores.values()])
+    heads, n = next(iter(scores.values())).shape
+    total = k * heads * len(scores)
+    winners = torch.topk(flat, total).indices // (heads * n)
+    counts = torch.bincount(winners, minlength=len(scores)).tolist()
+    return {layer: max(1, min(n, round(c / heads))) for layer, c in zip(scores, counts, strict=True)}
 
 
 @dataclass
