@@ -21,12 +21,22 @@ from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
 from emloc_agents.bench.run import _predict
 from emloc_agents.engine.presses import KVzipPress
+from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
 from emloc_agents.tasks import Task
 
 
 def _scores(lm, task: Task, memory, items) -> list[str | None]:
     prep = Prepared("variant", memory=memory)
     return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+
+
+def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, span: int = 2048):
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    renderer = lm.renderer("auto")
+    rendered = renderer.render(skill.instruction, skill.demonstrations)
+    ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
+    scores = whole_context_scores(lm, full, ids, span=span, encode=renderer.ids)
+    return kvzip_memory(lm, full, scores, ratio, layer_budgets)
 
 
 def main() -> None:
@@ -39,12 +49,13 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, help="name=JSON overrides of EMLoCConfig")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    variants: dict[str, tuple[EMLoCConfig, KVzipPress | None]] = {}
+    variants: dict[str, tuple[EMLoCConfig, KVzipPress | None, dict | None]] = {}
     for v in args.variant:
         name, _, overrides = v.partition("=")
         fields = json.loads(overrides or "{}")
         kvzip = fields.pop("kvzip", None)  # {"ratio": r, "layer_budgets": bool}: the KVzip press instead
-        variants[name] = (EMLoCConfig(**fields), None if kvzip is None else KVzipPress(**kvzip))
+        whole = fields.pop("kvzip_whole", None)  # {"ratio": r, ...}: KVzip on the whole unpruned context
+        variants[name] = (EMLoCConfig(**fields), None if kvzip is None else KVzipPress(**kvzip), whole)
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for task_name in args.task:
@@ -54,16 +65,20 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)
             full = _scores(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
-            for name, (config, press) in variants.items():
+            for name, (config, press, whole) in variants.items():
                 t0 = time.perf_counter()
-                mem = compress(lm, skill, config, press=press)
+                if whole is not None:
+                    mem = _whole_context_kvzip(lm, skill, **whole)
+                else:
+                    mem = compress(lm, skill, config, press=press)
                 compress_s = time.perf_counter() - t0
                 preds = _scores(lm, task, mem, items)
                 k = sum(p == y for p, y in zip(preds, labels, strict=True))
                 row = {
                     "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
                     "variant": name, "overrides": json.loads(config.model_dump_json(exclude_defaults=True)),
-                    "press": None if press is None else {"name": press.name, **vars(press)},
+                    "press": {"name": "kvzip-whole", **whole} if whole is not None
+                    else None if press is None else {"name": press.name, **vars(press)},
                     "kept_ratio": mem.kept_ratio, "accuracy": accuracy(preds, labels),
                     "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
                     "agreement": agreement(preds, full), "compress_s": compress_s,

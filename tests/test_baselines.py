@@ -86,3 +86,28 @@ def test_kvzip_layer_budgets_keep_the_overall_share() -> None:
     adaptive = compress(lm, make_skill(8), EMLoCConfig(), press=KVzipPress(ratio=0.3, layer_budgets=True))
     assert len(set(uniform.layer_lengths)) == 1 and len(set(adaptive.layer_lengths)) > 1
     assert abs(adaptive.kept_ratio - uniform.kept_ratio) < 0.05
+
+
+@pytest.mark.parametrize("span", [16, 4096])
+def test_whole_context_kvzip(span: int) -> None:
+    """KVzip on the whole unpruned context (kvpress's algorithm): scores for every token, the sinks
+    always kept, and a memory keeping the asked share whose kept keys are the full context's."""
+    from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
+
+    model, tok = tiny_model("llama", chat_template=False)
+    lm = LanguageModel(model, tok, "tiny-llama")
+    skill = make_skill(8)
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    rendered = lm.renderer("auto").render(skill.instruction, skill.demonstrations)
+    ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
+    scores = whole_context_scores(lm, full, ids, span=span, sinks=4)
+    assert len(scores) == lm.facts.num_layers
+    for s in scores:
+        assert s.shape == (lm.facts.num_kv_heads, len(ids)) and bool(s[:, :4].isinf().all())
+        assert bool((s[:, 4:] > 0).all()) and bool((s[:, 4:] <= 1).all())  # every token was reconstructed
+    mem = kvzip_memory(lm, full, scores, ratio=0.3)
+    assert mem.kept_ratio == pytest.approx(0.3, abs=0.05)
+    for k, fk, pos in zip(mem.keys, full.keys, mem.positions, strict=True):
+        assert bool((pos[:, :4] == torch.arange(4)).all())  # sinks first, in order
+        assert torch.equal(k, torch.stack([fk[h, pos[h]] for h in range(k.shape[0])]))
+    assert kvzip_memory(lm, full, scores, ratio=1.0, layer_budgets=False).kept_ratio == 1.0

@@ -22,7 +22,7 @@ from .chunks import ChunkContext
 from .facts import ModelFacts
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
-from .presses import EMLoCPress, Press
+from .presses import EMLoCPress, KVzipPress, Press
 from .prompt import Segment
 from .reconstruct import REPEAT_PROMPT, reconstruction_scores
 from .replay import Building, Replay, chunk_attention, gather_tokens
@@ -168,7 +168,8 @@ def compress(
         )
         if press.needs_reconstruction or (replay is not None and config.importance != "answers"):
             repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]
-            ctx.reconstruction_scores = reconstruction_scores(lm, context, chunk_k, chunk_v, chunk_pos, repeat, offset + n)
+            ctx.reconstruction_scores = reconstruction_scores(lm, context, chunk_k, chunk_v, chunk_pos, repeat, offset + n,
+                                                             sinks=press.sinks if isinstance(press, KVzipPress) else None)
             if replay is not None:
                 replay.scores = [blend_importance(a, r, protected, config.importance)
                                  for a, r in zip(replay.scores, ctx.reconstruction_scores, strict=True)]

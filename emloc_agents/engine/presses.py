@@ -176,12 +176,18 @@ class KVzipPress(Press):
 
     ratio: float = 0.2
     layer_budgets: bool = False
+    sinks: int | None = None  # kvpress: 4 (the first tokens are always kept and the only memory the
+    # reconstruction's softmax sees besides the chunk); None: every key, nothing kept by position
     needs_reconstruction: ClassVar[bool] = True
     name: ClassVar[str] = "kvzip"
 
     def select(self, ctx: ChunkContext) -> Selection:
         assert ctx.reconstruction_scores is not None
         scores = ctx.reconstruction_scores
+        if self.sinks and ctx.offset < self.sinks:
+            scores = [s.clone() for s in scores]
+            for s in scores:
+                s[:, : self.sinks - ctx.offset] = float("inf")
         k = budget(ctx.n, self.ratio, 0)
         layers = [i for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]]
         ks = dict.fromkeys(layers, k)

@@ -8,36 +8,47 @@ extra forward of about the chunk's length, on memory + whole chunk.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .cache import MemoryCache
+from .decode import memory_cache
 from .forward import ModelHandle, run
+from .memory import CompressedMemory
+from .presses import global_layer_budgets, topk_per_head
 from .replay import Building
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
-def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, lo: int, hi: int,
+                  hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Largest attention probability that any query row (and query head of a KV group) pays each
-    key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities."""
+    key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities.
+    ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over sinks + chunk +
+    repeat)."""
     _, hq, _, d = q.shape
     hkv = k.shape[1]
     scaling = getattr(module, "scaling", d**-0.5)
     logits = torch.einsum("hqd,hkd->hqk", q[0].float(), k[0].float().repeat_interleave(hq // hkv, dim=0)) * scaling
-    logits = logits.masked_fill(~mask[0, :1].expand(hq, -1, -1), float("-inf"))
+    visible = mask[0, :1].expand(hq, -1, -1)
+    if hidden is not None:
+        visible = visible & ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
+    logits = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)[..., lo:hi]  # (Hq, Lq, n)
     return probs.amax(dim=1).view(hkv, hq // hkv, hi - lo).amax(dim=1)
 
 
 def reconstruction_scores(
     lm: ModelHandle, building: Building, chunk_k: Sequence[torch.Tensor], chunk_v: Sequence[torch.Tensor],
-    chunk_pos: torch.Tensor, ids: Sequence[int], start: int,
+    chunk_pos: torch.Tensor, ids: Sequence[int], start: int, sinks: int | None = None,
 ) -> list[torch.Tensor]:
     """Per layer (kv_heads, n) scores of the chunk's tokens from one reconstruction forward of ``ids``
     (repeat prompt + the chunk's tokens) at positions ``start ...`` on memory + whole chunk.
-    Sliding-window layers get zeros (they are never pruned)."""
+    ``sinks``: the softmax sees only the memory's tokens at positions below it, the chunk and the
+    repeat (kvpress's KVzipPress); None: every key. Sliding-window layers get zeros (never pruned)."""
     f = lm.facts
     n = int(chunk_pos.shape[0])
     keys, values, positions = [], [], []
@@ -53,9 +64,77 @@ def reconstruction_scores(
     def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
         if not f.sliding[layer]:
             lo = building.length(layer)
-            scores[layer] = max_attention(module, q, k, mask, lo, lo + n)
+            hidden = None
+            if sinks is not None and lo:
+                mp = building.positions[layer]  # (kv_heads, lo): each head kept its own tokens
+                assert mp is not None
+                hidden = torch.zeros(k.shape[1], k.shape[-2], dtype=torch.bool, device=k.device)
+                hidden[:, :lo] = mp >= sinks
+            scores[layer] = max_attention(module, q, k, mask, lo, lo + n, hidden)
 
     cache.observer = observe
     device = chunk_pos.device
     run(lm.model, cache, torch.tensor([list(ids)], device=device), (start + torch.arange(len(ids), device=device))[None])
     return [scores.get(i, torch.zeros(f.num_kv_heads, n, device=device)) for i in range(f.num_layers)]
+
+
+CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+def whole_context_scores(
+    lm: ModelHandle, memory: CompressedMemory, context_ids: Sequence[int], span: int = 2048, sinks: int = 4,
+    encode: Callable[[str], list[int]] | None = None,
+) -> list[torch.Tensor]:
+    """KVzip as kvpress runs it, on an unpruned memory of ``context_ids``: the model repeats the whole
+    context in spans of ``span`` tokens (each span after a prompt that quotes the 8 tokens before it),
+    every span's softmax sees only the first ``sinks`` tokens, the span and the repeat. Per layer
+    (kv_heads, T) scores; the first ``sinks`` tokens score +inf (always kept)."""
+    f = lm.facts
+    total = memory.original_length
+    assert len(context_ids) == total and memory.layer_lengths == [total] * f.num_layers, "needs the unpruned memory"
+    encode = encode or (lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    out = [torch.zeros(f.num_kv_heads, total, device=lm.device) for _ in range(f.num_layers)]
+    for lo in range(0, total, span):
+        hi = min(total, lo + span)
+        lead = encode(REPEAT_PROMPT) if lo == 0 else encode(CONTINUE_PROMPT) + list(context_ids[lo - 8 : lo]) + encode("\n")
+        ids = lead + list(context_ids[lo:hi])
+        cache, start = memory_cache(lm, memory)
+
+        def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
+                    lo: int = lo, hi: int = hi) -> None:
+            if f.sliding[layer]:
+                return
+            hidden = torch.zeros(k.shape[1], k.shape[-2], dtype=torch.bool, device=k.device)
+            hidden[:, min(sinks, lo) : lo] = True
+            hidden[:, hi:total] = True
+            out[layer][:, lo:hi] = max_attention(module, q, k, mask, lo, hi, hidden)
+
+        cache.observer = observe
+        run(lm.model, cache, torch.tensor([ids], device=lm.device), (start + torch.arange(len(ids), device=lm.device))[None])
+    for s in out:
+        s[:, :sinks] = float("inf")
+    return out
+
+
+def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.Tensor], ratio: float,
+                 layer_budgets: bool = True) -> CompressedMemory:
+    """The unpruned ``memory`` keeping, per layer and head, its best-scored share ``ratio`` of tokens
+    (``layer_budgets``: the layers' shares from one ranking across layers, see ``global_layer_budgets``)."""
+    f = lm.facts
+    total = memory.original_length
+    k = max(1, round(ratio * total))
+    layers = [i for i in range(f.num_layers) if not f.sliding[i]]
+    ks = global_layer_budgets({i: scores[i] for i in layers}, k) if layer_budgets else dict.fromkeys(layers, k)
+    keys, values, positions = [], [], []
+    for i in range(f.num_layers):
+        key, val, pos = memory.keys[i], memory.values[i], memory.positions[i]
+        if i in ks:
+            idx = topk_per_head(scores[i].to(key.device), ks[i])
+            key = torch.gather(key, 1, idx[..., None].expand(-1, -1, key.shape[-1]))
+            val = torch.gather(val, 1, idx[..., None].expand(-1, -1, val.shape[-1]))
+            pos = torch.gather(pos, 1, idx.to(pos.device))
+        keys.append(key.contiguous())
+        values.append(val.contiguous())
+        positions.append(pos.contiguous())
+    return dataclasses.replace(memory, keys=keys, values=values, positions=positions,
+                               stats={**memory.stats, "press": "kvzip-whole"})

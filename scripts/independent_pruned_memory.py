@@ -1,0 +1,151 @@
+"""A pruned memory's answers from plain transformers, independent of the emloc query path.
+
+A cross-check for the fidelity numbers of pruned memories: the memory is built by emloc (with
+``prefill_context="full"`` its kept keys/values are exactly full ICL's, see test_engine), but the
+queries are answered here by ``AutoModelForCausalLM`` on the whole context's ``DynamicCache``, with an
+attention function that hides, per layer and KV head, the context tokens the memory dropped. The
+prompt is built by string concatenation and tokenized once by the Hugging Face tokenizer, as in
+scripts/independent_full_icl.py. Prints both harnesses' accuracy and how often they agree.
+
+    python scripts/independent_pruned_memory.py --model smollm2-135m --task trec --ratio 0.19 --limit 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.methods import Prepared
+from emloc_agents.bench.run import _predict
+from emloc_agents.engine.presses import KVzipPress
+from emloc_agents.models.sources import resolve_model_dir
+from emloc_agents.tasks import Task
+
+KEEP: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, memory tokens) bool; empty while prefilling
+TAIL = [0]  # memory tokens re-fed with every query (the cache stops before them): they see everything
+
+
+def masked_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal SDPA where context keys the memory dropped get no attention (per KV head)."""
+    hq, hkv, q_len, k_len = query.shape[1], key.shape[1], query.shape[2], key.shape[2]
+    allowed = torch.ones(hkv, q_len, k_len, dtype=torch.bool)
+    allowed[:, :, k_len - q_len :] = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))
+    keep = KEEP.get(module.layer_idx)
+    if keep is not None:  # rows after the memory's tail see only what the memory kept
+        allowed[:, TAIL[0] :, : keep.shape[1]] &= keep[:, None, :]
+    group = hq // hkv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+        attn_mask=allowed.repeat_interleave(group, 0)[None], scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def global_scores(lm, skill) -> list[torch.Tensor]:
+    """KVzip's reconstruction scores of every context token, per layer (kv_heads, tokens), each chunk
+    scored on every earlier token (nothing pruned)."""
+    from emloc_agents.engine.presses import Press
+
+    chunks: list[list[torch.Tensor]] = []
+
+    class Record(Press):
+        needs_reconstruction = True
+
+        def select(self, ctx):
+            chunks.append(ctx.reconstruction_scores)
+            return [None] * ctx.facts.num_layers
+
+    compress(lm, skill, EMLoCConfig(prefill_context="full"), press=Record())
+    return [torch.cat([c[layer] for c in chunks], dim=-1) for layer in range(len(chunks[0]))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="trec")
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--ratio", type=float, default=0.19, help="KVzip keep ratio of the memory under test")
+    ap.add_argument("--global-heads", action="store_true",
+                    help="instead of the memory's own selection, keep the top --ratio of KVzip's scores ranked "
+                         "across all layers and heads together, plus 4 sink tokens (kvpress's KVzipPress); "
+                         "a memory cannot hold per-head lengths, so only the transformers harness answers")
+    args = ap.parse_args()
+
+    task = Task.load(args.task)
+    skill = task.skill(shots=args.shots, seed=args.seed)
+    lm = load_model(args.model)
+    mem = compress(lm, skill, EMLoCConfig(prefill_context="full"), press=KVzipPress(ratio=args.ratio))
+    items = task.test[: args.limit]
+    prep = Prepared("memory", memory=mem)
+    ours = [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+
+    AttentionInterface.register("emloc_check_masked_sdpa", masked_sdpa)
+    path = resolve_model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="emloc_check_masked_sdpa").eval()
+    demos = task.sample_demos(args.shots, args.seed)
+    context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+
+    def encode(text: str) -> list[int]:
+        return bos + tok(text, add_special_tokens=False)["input_ids"]
+
+    prefix = encode(context.rstrip("\n"))[:-1]  # as in independent_full_icl.py
+    n_prefix = len(prefix)
+    rendered = lm.renderer("auto").render(skill.instruction, skill.demonstrations)
+    memory_ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
+    assert len(memory_ids) == mem.original_length and memory_ids[:n_prefix] == prefix
+    TAIL[0] = mem.original_length - n_prefix
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+    for layer, pos in enumerate(mem.positions):
+        KEEP[layer] = torch.zeros(pos.shape[0], mem.original_length, dtype=torch.bool).scatter_(1, pos.long(), True)
+    if args.global_heads:
+        scores = torch.stack(global_scores(lm, skill))  # (layers, kv_heads, tokens)
+        scores[..., :4] = float("inf")
+        top = torch.topk(scores.flatten(), round(args.ratio * scores.numel())).indices
+        keep = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, top, True).view(scores.shape)
+        KEEP.update(enumerate(keep))
+        ours = [None] * len(items)
+
+    theirs, t0 = [], time.perf_counter()
+    for ex in items:
+        query = task.format_input(ex.text)
+        q_ids = encode(context + query)
+        scores = []
+        for label in task.labels:
+            full = encode(context + query + " " + label)
+            rest = full[n_prefix:]
+            assert full[: mem.original_length] == memory_ids, "the memory's tokens are not the whole text's"
+            with torch.inference_mode():
+                logits = model(torch.tensor([rest]), past_key_values=cache, use_cache=True).logits[0].float()
+            cache.crop(n_prefix - cache.get_seq_length())
+            lp = torch.log_softmax(logits, -1)
+            start = len(q_ids) - n_prefix
+            scores.append(float(sum(lp[i - 1, rest[i]] for i in range(start, len(rest)))))
+        theirs.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+    labels = [ex.label for ex in items]
+    def share(a: list, b: list) -> float:
+        return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+    result = {
+        "model": args.model, "task": args.task, "shots": args.shots, "seed": args.seed, "n": len(items),
+        "selection": "global over layers and heads" if args.global_heads else "the memory's",
+        "kept_ratio": float(torch.stack(list(KEEP.values())).float().mean()), "accuracy_emloc_query_path": share(ours, labels),
+        "accuracy_transformers": share(theirs, labels), "same_prediction": share(ours, theirs),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
