@@ -185,3 +185,23 @@ def test_several_ratios_give_a_fidelity_curve(tmp_path):
     assert (out / "fidelity_curve_mini.png").stat().st_size > 1000
     items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
     assert len(items) == 4 * 7 and {i["press_ratio"] for i in items} == {None, 0.2, 0.5, 1.0}
+
+
+def test_seed_table_pools_items_over_seeds(tmp_path, capsys):
+    from emloc_agents.bench.tables import main, seed_table
+
+    rows = [{"model": "m", "task": "t", "shots": 8, "seed": s, "n": 100, "method": m, "kept_ratio": kept,
+             "accuracy": acc, "agreement": agr, "press_ratio": None, "ratio_source": None}
+            for s, (acc, agr) in enumerate([(0.5, 0.8), (0.7, 0.9)])
+            for m, kept in (("full-icl-cached", 1.0), ("emloc", 0.2))]
+    rows[1]["agreement"], rows[3]["agreement"] = 0.8, 0.9
+    rows[0]["agreement"] = rows[2]["agreement"] = 1.0
+    table = seed_table(rows)
+    assert "**m, t, 8 shots, seeds 0, 1, n = 100 per seed**" in table
+    line = next(x for x in table.splitlines() if x.startswith("| emloc"))
+    # 50 + 70 of 200 items right: 0.600, Wilson [0.53, 0.67]; agreement 80 + 90 of 200: 0.850
+    assert line == "| emloc | 0.200 | 0.600 [0.53, 0.67] (0.50 / 0.70) | 0.850 [0.79, 0.89] (0.80 / 0.90) |"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(rows))
+    assert main([str(tmp_path / "run")]) == 0
+    assert line in capsys.readouterr().out
