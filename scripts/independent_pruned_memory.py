@@ -23,6 +23,7 @@ from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.run import _predict
 from emloc_agents.engine.presses import KVzipPress
+from emloc_agents.engine.reconstruct import whole_context_scores
 from emloc_agents.models.sources import resolve_model_dir
 from emloc_agents.tasks import Task
 
@@ -76,6 +77,9 @@ def main() -> None:
                     help="instead of the memory's own selection, keep the top --ratio of KVzip's scores ranked "
                          "across all layers and heads together, plus 4 sink tokens (kvpress's KVzipPress); "
                          "a memory cannot hold per-head lengths, so only the transformers harness answers")
+    ap.add_argument("--scores", choices=["chunks", "whole"], default="chunks",
+                    help="with --global-heads: KVzip's scores per compression chunk, or over the whole context "
+                         "in 2048-token spans (kvpress)")
     args = ap.parse_args()
 
     task = Task.load(args.task)
@@ -110,7 +114,12 @@ def main() -> None:
     for layer, pos in enumerate(mem.positions):
         KEEP[layer] = torch.zeros(pos.shape[0], mem.original_length, dtype=torch.bool).scatter_(1, pos.long(), True)
     if args.global_heads:
-        scores = torch.stack(global_scores(lm, skill))  # (layers, kv_heads, tokens)
+        if args.scores == "whole":
+            unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+            r = lm.renderer("auto")
+            scores = torch.stack(whole_context_scores(lm, unpruned, memory_ids, encode=r.ids))
+        else:
+            scores = torch.stack(global_scores(lm, skill))  # (layers, kv_heads, tokens)
         scores[..., :4] = float("inf")
         top = torch.topk(scores.flatten(), round(args.ratio * scores.numel())).indices
         keep = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, top, True).view(scores.shape)
