@@ -58,14 +58,14 @@ def fidelity_curves(rows: Sequence[dict], out: Path) -> list[Path]:
     for task in dict.fromkeys(r["task"] for r in rows):
         pts = [r for r in rows if r["task"] == task and r.get("agreement") is not None
                and r.get("kept_ratio") is not None and r["method"] not in ("full-icl", "full-icl-cached")]
-        if len({r.get("press_ratio") for r in pts}) < 3:
+        if len({r.get("press_ratio") for r in pts if r.get("ratio_source") == "--ratio"}) < 3:
             continue
         fig, ax = _figure()
         for method in dict.fromkeys(r["method"] for r in pts):
             by_ratio: dict[object, list[dict]] = defaultdict(list)
-            for r in pts:
+            for r in pts:  # a method without --ratio (emloc) is one point: its mean over seeds
                 if r["method"] == method:
-                    by_ratio[r.get("press_ratio")].append(r)
+                    by_ratio[r.get("press_ratio") if r.get("ratio_source") == "--ratio" else None].append(r)
             line = sorted((mean(r["kept_ratio"] for r in g), mean(r["agreement"] for r in g)) for g in by_ratio.values())
             ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=method)
         ax.set_ylim(0, 1.02)
