@@ -172,7 +172,11 @@ class SnapKVPress(Press):
 class KVzipPress(Press):
     """KVzip (Kim et al. 2025), query-agnostic: after each chunk the model repeats it, and each chunk
     token scores the most attention any reconstruction query pays it (engine/reconstruct.py); every
-    layer keeps that share per head. Nothing is protected: answers survive only if they score."""
+    layer keeps that share per head. Nothing is protected: answers survive only if they score.
+
+    KVzip's scores under the memory's constraint of one length per layer. kvpress's ``KVzipPress``
+    ranks every head's tokens together (per-head budgets) and is far more faithful: 0.93 against 0.28
+    agreement with full ICL on SmolLM2 TREC-128 (docs/benchmarks.md, "KVzip as kvpress ships it")."""
 
     ratio: float = 0.2
     layer_budgets: bool = False
