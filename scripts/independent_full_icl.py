@@ -16,7 +16,8 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from plain_icl import PlainPrompt
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents.models.sources import resolve_model_dir
 from emloc_agents.tasks import Task
@@ -36,40 +37,16 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     task = Task.load(args.task)
-    demos = task.sample_demos(args.shots, args.seed)
-    context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-
-    def encode(text: str) -> list[int]:
-        return bos + tok(text, add_special_tokens=False)["input_ids"]
-
-    # the cached prefix stops before the last separator: "\n\n" + the next word may tokenize differently
-    prefix = encode(context.rstrip("\n"))[:-1]
-    cache = DynamicCache()
-    with torch.inference_mode():
-        model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
-    n_prefix = len(prefix)
+    prompt = PlainPrompt.for_task(tok, task, args.shots, args.seed)
+    cache = prompt.prefill(model)
+    n_prefix = len(prompt.prefix)
 
     items = task.test[: args.limit]
     preds, t0 = [], time.perf_counter()
     for k, ex in enumerate(items):
         if k % 50 == 0:
             print(f"{k}/{len(items)} items, {time.perf_counter() - t0:.0f} s", flush=True)
-        query = task.format_input(ex.text)
-        q_ids = encode(context + query)
-        assert q_ids[:n_prefix] == prefix, "the prefix is not a prefix of the whole text's tokens"
-        scores = []
-        for label in task.labels:
-            full = encode(context + query + " " + label)
-            assert full[: len(q_ids)] == q_ids, f"label {label!r} changes the query's tokens"
-            rest = full[n_prefix:]
-            with torch.inference_mode():
-                logits = model(torch.tensor([rest]), past_key_values=cache, use_cache=True).logits[0].float()
-            cache.crop(n_prefix - cache.get_seq_length())  # drop this label's tokens again
-            lp = torch.log_softmax(logits, -1)
-            start = len(q_ids) - n_prefix  # first label token's index in rest
-            scores.append(float(sum(lp[i - 1, rest[i]] for i in range(start, len(rest)))))
-        preds.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+        preds.append(prompt.predict(model, cache, task.format_input(ex.text), task.labels))
     acc = sum(p == ex.label for p, ex in zip(preds, items, strict=True)) / len(items)
     result = {"model": args.model, "task": args.task, "shots": args.shots, "seed": args.seed, "n": len(items),
               "prompt_tokens": n_prefix + 1, "accuracy": acc, "seconds": time.perf_counter() - t0, "predictions": preds}

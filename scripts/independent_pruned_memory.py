@@ -4,8 +4,7 @@ A cross-check for the fidelity numbers of pruned memories: the memory is built b
 ``prefill_context="full"`` its kept keys/values are exactly full ICL's, see test_engine), but the
 queries are answered here by ``AutoModelForCausalLM`` on the whole context's ``DynamicCache``, with an
 attention function that hides, per layer and KV head, the context tokens the memory dropped. The
-prompt is built by string concatenation and tokenized once by the Hugging Face tokenizer, as in
-scripts/independent_full_icl.py. Prints both harnesses' accuracy and how often they agree.
+prompt and the label scoring are scripts/plain_icl.py's, as in scripts/independent_full_icl.py. Prints both harnesses' accuracy and how often they agree.
 
     python scripts/independent_pruned_memory.py --model smollm2-135m --task trec --ratio 0.19 --limit 300
 """
@@ -17,7 +16,8 @@ import json
 import time
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from plain_icl import PlainPrompt
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import Prepared
@@ -87,63 +87,46 @@ def main() -> None:
     lm = load_model(args.model)
     mem = compress(lm, skill, EMLoCConfig(prefill_context="full"), press=KVzipPress(ratio=args.ratio))
     items = task.test[: args.limit]
-    prep = Prepared("memory", memory=mem)
-    ours = [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+    if args.global_heads:  # the memory's selection is replaced below: nothing of ours to compare
+        ours: list[str | None] = [None] * len(items)
+    else:
+        prep = Prepared("memory", memory=mem)
+        ours = [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
 
     AttentionInterface.register("emloc_check_masked_sdpa", masked_sdpa)
     path = resolve_model_dir(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  attn_implementation="emloc_check_masked_sdpa").eval()
-    demos = task.sample_demos(args.shots, args.seed)
-    context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-
-    def encode(text: str) -> list[int]:
-        return bos + tok(text, add_special_tokens=False)["input_ids"]
-
-    prefix = encode(context.rstrip("\n"))[:-1]  # as in independent_full_icl.py
-    n_prefix = len(prefix)
-    rendered = lm.renderer("auto").render(skill.instruction, skill.demonstrations)
-    memory_ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
-    assert len(memory_ids) == mem.original_length and memory_ids[:n_prefix] == prefix
+    prompt = PlainPrompt.for_task(AutoTokenizer.from_pretrained(path), task, args.shots, args.seed)
+    n_prefix = len(prompt.prefix)
+    renderer = lm.renderer("auto")
+    memory_ids = renderer.render(skill.instruction, skill.demonstrations).ids
+    assert len(memory_ids) == mem.original_length and memory_ids[:n_prefix] == prompt.prefix
     TAIL[0] = mem.original_length - n_prefix
-    cache = DynamicCache()
-    with torch.inference_mode():
-        model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+    cache = prompt.prefill(model)
     for layer, pos in enumerate(mem.positions):
         KEEP[layer] = torch.zeros(pos.shape[0], mem.original_length, dtype=torch.bool).scatter_(1, pos.long(), True)
     if args.global_heads:
         if args.scores == "whole":
             unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-            r = lm.renderer("auto")
-            scores = torch.stack(whole_context_scores(lm, unpruned, memory_ids, encode=r.ids))
+            scores = torch.stack(whole_context_scores(lm, unpruned, memory_ids, encode=renderer.ids))
         else:
             scores = torch.stack(global_scores(lm, skill))  # (layers, kv_heads, tokens)
         scores[..., :4] = float("inf")
         top = torch.topk(scores.flatten(), round(args.ratio * scores.numel())).indices
         keep = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, top, True).view(scores.shape)
         KEEP.update(enumerate(keep))
-        ours = [None] * len(items)
 
-    theirs, t0 = [], time.perf_counter()
-    for ex in items:
-        query = task.format_input(ex.text)
-        q_ids = encode(context + query)
-        scores = []
-        for label in task.labels:
-            full = encode(context + query + " " + label)
-            rest = full[n_prefix:]
-            assert full[: mem.original_length] == memory_ids, "the memory's tokens are not the whole text's"
-            with torch.inference_mode():
-                logits = model(torch.tensor([rest]), past_key_values=cache, use_cache=True).logits[0].float()
-            cache.crop(n_prefix - cache.get_seq_length())
-            lp = torch.log_softmax(logits, -1)
-            start = len(q_ids) - n_prefix
-            scores.append(float(sum(lp[i - 1, rest[i]] for i in range(start, len(rest)))))
-        theirs.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+    def same_memory_tokens(full: list[int]) -> None:
+        assert full[: mem.original_length] == memory_ids, "the memory's tokens are not the whole text's"
+
+    t0 = time.perf_counter()
+    theirs = [prompt.predict(model, cache, task.format_input(ex.text), task.labels, same_memory_tokens) for ex in items]
     labels = [ex.label for ex in items]
-    def share(a: list, b: list) -> float:
+
+    def share(a: list, b: list) -> float | None:
+        if args.global_heads and (a is ours or b is ours):
+            return None
         return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
     result = {

@@ -1,6 +1,6 @@
 """KVzip as shipped by NVIDIA kvpress (0.5.5, ``KVzipPress``) on natural-text ICL: the off-the-shelf
 baseline the fidelity issue measures the memory against, scored like scripts/independent_full_icl.py
-(same prompt text, same label log-likelihood, plain transformers).
+(the same prompt text and label log-likelihood, scripts/plain_icl.py).
 
 kvpress is not a dependency of this package. To run it here:
 
@@ -22,7 +22,8 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from plain_icl import PlainPrompt
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents.models.sources import resolve_model_dir
 from emloc_agents.tasks import Task
@@ -54,39 +55,17 @@ def main() -> None:
     kvzip_module.AutoTokenizer.from_pretrained = without_template
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     task = Task.load(args.task)
-    demos = task.sample_demos(args.shots, args.seed)
-    context = task.instruction + "\n\n" + "".join(f"{task.format_input(d.text)} {d.label}\n\n" for d in demos)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-
-    def encode(text: str) -> list[int]:
-        return bos + tok(text, add_special_tokens=False)["input_ids"]
-
-    prefix = encode(context.rstrip("\n"))[:-1]  # as in independent_full_icl.py
-    n_prefix = len(prefix)
-    cache = DynamicCache()
+    prompt = PlainPrompt.for_task(tok, task, args.shots, args.seed)
     t0 = time.perf_counter()
-    with torch.inference_mode(), KVzipPress(compression_ratio=1 - args.keep)(model):
-        model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+    with KVzipPress(compression_ratio=1 - args.keep)(model):
+        cache = prompt.prefill(model)
     compress_s = time.perf_counter() - t0
     masked = [getattr(layer.self_attn, "masked_key_indices", None) for layer in model.model.layers]
-    pairs = len(masked) * model.config.num_key_value_heads * n_prefix
+    pairs = len(masked) * model.config.num_key_value_heads * len(prompt.prefix)
     kept = 1 - sum(0 if m is None else len(m[0]) for m in masked) / pairs
 
     items = task.test[: args.limit]
-    preds = []
-    for ex in items:
-        query = task.format_input(ex.text)
-        q_ids = encode(context + query)
-        scores = []
-        for label in task.labels:
-            rest = encode(context + query + " " + label)[n_prefix:]
-            with torch.inference_mode():
-                logits = model(input_ids=torch.tensor([rest]), past_key_values=cache, use_cache=True).logits[0].float()
-            cache.crop(n_prefix - cache.get_seq_length())
-            lp = torch.log_softmax(logits, -1)
-            start = len(q_ids) - n_prefix
-            scores.append(float(sum(lp[i - 1, rest[i]] for i in range(start, len(rest)))))
-        preds.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+    preds = [prompt.predict(model, cache, task.format_input(ex.text), task.labels) for ex in items]
     result = {
         "model": args.model, "task": args.task, "shots": args.shots, "seed": args.seed, "n": len(items),
         "press": "kvpress 0.5.5 KVzipPress", "kept": kept, "compress_s": compress_s,

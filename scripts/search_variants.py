@@ -34,7 +34,7 @@ def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, sp
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     renderer = lm.renderer("auto")
     rendered = renderer.render(skill.instruction, skill.demonstrations)
-    ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
+    ids = rendered.ids
     scores = whole_context_scores(lm, full, ids, span=span, encode=renderer.ids)
     return kvzip_memory(lm, full, scores, ratio, layer_budgets)
 

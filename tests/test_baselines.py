@@ -99,7 +99,7 @@ def test_whole_context_kvzip(span: int) -> None:
     skill = make_skill(8)
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     rendered = lm.renderer("auto").render(skill.instruction, skill.demonstrations)
-    ids = rendered.prefix.ids + [t for d in rendered.demos for t in d.ids]
+    ids = rendered.ids
     scores = whole_context_scores(lm, full, ids, span=span, sinks=4)
     assert len(scores) == lm.facts.num_layers
     for s in scores:
