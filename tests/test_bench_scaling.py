@@ -46,6 +46,8 @@ def test_files_and_fields(scaling_run):
         assert r["peak_rss_compress_mb"] >= 0 and r["peak_rss_full_prefill_mb"] >= 0 and r["baseline_rss_mb"] > 50
         assert 0 < r["compress_s"] <= r["cold_s"] and r["prefill_s"] > 0
         assert 0 < r["warm_s"] < r["cold_s"]  # a load from disk beats compressing
+        assert r["compress_over_prefill"] == pytest.approx(r["compress_s"] / r["prefill_s"])
+        assert r["decode_ms_memory"] > 0 and r["decode_ms_full_prefix"] > 0
     with (out / "scaling.csv").open() as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == SCALING_FIELDS

@@ -286,9 +286,12 @@ def test_lookahead_keeps_the_sequential_decisions(arch: str, device: str) -> Non
     probe = compress(lm, skill, EMLoCConfig(delta=1.0))  # every layer passes at 10 %: its JS values
     js = sorted(d["js"] for chunk in probe.stats["decisions"] for d in chunk if d["js"] is not None)
     delta = js[len(js) // 2]  # about half the checks fail at the smallest share
-    runs = {la: compress(lm, skill, EMLoCConfig(lookahead=la, delta=delta, storage_dtype="float32"))
+    plain = EMLoCConfig(lookahead=1, batch_candidates=False, delta=delta, storage_dtype="float32")
+    runs = {la: compress(lm, skill, plain.model_copy(update={"lookahead": la, "batch_candidates": True}))
             for la in (1, 3, 8)}
-    base = runs[1]
+    base = compress(lm, skill, plain)  # one layer, one candidate per re-forward
+    calls = [r.stats["check_forwards"] for r in (runs[8], runs[3], runs[1], base)]
+    assert calls[0] <= calls[1] < calls[2] <= calls[3], calls  # speculation saves re-forwards
     ratios = {r["ratio"] for chunk in base.stats["decisions"] for r in chunk}
     assert len(ratios) > 1  # the search made different choices on different layers: a real test
     for mem in runs.values():

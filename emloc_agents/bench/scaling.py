@@ -12,6 +12,10 @@ One row of ``SCALING_FIELDS`` per model, task and shot count (one seed):
   instance on the same dir (loads and validates from diskcache; median of ``WARM_REPEATS``
   instances). Model fingerprint and store are opened before either is timed. The file was just
   written, so the warm read comes from the OS page cache, as for a server that compressed it.
+- ``compress_over_prefill``: ``compress_s / prefill_s``, the search's cost in plain prefills.
+- ``decode_ms_memory`` / ``decode_ms_full_prefix``: milliseconds per decoded token (after the
+  first, ``DECODE_TOKENS`` greedy tokens, end-of-sequence held back) of a test query on the memory,
+  and of transformers' ``generate`` on the whole demonstrations + the same query (``timing.py``).
 - ``disk_bytes``: the bytes stored for the memory (safetensors + JSON header, as the registry
   writes them); ``memory_kv_bytes``: its K/V tensors alone; ``full_kv_bytes``: the fp16 K/V of
   all the tokens (``full_kv_bytes()``), the size a full cache of the demonstrations would have.
@@ -47,10 +51,11 @@ from ..tasks import Task, task_path
 from .plots import make_scaling_plots
 from .rss import PeakRSS
 from .run import BenchError, finish_run, load_tasks, machine_info
+from .timing import engine_decode_per_token, hf_decode_per_token, plain_prefill, timed
 
 SCALING_FIELDS = [
     "task", "model", "shots", "seed", "original_tokens", "memory_tokens", "kept_ratio", "compress_s",
-    "prefill_s", "peak_rss_compress_mb", "peak_rss_full_prefill_mb", "cold_s", "warm_s", "disk_bytes",
+    "prefill_s", "compress_over_prefill", "decode_ms_memory", "decode_ms_full_prefix", "peak_rss_compress_mb", "peak_rss_full_prefill_mb", "cold_s", "warm_s", "disk_bytes",
     "full_kv_bytes", "memory_kv_bytes", "baseline_rss_mb", "rss_method",
 ]
 WARM_REPEATS = 3
@@ -79,12 +84,7 @@ def full_prefill(lm: Any, ids: Sequence[int]) -> float:
 
     The model as loaded here: outside a memory its attention hook is inert (SDPA, causal mask),
     and only the last position's logits are computed, as for the first token of an answer."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
-    t0 = time.perf_counter()
-    lm.model(input_ids=torch.tensor([list(ids)], device=lm.device), cache=cache, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - t0
+    return timed(lambda: plain_prefill(lm, ids), lm.device)[0]
 
 
 class _MeteredRegistry(MemoryRegistry):
@@ -100,7 +100,12 @@ class _MeteredRegistry(MemoryRegistry):
 # ---- worker side (a fresh process per measurement) ------------------------------------------------
 
 
-def _compress_worker(lm: Any, skill: Skill, cache_dir: Path) -> dict[str, Any]:
+def query_ids(lm: Any, task: Task) -> list[int]:
+    """A test input of the task as the text after the demonstrations (for decode timings)."""
+    return lm.tokenizer(task.format_input(task.test[0].text), add_special_tokens=False)["input_ids"]
+
+
+def _compress_worker(lm: Any, skill: Skill, cache_dir: Path, query: list[int]) -> dict[str, Any]:
     from ..engine import compress
     from ..store import DiskCacheStore
 
@@ -126,15 +131,17 @@ def _compress_worker(lm: Any, skill: Skill, cache_dir: Path) -> dict[str, Any]:
         "kept_ratio": mem.kept_ratio, "compress_s": float(mem.stats["compress_s"]), "cold_s": info.seconds,
         "warm_s": statistics.median(warm), "disk_bytes": len(stored or b""), "memory_kv_bytes": mem.nbytes(),
         "peak_rss_mb": cold.rss.delta_mb, "baseline_rss_mb": cold.rss.baseline_mb, "rss_method": cold.rss.method,
+        "decode_ms_memory": 1e3 * engine_decode_per_token(lm, query, mem),
     }
 
 
-def _prefill_worker(lm: Any, skill: Skill) -> dict[str, Any]:
+def _prefill_worker(lm: Any, skill: Skill, query: list[int]) -> dict[str, Any]:
     full_prefill(lm, demo_ids(lm, skill.model_copy(update={"demonstrations": skill.demonstrations[:WARMUP_DEMOS]})))
     ids = demo_ids(lm, skill)
     with PeakRSS() as rss:
         seconds = full_prefill(lm, ids)
-    return {"tokens": len(ids), "prefill_s": seconds, "peak_rss_mb": rss.delta_mb, "rss_method": rss.method}
+    return {"tokens": len(ids), "prefill_s": seconds, "peak_rss_mb": rss.delta_mb, "rss_method": rss.method,
+            "decode_ms_full_prefix": 1e3 * hf_decode_per_token(lm, ids + query)}
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -143,11 +150,12 @@ def worker_main(argv: Sequence[str]) -> int:
 
     spec = json.loads(argv[0])
     lm = load_model(spec["model"], device=spec.get("device", "auto"))
-    skill = Task.load(spec["task"]).skill(spec["shots"], spec["seed"])
+    task = Task.load(spec["task"])
+    skill = task.skill(spec["shots"], spec["seed"])
     if spec["op"] == "compress":
-        result = _compress_worker(lm, skill, Path(spec["cache_dir"]))
+        result = _compress_worker(lm, skill, Path(spec["cache_dir"]), query_ids(lm, task))
     else:
-        result = _prefill_worker(lm, skill)
+        result = _prefill_worker(lm, skill, query_ids(lm, task))
     print(_MARK + json.dumps(result), flush=True)
     return 0
 
@@ -249,6 +257,8 @@ def run_scaling(
             "task": task.name, "model": lm.name, "shots": n, "seed": seed,
             "original_tokens": c["original_tokens"], "memory_tokens": c["memory_tokens"],
             "kept_ratio": c["kept_ratio"], "compress_s": c["compress_s"], "prefill_s": p["prefill_s"],
+            "compress_over_prefill": c["compress_s"] / p["prefill_s"], "decode_ms_memory": c["decode_ms_memory"],
+            "decode_ms_full_prefix": p["decode_ms_full_prefix"],
             "peak_rss_compress_mb": c["peak_rss_mb"], "peak_rss_full_prefill_mb": p["peak_rss_mb"],
             "cold_s": c["cold_s"], "warm_s": c["warm_s"], "disk_bytes": c["disk_bytes"],
             "full_kv_bytes": full_kv_bytes(lm.facts, c["original_tokens"]), "memory_kv_bytes": c["memory_kv_bytes"],

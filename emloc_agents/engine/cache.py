@@ -111,7 +111,15 @@ class MemoryCache(Cache):
         pk = self.prefix_keys[layer_idx]
         return 0 if pk is None else int(pk.shape[-2])
 
-    def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
+    def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor | None:
+        """The mask of ``positional_mask``, or None where every key is visible: one new token on a
+        full-attention layer, nothing packed, nobody observing (each decoding step; SDPA then runs
+        unmasked and builds no mask per layer). Keys never lie after the token being decoded."""
+        if q_len == 1 and self.observer is None and self.new_segments is None and not self.windows[layer_idx]:
+            return None
+        return self.positional_mask(layer_idx, q_len, k_len)
+
+    def positional_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
         """Boolean (B, 1, Lq, Lk) mask from original positions, prefix and new tokens alike: a key is
         visible if it is not after the query (and inside the window on sliding-window layers); packed
         new tokens see only their own segment."""

@@ -130,7 +130,8 @@ def compress(
     offset = 0
     rope_next = 0  # next free RoPE index (differs from offset for M-RoPE VLMs)
     t0 = time.perf_counter()
-    stats: dict[str, Any] = {"chunks": len(chunks), "replay_forwards": 0.0, "js_checks": 0, "decisions": []}
+    stats: dict[str, Any] = {"chunks": len(chunks), "replay_forwards": 0.0, "check_forwards": 0, "js_checks": 0,
+                             "decisions": []}
     prefill_s = 0.0
     for ci, chunk in enumerate(chunks):
         n = len(chunk.ids)
@@ -190,6 +191,7 @@ def compress(
         if replay is not None:
             stats["replay_forwards"] += replay.forwards
             stats["js_checks"] += replay.js_checks
+            stats["check_forwards"] += replay.check_forwards
         stats["decisions"].append(ctx.decisions)
         offset += n
         rope_next = rope_end

@@ -98,8 +98,10 @@ def stream_tokens(
         logits = lm_logits(lm.model, f, hidden[:, -1])
         if step == 0:
             ttft = time.perf_counter() - t0
-        all_ids = torch.tensor([list(prompt_ids) + out_ids], device=device)
-        scores = processors(all_ids, logits)  # type: ignore[arg-type]  # stubs want LongTensor/FloatTensor
+        scores = logits
+        if processors:  # they see every id so far (a host-to-device copy per step, so only when asked)
+            all_ids = torch.tensor([list(prompt_ids) + out_ids], device=device)
+            scores = processors(all_ids, logits)  # type: ignore[arg-type]  # stubs want LongTensor/FloatTensor
         if temperature > 0:
             probs = torch.softmax(scores, dim=-1)
             nxt = int(torch.multinomial(probs, 1, generator=generator)[0, 0])

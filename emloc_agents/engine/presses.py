@@ -8,6 +8,7 @@ sorted chunk-local indices. Sliding-window layers are never pruned (they only ke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -56,8 +57,10 @@ class EMLoCPress(Press):
     ``lookahead`` makes the sequential search cheaper without changing its decisions: most layers
     accept the smallest share, so the next ``lookahead`` layers are checked at once, as a batch of
     stacked trials (top layer pruned; top two; ...), in one re-forward that reads the weights once.
-    The walk accepts trials until the first that fails and tries the larger shares on that layer
-    only; trials after it assumed a decision that did not happen and are dropped."""
+    The walk accepts trials until the first that fails. That layer's larger shares are checked in
+    the next re-forward together with the speculation below each of its possible outcomes (0.2,
+    0.5, the whole chunk), so a failure costs one re-forward instead of two; the walk keeps the
+    stack under the share that passed. Trials that assumed a decision that did not happen are dropped."""
 
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     delta: float = 0.005
@@ -94,36 +97,61 @@ class EMLoCPress(Press):
                 trial[layer] = picks[ratio][layer]
             return trial
 
-        ahead = self.lookahead if replay.batches else 1
-        i = 0
-        while i < len(groups):
-            run, spec = groups[i : i + ahead], list[Selection]()
-            for group in run:  # stacked trials: each adds one more group at the smallest share
-                spec.append(pruned(spec[-1] if spec else decided, group, ratios[0]))
-            failed = None
-            for group, trial, js in zip(run, spec, replay.divergences(spec, run[-1][0]), strict=True):
+        def stack(base: Selection, run: list[list[int]]) -> list[Selection]:
+            """Stacked trials on ``base``: each adds one more group at the smallest share."""
+            out: list[Selection] = []
+            for group in run:
+                out.append(pruned(out[-1] if out else base, group, ratios[0]))
+            return out
+
+        def accept(run: list[list[int]], spec: list[Selection], results: Iterator[float]) -> int:
+            """Walk stacked trials until the first that fails; how many groups passed."""
+            nonlocal decided
+            for passed, (group, trial, js) in enumerate(zip(run, spec, results, strict=False)):
                 if js > self.delta:
-                    failed = group
-                    break
+                    return passed
                 decided = trial
                 for layer in group:
                     ctx.record(layer, ratios[0], js)
-            i += len(run) if failed is None else run.index(failed)
-            if failed is None:
-                continue
-            chosen, chosen_js = 1.0, None
-            trials = [pruned(decided, failed, r) for r in ratios[1:]]
-            if self.batch_candidates and trials:
-                results = replay.divergences(trials, failed[0])
-            else:  # one at a time, stop at the first that passes
-                results = (replay.divergence(t, start_layer=failed[0]) for t in trials)
-            for ratio, trial, js in zip(ratios[1:], trials, results, strict=False):
-                if js <= self.delta:
-                    chosen, chosen_js, decided = ratio, js, trial
+            return len(run)
+
+        ahead = self.lookahead if replay.batches else 1
+        # a group that failed the smallest share: its larger shares are checked in the same re-forward
+        # as the speculation below each possible outcome (share 0.2, 0.5, or the whole chunk)
+        merge = ahead > 1 and self.batch_candidates
+        i = 0
+        while i < len(groups):
+            run = groups[i : i + ahead]
+            spec = stack(decided, run)
+            passed = accept(run, spec, replay.divergences(spec, run[-1][0]))
+            i += passed
+            while passed < len(run) and i < len(groups):  # groups[i] failed the smallest share
+                failed = groups[i]
+                alts = [pruned(decided, failed, r) for r in ratios[1:]]
+                below = groups[i + 1 : i + ahead] if merge else []
+                stacks = [stack(base, below) for base in [*alts, decided]]  # under 0.2, 0.5, whole
+                trials = alts + [t for s in stacks for t in s]
+                if below:  # one re-forward; the JS of the stack under the share that passes is read later
+                    checked = replay.answer_trials(trials, below[-1][0])
+                    results: Iterator[float] = iter(checked.js(range(len(alts))))
+                elif self.batch_candidates and alts:
+                    results = iter(list(replay.divergences(alts, failed[0])))
+                else:  # one at a time, stop at the first that passes
+                    results = (replay.divergence(t, start_layer=failed[0]) for t in alts)
+                chosen, chosen_js, pick = 1.0, None, len(alts)
+                for j, (ratio, trial, js) in enumerate(zip(ratios[1:], alts, results, strict=False)):
+                    if js <= self.delta:
+                        chosen, chosen_js, decided, pick = ratio, js, trial, j
+                        break
+                for layer in failed:
+                    ctx.record(layer, chosen, chosen_js)
+                i += 1
+                if not below:
                     break
-            for layer in failed:
-                ctx.record(layer, chosen, chosen_js)
-            i += 1
+                first = len(alts) + pick * len(below)
+                run = below
+                passed = accept(run, stacks[pick], iter(checked.js(range(first, first + len(below)))))
+                i += passed
         return decided
 
 

@@ -15,7 +15,7 @@ a selection is a per-head mask over the chunk, and several trials run as blocks 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -102,6 +102,11 @@ class TrialCache(MemoryCache):
         self.buffers = buffers
         self.keep_new = False
 
+    @cached_property
+    def _same_block(self) -> torch.Tensor:
+        """(Lq, Lq): a new row sees the new rows of its own trial and demonstration (every layer)."""
+        return (self.row_trial[:, None] == self.row_trial[None, :]) & (self.row_demo[:, None] == self.row_demo[None, :])
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.buffers[layer_idx]
@@ -113,12 +118,11 @@ class TrialCache(MemoryCache):
         return k, v
 
     def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
-        mask = super().attention_mask(layer_idx, q_len, k_len)  # (1, 1, Lq, Lk): causal, windows
+        mask = self.positional_mask(layer_idx, q_len, k_len)  # (1, 1, Lq, Lk): causal, windows
         pseg = self.prefix_segments[layer_idx]
         assert pseg is not None
         sees_prefix = (pseg[None, :] == -1) | (pseg[None, :] == self.row_demo[:, None])  # + its own replay
-        same_block = (self.row_trial[:, None] == self.row_trial[None, :]) & (self.row_demo[:, None] == self.row_demo[None, :])
-        mask = mask & torch.cat([sees_prefix, same_block], dim=1)
+        mask = mask & torch.cat([sees_prefix, self._same_block], dim=1)
         keep = self.keep[layer_idx]
         if keep is None:
             return mask
@@ -151,6 +155,7 @@ class Replay:
     scope: str = "answers"
     forwards: float = 0.0  # replay-forward equivalents spent (partial forwards count by depth and rows)
     js_checks: int = 0
+    check_forwards: int = 0  # re-forwards run by checks (each reads the weights once)
     embeds: torch.Tensor | None = None  # (1, T, H) VLM input embeddings of the replay
     rope: torch.Tensor | None = None  # (3, 1, T) M-RoPE ids of the replay (Qwen2-VL)
     _memo: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -211,7 +216,7 @@ class Replay:
         ``scope="exact"``: the whole replay re-run per trial, lazily (the reference)."""
         if self.scope == "exact":
             return (self._exact_divergence(t, start_layer) for t in trials)
-        return self._answer_divergences(trials, start_layer)
+        return iter(self.answer_trials(trials, start_layer).js(range(len(trials))))
 
     def _exact_divergence(self, selection: Selection, start_layer: int) -> float:
         f = self.lm.facts
@@ -221,10 +226,15 @@ class Replay:
         hidden = run(self.lm.model, cache, self.ids, self.positions, segments=self.segments,
                      rope_positions=self.rope)
         self.forwards += (f.num_layers - start_layer) / f.num_layers
+        self.check_forwards += 1
         self.js_checks += 1
         return float(js_divergence(self.teacher, self._log_probs(hidden[self.rows])).mean())
 
-    def _answer_divergences(self, trials: list[Selection], start_layer: int) -> Iterator[float]:
+    def answer_trials(self, trials: list[Selection], start_layer: int) -> TrialResults:
+        """One batched re-forward of the answer rows of every trial (answers scope); their JS values
+        are read from the result as needed (``TrialResults.js``)."""
+        if self.scope == "exact":
+            raise ValueError("answer_trials needs search_scope='answers'")
         f = self.lm.facts
         assert self.teacher is not None
         c = len(trials)
@@ -246,10 +256,8 @@ class Replay:
         rope = None if self.rope is None else self.rope[:, :, idx].repeat(1, 1, c)
         hidden = run(self.lm.model, cache, ids.repeat(1, c), pos.repeat(1, c), rope_positions=rope)
         self.forwards += r / self.ids.shape[1] * (f.num_layers - start_layer) / f.num_layers
-        students = self._log_probs(hidden[0])  # one LM-head read for all trials (it is bandwidth-bound)
-        for j in range(c):
-            self.js_checks += 1
-            yield float(js_divergence(self.teacher, students[j * r : (j + 1) * r]).mean())
+        self.check_forwards += 1
+        return TrialResults(self, hidden[0].view(c, r, -1))
 
     # ---- prefixes ------------------------------------------------------------------------------
 
@@ -312,18 +320,47 @@ class Replay:
         return idx, self.ids[:, idx], self.positions[:, idx], self.segments[0, idx]
 
 
+@dataclass
+class TrialResults:
+    """The answer rows' last hidden states of a batch of trials; ``js`` applies the LM head to the
+    trials asked for (one read of the head for all of them), so trials nobody looks at cost no
+    vocabulary-sized work."""
+
+    replay: Replay
+    hidden: torch.Tensor  # (trials, rows, hidden)
+    _js: dict[int, float] = field(default_factory=dict)
+
+    def js(self, trials: Iterable[int]) -> list[float]:
+        """Mean JS to the teacher of each trial in ``trials`` (computed once)."""
+        trials = list(trials)
+        todo = [j for j in dict.fromkeys(trials) if j not in self._js]
+        if todo:
+            teacher = self.replay.teacher
+            assert teacher is not None
+            rows = self.hidden.shape[1]
+            students = self.replay._log_probs(self.hidden[todo].flatten(0, 1))
+            values = js_divergence(teacher.repeat(len(todo), 1), students).view(len(todo), rows).mean(1)
+            self._js.update(zip(todo, values.tolist(), strict=True))  # one device sync for all
+            self.replay.js_checks += len(todo)
+        return [self._js[j] for j in trials]
+
+
 def _keep_masks(
     selections: list[torch.Tensor | None], heads: int, n: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor | None:
-    """(trials, heads, n) chunk tokens each trial keeps at one layer, or None if all keep all."""
+    """(trials, heads, n) chunk tokens each trial keeps at one layer, or None if all keep all. Trials
+    share a layer's few candidate selections (the same tensors), so each is scattered once."""
     if all(s is None for s in selections):
         return None
-    keep = torch.ones(len(selections), heads, n, dtype=torch.bool, device=device)
-    for j, s in enumerate(selections):
-        if s is not None:
-            keep[j] = False
-            keep[j].scatter_(1, s, True)
-    return keep
+    table = [torch.ones(heads, n, dtype=torch.bool, device=device)]  # row 0: keep all
+    row_of: dict[int, int] = {}
+    which = []
+    for s in selections:
+        if s is not None and id(s) not in row_of:
+            row_of[id(s)] = len(table)
+            table.append(torch.zeros(heads, n, dtype=torch.bool, device=device).scatter_(1, s, True))
+        which.append(0 if s is None else row_of[id(s)])
+    return torch.stack(table)[torch.tensor(which, device=device)]
 
 
 def chunk_attention(
