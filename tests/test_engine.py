@@ -303,6 +303,16 @@ def test_lookahead_keeps_the_sequential_decisions(arch: str, device: str) -> Non
             assert torch.equal(a, b)
 
 
+def test_lookahead_defaults_by_device() -> None:
+    """Unset, the speculation depth follows the device (cost only: the decisions do not depend on it)."""
+    from emloc_agents.engine.compress import press_for
+    from emloc_agents.engine.presses import default_lookahead
+
+    assert EMLoCConfig().lookahead is None and press_for(EMLoCConfig()).lookahead is None
+    assert default_lookahead("cpu") == 4 and default_lookahead(torch.device("cuda", 1)) == 8
+    assert press_for(EMLoCConfig(lookahead=2)).lookahead == 2 and EMLoCConfig.reference().lookahead == 1
+
+
 def test_packed_replay_equals_each_demonstration_alone(tiny_llama) -> None:
     """The replay packs a chunk's demonstrations into one sequence (segments); its teacher must
     equal replaying each demonstration on its own after the chunk."""

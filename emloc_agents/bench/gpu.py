@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 
 from ..config import EMLoCConfig
 from ..engine import StreamingLLMPress, compress
+from ..engine.presses import default_lookahead
 from ..models.lm import LanguageModel
 from ..models.loader import resolve_device, resolve_dtype
 from ..skills import Skill
@@ -95,7 +97,7 @@ def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats:
     ids = lm.renderer("auto").render(skill.instruction, skill.demonstrations).ids
     search = {} if lookahead is None else {"lookahead": lookahead}
     row: dict[str, Any] = {"model": lm.name, "shots": len(skill.demonstrations), "tokens": len(ids),
-                           "lookahead": lookahead or EMLoCConfig().lookahead}
+                           "lookahead": lookahead or default_lookahead(lm.device)}
     plain_prefill(lm, ids[: min(len(ids), 512)])  # warm-up
     row["prefill_s"] = median_time(lambda: plain_prefill(lm, ids), dev, repeats)
     full_cfg = EMLoCConfig(keep_ratios=(1.0,))
@@ -104,7 +106,8 @@ def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats:
     log(f"{lm.name} {len(ids)} tokens: prefill {row['prefill_s']:.3f}s, chunk-wise {row['chunkwise_s']:.2f}s")
     memory = None
     for delta in deltas:
-        seconds, mem = timed(lambda d=delta: compress(lm, skill, EMLoCConfig(delta=d, **search)), dev)
+        config = EMLoCConfig(delta=delta, **search)
+        seconds, mem = timed(partial(compress, lm, skill, config), dev)
         key = f"delta={delta:g}"
         row[key] = {"compress_s": seconds, "compress_over_prefill": seconds / row["prefill_s"],
                     "kept_ratio": mem.kept_ratio, "replay_forwards": mem.stats["replay_forwards"],
@@ -120,13 +123,14 @@ def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats:
         if memory is None:  # only its length matters here: StreamingLLM at 10 % costs no search
             memory, made_by = compress(lm, skill, press=StreamingLLMPress(0.1)), "streaming-llm 10%"
         kept = round(memory.memory_tokens / memory.num_layers)
-        row["decode_ms_per_token"] = d = {
+        d: dict[str, Any] = {
             "memory": 1e3 * engine_decode_per_token(lm, query, memory, repeats),
             "full_memory": 1e3 * engine_decode_per_token(lm, query, full_mem, repeats),
             "hf_full_prefix": 1e3 * hf_decode_per_token(lm, ids + query, repeats),
             "hf_prefix_as_long_as_memory": 1e3 * hf_decode_per_token(lm, ids[:kept] + query, repeats),
             "memory_tokens_per_layer": kept, "memory_made_by": made_by,
         }
+        row["decode_ms_per_token"] = d
         d["full_over_memory"] = d["full_memory"] / d["memory"]
         d["memory_over_hf_same_length"] = d["memory"] / d["hf_prefix_as_long_as_memory"]
         d["hf_full_over_memory"] = d["hf_full_prefix"] / d["memory"]

@@ -23,6 +23,12 @@ __all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "St
            "budget", "pool", "topk_per_head"]
 
 
+def default_lookahead(device: torch.device | str) -> int:
+    """Speculation depth where ``lookahead`` is None: 8 on CUDA (re-forwards are launch-bound there,
+    extra trial rows nearly free), 4 elsewhere (rows cost compute). Decisions do not depend on it."""
+    return 8 if torch.device(device).type == "cuda" else 4
+
+
 def topk_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (kv_heads, k) of the k best chunk tokens per head, in sequence order."""
     k = min(k, scores.shape[-1])
@@ -66,7 +72,7 @@ class EMLoCPress(Press):
     delta: float = 0.005
     layer_group_size: int = 1
     batch_candidates: bool = True
-    lookahead: int = 4
+    lookahead: int | None = None  # None: by device (EMLoCConfig.lookahead)
     budget_rounding: str = "ceil"
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
@@ -115,7 +121,8 @@ class EMLoCPress(Press):
                     ctx.record(layer, ratios[0], js)
             return len(run)
 
-        ahead = self.lookahead if replay.batches else 1
+        ahead = self.lookahead or default_lookahead(ctx.device)
+        ahead = ahead if replay.batches else 1
         # a group that failed the smallest share: its larger shares are checked in the same re-forward
         # as the speculation below each possible outcome (share 0.2, 0.5, or the whole chunk)
         merge = ahead > 1 and self.batch_candidates

@@ -54,6 +54,7 @@ def _emloc_attention(
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
     if cache.observer is not None:
+        assert mask is not None  # a cache with an observer always builds its mask
         cache.observer(module, layer, query, key, mask)
     return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
 
