@@ -65,6 +65,10 @@ class EMLoCConfig(BaseModel):
         "('memory', reference: compression needs only the memory's room) or every earlier token, unpruned "
         "('full': the chunk's keys are those of full-context ICL; needs the full context's room while "
         "compressing).")
+    head_budgets: bool = Field(
+        False, description="A layer's candidate share is ranked across its KV heads (heads * k tokens, a head "
+        "whose attention is spread keeps more than a focused one; kvpress's per-head budgets) instead of k per "
+        "head (reference). The memory then pads shorter heads with never-visible slots.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."
     )

@@ -30,13 +30,14 @@ def _scores(lm, task: Task, memory, items) -> list[str | None]:
     return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
 
 
-def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, span: int = 2048):
+def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, span: int = 2048,
+                        head_budgets: bool = False):
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     renderer = lm.renderer("auto")
     rendered = renderer.render(skill.instruction, skill.demonstrations)
     ids = rendered.ids
     scores = whole_context_scores(lm, full, ids, span=span, encode=renderer.ids)
-    return kvzip_memory(lm, full, scores, ratio, layer_budgets)
+    return kvzip_memory(lm, full, scores, ratio, layer_budgets, head_budgets)
 
 
 def main() -> None:

@@ -5,19 +5,22 @@
   query), prefilled from scratch each time. Accuracy and TTFT are both measured on this honest
   recompute path.
 - ``full-icl-cached``: the uncompressed memory (``keep_ratios=(1.0,)``), prefilled once and reused.
-- ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked).
+- ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked); ``emloc-heads``: the same search with
+  each layer's candidate shares ranked across its KV heads (``head_budgets=True``).
 - ``uniform``, ``snapkv``, ``streaming-llm``, ``random``, ``kvzip``: fixed-ratio presses. Their ratio
   is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
-  ``kvzip`` (Kim et al. 2025) scores tokens by reconstruction attention, query-agnostic.
+  ``kvzip`` (Kim et al. 2025) scores tokens by reconstruction attention, query-agnostic;
+  ``kvzip-heads`` ranks each layer's budget across its heads, as kvpress does.
 - ``fewer-shots``: the first whole demonstrations that fit the same token budget (the same ratio
   rule), kept uncompressed: what a user gets by simply passing fewer examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from ..config import EMLoCConfig
 from ..engine import (
@@ -29,18 +32,19 @@ from ..engine import (
     UniformPress,
     compress,
 )
+from ..engine.presses import Press
 from ..engine.prompt import Renderer
 from ..models.lm import memory_context
 from ..skills import Skill
 from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
-    "zero-shot", "full-icl", "full-icl-cached", "emloc", "uniform", "snapkv", "streaming-llm", "random",
-    "kvzip", "fewer-shots",
+    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-heads", "uniform", "snapkv", "streaming-llm",
+    "random", "kvzip", "kvzip-heads", "fewer-shots",
 )
-FIXED_RATIO_PRESSES = {
+FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
-    "kvzip": KVzipPress,
+    "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
 }
 FIXED_RATIO_METHODS = (*FIXED_RATIO_PRESSES, "fewer-shots")  # the methods a --ratio sets
 DEFAULT_RATIO = 0.2
@@ -117,6 +121,8 @@ def prepare(
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":
         return _from_memory(method, compress(lm, skill, EMLoCConfig()))
+    if method == "emloc-heads":
+        return _from_memory(method, compress(lm, skill, EMLoCConfig(head_budgets=True)))
     if ratio is not None:
         r_used, source = ratio, "--ratio"
     elif emloc_ratio is not None:

@@ -39,6 +39,8 @@ class MemoryCache(Cache):
         prefix_positions: per layer ``(M_l,)`` original positions, for the causal and sliding-window
             masks (for pruned full-attention layers any head's positions will do).
         windows: per layer sliding window (``None`` = full attention).
+        prefix_valid: per layer None or ``(kv_heads, M_l)`` bool: the prefix slots that hold a token
+            (per-head budgets pad the shorter heads); the others are never visible.
     """
 
     def __init__(
@@ -47,9 +49,11 @@ class MemoryCache(Cache):
         prefix_values: Sequence[torch.Tensor | None],
         prefix_positions: Sequence[torch.Tensor | None],
         windows: Sequence[int | None],
+        prefix_valid: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(layers=[])
         n = len(windows)
+        self.prefix_valid = list(prefix_valid) if prefix_valid is not None else [None] * n
         self.prefix_keys = list(prefix_keys)
         self.prefix_values = list(prefix_values)
         self.prefix_positions = list(prefix_positions)
@@ -115,14 +119,16 @@ class MemoryCache(Cache):
         """The mask of ``positional_mask``, or None where every key is visible: one new token on a
         full-attention layer, nothing packed, nobody observing (each decoding step; SDPA then runs
         unmasked and builds no mask per layer). Keys never lie after the token being decoded."""
-        if q_len == 1 and self.observer is None and self.new_segments is None and not self.windows[layer_idx]:
+        if (q_len == 1 and self.observer is None and self.new_segments is None and not self.windows[layer_idx]
+                and self.prefix_valid[layer_idx] is None):
             return None
         return self.positional_mask(layer_idx, q_len, k_len)
 
     def positional_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
         """Boolean (B, 1, Lq, Lk) mask from original positions, prefix and new tokens alike: a key is
         visible if it is not after the query (and inside the window on sliding-window layers); packed
-        new tokens see only their own segment."""
+        new tokens see only their own segment. (B, kv_heads, Lq, Lk) where the prefix has padded
+        slots (``prefix_valid``); the attention function widens it to the query heads."""
         assert self.query_positions is not None and self.new_positions is not None
         q_pos = self.query_positions[:, :, None]  # (B, Lq, 1)
         key_pos = self.new_positions[:, None, :]  # (B, 1, N)
@@ -140,7 +146,13 @@ class MemoryCache(Cache):
             mask[..., m:] &= self.new_segments[:, None, :] == self.query_segments[:, :, None]
         if mask.shape[-1] != k_len:
             raise RuntimeError(f"layer {layer_idx}: mask covers {mask.shape[-1]} keys, attention has {k_len}")
-        return mask[:, None]
+        valid = self.prefix_valid[layer_idx]
+        if valid is None:
+            return mask[:, None]
+        heads = valid.shape[0]
+        out = mask[:, None].expand(-1, heads, -1, -1).clone()
+        out[..., :m] &= valid.to(out.device)[None, :, None, :]
+        return out
 
     # ---- what the model asks of a Cache -------------------------------------------------------
 

@@ -25,7 +25,7 @@ from .memory import CompressedMemory
 from .presses import EMLoCPress, KVzipPress, Press
 from .prompt import Segment
 from .reconstruct import REPEAT_PROMPT, reconstruction_scores
-from .replay import Building, Replay, chunk_attention, gather_tokens
+from .replay import Building, Replay, chunk_attention, gather_positions, gather_tokens, is_padded
 from .selection import blend_importance
 
 
@@ -95,7 +95,7 @@ def press_for(config: EMLoCConfig) -> Press:
     if not config.prunes:
         return Press()
     return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size, config.batch_candidates,
-                      config.lookahead, config.budget_rounding)
+                      config.lookahead, config.budget_rounding, config.head_budgets)
 
 
 def compress(
@@ -137,7 +137,7 @@ def compress(
         n = len(chunk.ids)
         pos = (offset + torch.arange(n, device=device))[None]
         mem_k, mem_v, mem_p = zip(*(context.prefix(i) for i in range(f.num_layers)), strict=True)
-        cache = MemoryCache(mem_k, mem_v, mem_p, f.windows)
+        cache = MemoryCache(mem_k, mem_v, mem_p, f.windows, [context.valid(i) for i in range(f.num_layers)])
         window_scores: dict[int, torch.Tensor] = {}
         if press.needs_window_scores:
             cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, context.length)
@@ -179,8 +179,8 @@ def compress(
             ck, cv, cp = chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1)
             idx = selection[layer]
             if idx is not None:
-                ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), torch.gather(cp, 1, idx)
-            building.append(layer, ck, cv, cp)
+                ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), gather_positions(cp, idx)
+            building.append(layer, ck, cv, cp, padded=is_padded(idx))
             if context is not building:
                 context.append(layer, chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1))
             window = f.windows[layer]

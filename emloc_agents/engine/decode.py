@@ -29,7 +29,7 @@ def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[Memo
     keys = [k[None] for k in memory.keys]
     values = [v[None] for v in memory.values]
     pos = [p[0] for p in memory.positions]
-    cache = MemoryCache(keys, values, pos, f.windows)
+    cache = MemoryCache(keys, values, pos, f.windows, memory.valid_masks)
     cache.keep_new = False
     cache.rope_delta = memory.position_offset - memory.original_length  # type: ignore[attr-defined]  # M-RoPE
     return cache, memory.original_length
@@ -171,14 +171,16 @@ def _fork(cache: MemoryCache) -> MemoryCache:
     """A cache whose prefix is everything ``cache`` holds now (the prompt included)."""
     n = len(cache.windows)
     assert cache.new_positions is not None
-    keys, values, pos = [], [], []
+    keys, values, pos, valid = [], [], [], []
     for i in range(n):
         keys.append(cache.keys[i])
         values.append(cache.values[i])
         pp = cache.prefix_positions[i]
         new = cache.new_positions[0]
         pos.append(new if pp is None else torch.cat([pp, new]))
-    sub = MemoryCache(keys, values, pos, cache.windows)
+        v = cache.prefix_valid[i]
+        valid.append(None if v is None else torch.cat([v, v.new_ones(v.shape[0], new.shape[0])], 1))
+    sub = MemoryCache(keys, values, pos, cache.windows, valid)
     sub.keep_new = False
     sub.rope_delta = getattr(cache, "rope_delta", 0)  # type: ignore[attr-defined]
     return sub

@@ -7,15 +7,19 @@ from typing import Any
 
 import torch
 
+PAD = -1  # the position of a spare slot (a head that keeps fewer tokens than its layer's longest)
+
 
 @dataclass
 class CompressedMemory:
     """Per-layer keys/values (stored after RoPE) with the original positions of the kept tokens.
 
     ``keys[l]`` and ``values[l]`` have shape ``(kv_heads, layer_lengths[l], head_dim)``; every KV head
-    of a layer keeps the same number of tokens but may keep different ones, so ``positions[l]`` is
-    ``(kv_heads, layer_lengths[l])``. A query continues at ``original_length`` (the uncompressed
-    length), never at the compressed one. The memory is never mutated by a query.
+    of a layer has the same number of slots but may keep different tokens, so ``positions[l]`` is
+    ``(kv_heads, layer_lengths[l])``. Heads that keep fewer tokens than the layer's longest (per-head
+    budgets) fill their spare slots with position ``PAD`` (-1): never visible to a query
+    (``valid_masks``). A query continues at ``original_length`` (the uncompressed length), never at
+    the compressed one. The memory is never mutated by a query.
     """
 
     keys: list[torch.Tensor]
@@ -27,6 +31,7 @@ class CompressedMemory:
     next_position: int | None = None  # first free RoPE index (differs from original_length for M-RoPE)
     header: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    _valid: list[torch.Tensor | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -37,9 +42,24 @@ class CompressedMemory:
         return [int(k.shape[-2]) for k in self.keys]
 
     @property
-    def memory_tokens(self) -> int:
-        """Token slots kept, summed over layers (what a query attends to, divided by layers)."""
-        return sum(self.layer_lengths)
+    def valid_masks(self) -> list[torch.Tensor | None]:
+        """Per layer None (every slot holds a token) or ``(kv_heads, slots)`` bool: which slots do
+        (computed once per memory object: a query reads it on every layer)."""
+        if self._valid is None:
+            self._valid = [None if not bool((p < 0).any()) else p >= 0 for p in self.positions]
+        return self._valid
+
+    @property
+    def kept_lengths(self) -> list[float]:
+        """Tokens each layer keeps, averaged over its KV heads (its slots, less any padding)."""
+        return [float(n) if v is None else float(v.sum()) / v.shape[0]
+                for n, v in zip(self.layer_lengths, self.valid_masks, strict=True)]
+
+    @property
+    def memory_tokens(self) -> float:
+        """Tokens kept (per head, averaged over heads), summed over layers (what a query attends to,
+        divided by layers)."""
+        return sum(self.kept_lengths)
 
     @property
     def kept_ratio(self) -> float:
@@ -47,8 +67,8 @@ class CompressedMemory:
         (full-attention layers; sliding-window layers only ever keep their window)."""
         if self.original_length == 0:
             return 1.0
-        full = [n for n, s in zip(self.layer_lengths, self.sliding, strict=True) if not s]
-        lengths = full or self.layer_lengths
+        full = [n for n, s in zip(self.kept_lengths, self.sliding, strict=True) if not s]
+        lengths = full or self.kept_lengths
         return sum(lengths) / (len(lengths) * self.original_length)
 
     @property
@@ -56,7 +76,7 @@ class CompressedMemory:
         """Share of the full KV cache held, over all layers (sliding layers included)."""
         if self.original_length == 0:
             return 1.0
-        return self.memory_tokens / (self.num_layers * self.original_length)
+        return sum(self.layer_lengths) / (self.num_layers * self.original_length)
 
     @property
     def position_offset(self) -> int:

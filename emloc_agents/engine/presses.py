@@ -2,7 +2,9 @@
 kvpress: EMLoC's adaptive JS-checked search, and the fixed-ratio baselines the benchmark compares.
 
 A press returns, per layer, either ``None`` (keep the whole chunk) or a ``(kv_heads, k)`` tensor of
-sorted chunk-local indices. Sliding-window layers are never pruned (they only keep their window).
+sorted chunk-local indices; with per-head budgets a head that keeps fewer tokens than the layer's
+most pads its row with -1 (``topk_across_heads``). Sliding-window layers are never pruned (they
+only keep their window).
 """
 
 from __future__ import annotations
@@ -20,13 +22,38 @@ if TYPE_CHECKING:
     from .chunks import ChunkContext
 
 __all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "StreamingLLMPress", "UniformPress",
-           "budget", "pool", "topk_per_head"]
+           "budget", "padded_indices", "pool", "topk_across_heads", "topk_per_head"]
 
 
 def default_lookahead(device: torch.device | str) -> int:
     """Speculation depth where ``lookahead`` is None: 8 on CUDA (re-forwards are launch-bound there,
     extra trial rows nearly free), 4 elsewhere (rows cost compute). Decisions do not depend on it."""
     return 8 if torch.device(device).type == "cuda" else 4
+
+
+def topk_across_heads(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``heads * k`` best chunk tokens of a layer ranked across its heads (kvpress's per-head
+    budgets: a head whose attention is spread keeps more than a focused one) -> (heads, k_max) indices
+    in sequence order per head, -1 in the spare slots of heads that keep fewer than the most."""
+    h, n = scores.shape
+    chosen = torch.zeros(h * n, dtype=torch.bool, device=scores.device)
+    chosen[torch.topk(scores.flatten(), h * min(k, n)).indices] = True
+    return padded_indices(chosen.view(h, n))
+
+
+def padded_indices(chosen: torch.Tensor) -> torch.Tensor:
+    """(heads, n) bool -> (heads, k_max) indices of the chosen tokens per head in sequence order, -1
+    in the spare slots of heads that chose fewer than the most."""
+    h, n = chosen.shape
+    k_max = int(chosen.sum(1).max())
+    order = torch.arange(n, device=chosen.device).expand(h, n)
+    idx = torch.where(chosen, order, order + n).sort(dim=1).values[:, :k_max]  # chosen first, in order
+    return idx.masked_fill(idx >= n, -1)
+
+
+def select_top(scores: torch.Tensor, k: int, across_heads: bool) -> torch.Tensor:
+    """k tokens per head (``topk_per_head``) or heads * k for the layer (``topk_across_heads``)."""
+    return topk_across_heads(scores, k) if across_heads else topk_per_head(scores, k)
 
 
 def topk_per_head(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,6 +101,7 @@ class EMLoCPress(Press):
     batch_candidates: bool = True
     lookahead: int | None = None  # None: by device (EMLoCConfig.lookahead)
     budget_rounding: str = "ceil"
+    head_budgets: bool = False  # a layer's share ranked across its heads (EMLoCConfig.head_budgets)
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -94,7 +122,7 @@ class EMLoCPress(Press):
                 for layer in group:
                     ctx.record(layer, 1.0, None)
             return decided
-        picks = {r: [topk_per_head(replay.scores[layer], k_of(r)) for layer in range(n_layers)]
+        picks = {r: [select_top(replay.scores[layer], k_of(r), self.head_budgets) for layer in range(n_layers)]
                  for r in ratios}
 
         def pruned(base: Selection, group: list[int], ratio: float) -> Selection:
@@ -167,6 +195,7 @@ class UniformPress(Press):
     """EMLoC's importance scores at one fixed share for every layer (no JS check)."""
 
     ratio: float = 0.2
+    head_budgets: bool = False
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "uniform"
 
@@ -174,7 +203,7 @@ class UniformPress(Press):
         assert ctx.replay is not None
         k = budget(ctx.n, self.ratio, ctx.n_protected)
         return [
-            None if ctx.facts.sliding[i] else topk_per_head(ctx.replay.scores[i], k)
+            None if ctx.facts.sliding[i] else select_top(ctx.replay.scores[i], k, self.head_budgets)
             for i in range(ctx.facts.num_layers)
         ]
 
@@ -209,12 +238,14 @@ class KVzipPress(Press):
     token scores the most attention any reconstruction query pays it (engine/reconstruct.py); every
     layer keeps that share per head. Nothing is protected: answers survive only if they score.
 
-    KVzip's scores under the memory's constraint of one length per layer. kvpress's ``KVzipPress``
-    ranks every head's tokens together (per-head budgets) and is far more faithful: 0.93 against 0.28
-    agreement with full ICL on SmolLM2 TREC-128 (docs/benchmarks.md, "KVzip as kvpress ships it")."""
+    By default every head keeps the same share (one length per head). kvpress's ``KVzipPress`` ranks
+    every head's tokens together (per-head budgets, ``head_budgets=True`` here) and was far more
+    faithful: 0.93 against 0.28 agreement with full ICL on SmolLM2 TREC-128 (docs/benchmarks.md,
+    "KVzip as kvpress ships it")."""
 
     ratio: float = 0.2
     layer_budgets: bool = False
+    head_budgets: bool = False  # each layer's budget ranked across its heads, as kvpress does
     sinks: int | None = None  # kvpress: 4 (the first tokens are always kept and the only memory the
     # reconstruction's softmax sees besides the chunk); None: every key, nothing kept by position
     needs_reconstruction: ClassVar[bool] = True
@@ -232,7 +263,8 @@ class KVzipPress(Press):
         ks = dict.fromkeys(layers, k)
         if self.layer_budgets and layers:
             ks = global_layer_budgets({i: scores[i] for i in layers}, k)
-        return [topk_per_head(scores[i], ks[i]) if i in ks else None for i in range(ctx.facts.num_layers)]
+        return [select_top(scores[i], ks[i], self.head_budgets) if i in ks else None
+                for i in range(ctx.facts.num_layers)]
 
 
 def global_layer_budgets(scores: dict[int, torch.Tensor], k: int) -> dict[int, int]:

@@ -17,8 +17,8 @@ from .cache import MemoryCache
 from .decode import memory_cache
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
-from .presses import global_layer_budgets, topk_per_head
-from .replay import Building
+from .presses import global_layer_budgets, padded_indices, select_top
+from .replay import Building, gather_positions
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
@@ -33,7 +33,8 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     hkv = k.shape[1]
     scaling = getattr(module, "scaling", d**-0.5)
     logits = torch.einsum("hqd,hkd->hqk", q[0].float(), k[0].float().repeat_interleave(hq // hkv, dim=0)) * scaling
-    visible = mask[0, :1].expand(hq, -1, -1)
+    visible = mask[0] if mask.shape[1] == 1 else mask[0].repeat_interleave(hq // mask.shape[1], dim=0)
+    visible = visible.expand(hq, -1, -1)
     if hidden is not None:
         visible = visible & ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -51,13 +52,15 @@ def reconstruction_scores(
     repeat (kvpress's KVzipPress); None: every key. Sliding-window layers get zeros (never pruned)."""
     f = lm.facts
     n = int(chunk_pos.shape[0])
-    keys, values, positions = [], [], []
+    keys, values, positions, valid = [], [], [], []
     for layer in range(f.num_layers):
         mk, mv, mp = building.prefix(layer)
         keys.append(chunk_k[layer] if mk is None else torch.cat([mk, chunk_k[layer]], 2))
         values.append(chunk_v[layer] if mv is None else torch.cat([mv, chunk_v[layer]], 2))
         positions.append(chunk_pos if mp is None else torch.cat([mp, chunk_pos]))
-    cache = MemoryCache(keys, values, positions, f.windows)
+        v = building.valid(layer)
+        valid.append(None if v is None else torch.cat([v, torch.ones(v.shape[0], n, dtype=torch.bool, device=v.device)], 1))
+    cache = MemoryCache(keys, values, positions, f.windows, valid)
     cache.keep_new = False
     scores: dict[int, torch.Tensor] = {}
 
@@ -117,22 +120,31 @@ def whole_context_scores(
 
 
 def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.Tensor], ratio: float,
-                 layer_budgets: bool = True) -> CompressedMemory:
-    """The unpruned ``memory`` keeping, per layer and head, its best-scored share ``ratio`` of tokens
-    (``layer_budgets``: the layers' shares from one ranking across layers, see ``global_layer_budgets``)."""
+                 layer_budgets: bool = True, head_budgets: bool = False) -> CompressedMemory:
+    """The unpruned ``memory`` keeping its best-scored share ``ratio`` of tokens: per layer and head
+    (default), per layer ranked across its heads (``head_budgets``), or, with ``layer_budgets``, from
+    one ranking across layers (and, with both, across layers and heads: kvpress's KVzipPress)."""
     f = lm.facts
     total = memory.original_length
     k = max(1, round(ratio * total))
     layers = [i for i in range(f.num_layers) if not f.sliding[i]]
     ks = global_layer_budgets({i: scores[i] for i in layers}, k) if layer_budgets else dict.fromkeys(layers, k)
+    chosen: dict[int, torch.Tensor] = {}
+    if head_budgets and layer_budgets and layers:  # one ranking of every (layer, head, token)
+        flat = torch.cat([scores[i].flatten() for i in layers])
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat, min(flat.numel(), k * f.num_kv_heads * len(layers))).indices] = True
+        chosen = dict(zip(layers, keep.view(len(layers), *scores[layers[0]].shape).unbind(0), strict=True))
     keys, values, positions = [], [], []
     for i in range(f.num_layers):
         key, val, pos = memory.keys[i], memory.values[i], memory.positions[i]
         if i in ks:
-            idx = topk_per_head(scores[i].to(key.device), ks[i])
-            key = torch.gather(key, 1, idx[..., None].expand(-1, -1, key.shape[-1]))
-            val = torch.gather(val, 1, idx[..., None].expand(-1, -1, val.shape[-1]))
-            pos = torch.gather(pos, 1, idx.to(pos.device))
+            s = scores[i].to(key.device)
+            idx = (padded_indices(chosen[i].to(key.device)) if i in chosen
+                   else select_top(s, ks[i], head_budgets))
+            key = torch.gather(key, 1, idx.clamp_min(0)[..., None].expand(-1, -1, key.shape[-1]))
+            val = torch.gather(val, 1, idx.clamp_min(0)[..., None].expand(-1, -1, val.shape[-1]))
+            pos = gather_positions(pos, idx.to(pos.device))
         keys.append(key.contiguous())
         values.append(val.contiguous())
         positions.append(pos.contiguous())

@@ -24,6 +24,7 @@ import torch
 
 from .cache import MemoryCache
 from .forward import ModelHandle, lm_logits, run
+from .memory import PAD
 from .selection import Selection, pool
 
 
@@ -36,8 +37,20 @@ def js_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (1, H, n, D), idx (H, k) -> (1, H, k, D)."""
-    return torch.gather(t, 2, idx[None, :, :, None].expand(1, -1, -1, t.shape[-1]))
+    """t (1, H, n, D), idx (H, k) -> (1, H, k, D); a padded slot (idx -1) gets token 0's vector
+    (never visible: its position is PAD)."""
+    return torch.gather(t, 2, idx.clamp_min(0)[None, :, :, None].expand(1, -1, -1, t.shape[-1]))
+
+
+def gather_positions(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """pos (n,) or (H, n), idx (H, k) -> (H, k) positions of the selected tokens, PAD where idx is -1."""
+    pos = pos[None].expand(idx.shape[0], -1) if pos.dim() == 1 else pos
+    return torch.gather(pos, 1, idx.clamp_min(0)).masked_fill(idx < 0, PAD)
+
+
+def is_padded(idx: torch.Tensor | None) -> bool:
+    """Whether a selection pads some heads (per-head budgets); reads one flag from the device."""
+    return idx is not None and bool((idx < 0).any())
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -46,15 +59,22 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class Building:
-    """The memory while it is being built: per layer keys/values (1, H, M, D), positions (H, M)."""
+    """The memory while it is being built: per layer keys/values (1, H, M, D), positions (H, M)
+    (PAD in the spare slots of heads that keep fewer tokens; ``padded`` says which layers have any)."""
 
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
     positions: list[torch.Tensor | None]
+    padded: list[bool] = field(default_factory=list)
 
     @classmethod
     def empty(cls, n: int) -> Building:
-        return cls([None] * n, [None] * n, [None] * n)
+        return cls([None] * n, [None] * n, [None] * n, [False] * n)
+
+    def valid(self, layer: int) -> torch.Tensor | None:
+        """(H, M) slots that hold a token, or None if all do."""
+        p = self.positions[layer]
+        return None if p is None or not self.padded[layer] else p >= 0
 
     def prefix(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         p = self.positions[layer]
@@ -64,7 +84,8 @@ class Building:
         k = self.keys[layer]
         return 0 if k is None else int(k.shape[-2])
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, padded: bool = False) -> None:
+        self.padded[layer] = self.padded[layer] or padded
         self.keys[layer] = _cat(self.keys[layer], k, 2)
         self.values[layer] = _cat(self.values[layer], v, 2)
         self.positions[layer] = _cat(self.positions[layer], pos, 1)
@@ -72,7 +93,7 @@ class Building:
     def keep_after(self, layer: int, position: int) -> None:
         """Drop the tokens at positions <= ``position`` (what a sliding window can no longer see)."""
         pos = self.positions[layer]
-        assert pos is not None
+        assert pos is not None and not self.padded[layer]  # sliding layers are never pruned
         keep = pos[0] > position
         self.keys[layer] = self.keys[layer][:, :, keep]  # type: ignore[index]
         self.values[layer] = self.values[layer][:, :, keep]  # type: ignore[index]
@@ -246,9 +267,9 @@ class Replay:
         keep: list[torch.Tensor | None] = [None] * f.num_layers
         for i in layers:
             keep[i] = _keep_masks([t[i] for t in trials], f.num_kv_heads, n, self.ids.device)
-        k, v, p, seg, buffers = ([prefixes[i][j] if i in prefixes else None for i in range(f.num_layers)]
-                                 for j in range(5))
-        cache = TrialCache(k, v, p, f.windows, keep=keep, n=n, prefix_segments=seg, q_heads=f.num_heads,
+        k, v, p, seg, buffers, valid = ([prefixes[i][j] if i in prefixes else None for i in range(f.num_layers)]
+                                        for j in range(6))
+        cache = TrialCache(k, v, p, f.windows, valid, keep=keep, n=n, prefix_segments=seg, q_heads=f.num_heads,
                            row_trial=torch.arange(c, device=ids.device).repeat_interleave(r), row_demo=demo.repeat(c),
                            chunk_start=[self.building.length(i) for i in range(f.num_layers)], buffers=buffers)
         cache.start_layer = start_layer
@@ -267,24 +288,34 @@ class Replay:
         keys: list[torch.Tensor | None] = [None] * f.num_layers
         values: list[torch.Tensor | None] = [None] * f.num_layers
         pos: list[torch.Tensor | None] = [None] * f.num_layers
+        valid: list[torch.Tensor | None] = [None] * f.num_layers
         for layer in range(start_layer, f.num_layers):
-            keys[layer], values[layer], pos[layer] = self._layer_prefix(layer, selection[layer])
-        cache = MemoryCache(keys, values, pos, f.windows)
+            keys[layer], values[layer], pos[layer], valid[layer] = self._layer_prefix(layer, selection[layer])
+        cache = MemoryCache(keys, values, pos, f.windows, valid)
         cache.keep_new = False
         cache.start_layer = start_layer
         return cache
 
-    def _layer_prefix(self, layer: int, idx: torch.Tensor | None) -> tuple[Any, Any, Any]:
-        """One layer's memory + selected chunk, memoised per selection object: layers above the one
-        being searched are already decided, so their tensors are built once, not once per check."""
+    def _layer_prefix(self, layer: int, idx: torch.Tensor | None) -> tuple[Any, Any, Any, Any]:
+        """One layer's memory + selected chunk (keys, values, positions, valid slots or None),
+        memoised per selection object: layers above the one being searched are already decided, so
+        their tensors are built once, not once per check."""
         hit = self._memo.get(layer)  # one entry per layer bounds the memory to one cache's worth
         if hit is not None and hit[0] is idx:
             return hit[1]
         mk, mv, mp = self.building.prefix(layer)
         ck, cv, cp = self.chunk_k[layer], self.chunk_v[layer], self.chunk_pos
+        valid = self.building.valid(layer)
+        chunk_valid = None
         if idx is not None:
-            ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), self.chunk_pos[idx[0]]
-        built = (_cat(mk, ck, 2), _cat(mv, cv, 2), _cat(mp, cp, 0))
+            ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), self.chunk_pos[idx[0].clamp_min(0)]
+            chunk_valid = idx >= 0 if is_padded(idx) else None
+        if valid is not None or chunk_valid is not None:
+            h, m = ck.shape[1], 0 if mk is None else mk.shape[-2]
+            valid = torch.cat([valid if valid is not None else torch.ones(h, m, dtype=torch.bool, device=ck.device),
+                               chunk_valid if chunk_valid is not None else
+                               torch.ones(h, ck.shape[-2], dtype=torch.bool, device=ck.device)], dim=1)
+        built = (_cat(mk, ck, 2), _cat(mv, cv, 2), _cat(mp, cp, 0), valid)
         self._memo[layer] = (idx, built)
         return built
 
@@ -296,19 +327,22 @@ class Replay:
         hit = self._shared.get(layer)
         if hit is None or hit[4][0].shape[-2] < hit[0].shape[-2] + room:
             if hit is None:
-                k, v, p = self._layer_prefix(layer, None)
+                k, v, p, valid = self._layer_prefix(layer, None)
                 self._memo.pop(layer, None)  # checks read the buffers only
                 k, v = torch.cat([k, self.replay_k[layer]], dim=2), torch.cat([v, self.replay_v[layer]], dim=2)
                 seg = self.segments[0].masked_fill(self.rows[0], -2)
                 p = torch.cat([p, self.positions[0]])
                 seg = torch.cat([torch.full((p.shape[0] - seg.shape[0],), -1, dtype=torch.long, device=seg.device), seg])
+                if valid is not None:  # the replay's slots all hold tokens
+                    valid = torch.cat([valid, torch.ones(valid.shape[0], k.shape[-2] - valid.shape[1],
+                                                         dtype=torch.bool, device=valid.device)], dim=1)
             else:
-                k, v, p, seg, _ = hit
+                k, v, p, seg, _, valid = hit
             m = k.shape[-2]
             bk = k.new_empty(*k.shape[:2], m + room, k.shape[-1])
             bv = v.new_empty(*v.shape[:2], m + room, v.shape[-1])
             bk[:, :, :m], bv[:, :, :m] = k, v
-            hit = (bk[:, :, :m], bv[:, :, :m], p, seg, (bk, bv))
+            hit = (bk[:, :, :m], bv[:, :, :m], p, seg, (bk, bv), valid)
             self._shared[layer] = hit
         return hit
 
@@ -358,7 +392,8 @@ def _keep_masks(
     for s in selections:
         if s is not None and id(s) not in row_of:
             row_of[id(s)] = len(table)
-            table.append(torch.zeros(heads, n, dtype=torch.bool, device=device).scatter_(1, s, True))
+            slots = torch.zeros(heads, n + 1, dtype=torch.bool, device=device)  # column n: padded slots
+            table.append(slots.scatter_(1, s.masked_fill(s < 0, n), True)[:, :n])
         which.append(0 if s is None else row_of[id(s)])
     return torch.stack(table)[torch.tensor(which, device=device)]
 
@@ -379,8 +414,10 @@ def chunk_attention(
     ks = k[sel[:, 0]].float()  # (R, Hkv, Lk, D)
     ks = ks.repeat_interleave(group, dim=1)
     logits = torch.einsum("rhd,rhkd->rhk", qs, ks) * scaling
-    m = mask[sel[:, 0], 0, sel[:, 1]]  # (R, Lk)
-    logits = logits.masked_fill(~m[:, None, :], float("-inf"))
+    m = mask[sel[:, 0], :, sel[:, 1]]  # (R, 1 | kv_heads, Lk): per KV head where slots are padded
+    if m.shape[1] != 1:
+        m = m.repeat_interleave(hq // m.shape[1], dim=1)
+    logits = logits.masked_fill(~m, float("-inf"))
     probs = torch.softmax(logits, dim=-1)[..., lo : hi if norm_end is None else norm_end]
     probs = (probs / probs.sum(-1, keepdim=True).clamp_min(1e-12))[..., : hi - lo]
     return probs.sum(0).view(hkv, group, hi - lo).sum(1)
