@@ -172,3 +172,17 @@ def test_global_allocation_checks_one_share_per_chunk(plain_llama, delta: float,
         assert mem.kept_ratio == 1.0 and all(v is None for v in mem.valid_masks)
     else:
         assert mem.kept_ratio < 0.5 and len(set(mem.kept_lengths)) > 1  # layers got different budgets
+
+
+def test_bench_builds_the_per_head_methods(plain_llama) -> None:
+    from emloc_agents.bench.methods import prepare
+
+    skill = make_skill(8)
+    heads = prepare(plain_llama, "emloc-heads", skill)
+    assert heads.memory is not None and heads.memory.stats["press"] == "emloc"
+    for method in ("kvzip-heads", "kvzip-global"):
+        prep = prepare(plain_llama, method, skill, ratio=0.3)
+        assert prep.memory is not None and any(v is not None for v in prep.memory.valid_masks), method
+        assert prep.kept_ratio == pytest.approx(0.3, abs=0.05) and prep.press_ratio == 0.3
+    glob = prepare(plain_llama, "kvzip-global", skill, ratio=0.3).memory
+    assert glob is not None and len({round(x, 3) for x in glob.kept_lengths}) > 1  # layers differ
