@@ -69,6 +69,11 @@ class EMLoCConfig(BaseModel):
         False, description="A layer's candidate share is ranked across its KV heads (heads * k tokens, a head "
         "whose attention is spread keeps more than a focused one; kvpress's per-head budgets) instead of k per "
         "head (reference). The memory then pads shorter heads with never-visible slots.")
+    allocation: Literal["layers", "global"] = Field(
+        "layers", description="How a chunk's budget is searched: layer by layer from the top, each layer's "
+        "smallest passing share ('layers', reference), or one share for the whole chunk, spread over layers "
+        "and heads by one ranking of the importance scores (kvpress's KVzip allocation), the smallest "
+        "candidate whose JS stays within delta ('global'; all candidates in one re-forward).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model while compressing."
     )

@@ -147,3 +147,42 @@ def test_kvzip_ranked_across_layers_and_heads_keeps_the_global_budget(plain_llam
             assert (s[h, p[h][p[h] >= 0]] >= best).all()
     q = lm._prompt_ids(QUERIES[0], mem)
     assert all(math.isfinite(x) for x in score_continuations(lm, q, [[5, 6], [7]], mem))
+
+
+def test_rank_all_heads_keeps_the_global_winners() -> None:
+    from emloc_agents.engine.presses import rank_all_heads
+
+    scores = {0: torch.tensor([[5.0, 0.1, 0.2], [4.0, 0.3, 0.4]]), 3: torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.6, 6.0]])}
+    ranked = rank_all_heads(scores, 1)  # 4 winners of 12: 6, 5, 4, 3
+    assert ranked[0].tolist() == [[0], [0]] and ranked[3].tolist() == [[0], [2]]
+    ranked = rank_all_heads(scores, 2)  # 8 winners: 6, 5, 4, 3, 2, 1, 0.6, 0.5
+    assert ranked[0].tolist() == [[0], [0]]
+    assert ranked[3].tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("delta, ratio", [(1.0, 0.1), (0.0, 1.0)])
+def test_global_allocation_checks_one_share_per_chunk(plain_llama, delta: float, ratio: float) -> None:
+    """allocation='global': one share for the whole chunk, spread over layers and heads by the scores;
+    delta=1 takes the smallest share, delta=0 keeps everything; all shares in one re-forward."""
+    config = EMLoCConfig(allocation="global", delta=delta, storage_dtype="float32")
+    mem = compress(plain_llama, make_skill(9), config)
+    assert all(d["ratio"] == ratio for chunk in mem.stats["decisions"] for d in chunk)
+    assert mem.stats["check_forwards"] == mem.stats["chunks"]  # one batched check per chunk
+    if ratio == 1.0:
+        assert mem.kept_ratio == 1.0 and all(v is None for v in mem.valid_masks)
+    else:
+        assert mem.kept_ratio < 0.5 and len(set(mem.kept_lengths)) > 1  # layers got different budgets
+
+
+def test_bench_builds_the_per_head_methods(plain_llama) -> None:
+    from emloc_agents.bench.methods import prepare
+
+    skill = make_skill(8)
+    heads = prepare(plain_llama, "emloc-heads", skill)
+    assert heads.memory is not None and heads.memory.stats["press"] == "emloc"
+    for method in ("kvzip-heads", "kvzip-global"):
+        prep = prepare(plain_llama, method, skill, ratio=0.3)
+        assert prep.memory is not None and any(v is not None for v in prep.memory.valid_masks), method
+        assert prep.kept_ratio == pytest.approx(0.3, abs=0.05) and prep.press_ratio == 0.3
+    glob = prepare(plain_llama, "kvzip-global", skill, ratio=0.3).memory
+    assert glob is not None and len({round(x, 3) for x in glob.kept_lengths}) > 1  # layers differ

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N test items (default: all)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default results/bench-<timestamp>)")
     p.add_argument("--ratio", type=_floats, default=None,
-                   help="keep ratio of uniform/snapkv/streaming-llm/random/kvzip/kvzip-heads/fewer-shots; a comma list "
+                   help="keep ratio of uniform/snapkv/streaming-llm/random/kvzip(-heads, -global)/fewer-shots; a comma list "
                         "runs each once per ratio, a fidelity curve (default: EMLoC's kept ratio for the "
                         "same shots/seed when emloc runs, else 0.2)")
     p.add_argument("--scoring", choices=SCORINGS, default="loglik",

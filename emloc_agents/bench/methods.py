@@ -11,7 +11,8 @@
   is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
   ``kvzip`` (Kim et al. 2025) scores tokens by reconstruction attention, query-agnostic;
-  ``kvzip-heads`` ranks each layer's budget across its heads, as kvpress does.
+  ``kvzip-heads`` ranks each layer's budget across its heads; ``kvzip-global`` ranks every layer, head
+  and token of a chunk together and keeps 4 sink tokens, as kvpress's ``KVzipPress`` does.
 - ``fewer-shots``: the first whole demonstrations that fit the same token budget (the same ratio
   rule), kept uncompressed: what a user gets by simply passing fewer examples.
 """
@@ -40,11 +41,12 @@ from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
     "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-heads", "uniform", "snapkv", "streaming-llm",
-    "random", "kvzip", "kvzip-heads", "fewer-shots",
+    "random", "kvzip", "kvzip-heads", "kvzip-global", "fewer-shots",
 )
 FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
     "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
+    "kvzip-global": partial(KVzipPress, layer_budgets=True, head_budgets=True, sinks=4),
 }
 FIXED_RATIO_METHODS = (*FIXED_RATIO_PRESSES, "fewer-shots")  # the methods a --ratio sets
 DEFAULT_RATIO = 0.2

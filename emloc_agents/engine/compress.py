@@ -95,7 +95,7 @@ def press_for(config: EMLoCConfig) -> Press:
     if not config.prunes:
         return Press()
     return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size, config.batch_candidates,
-                      config.lookahead, config.budget_rounding, config.head_budgets)
+                      config.lookahead, config.budget_rounding, config.head_budgets, config.allocation)
 
 
 def compress(

@@ -10,7 +10,7 @@ only keep their window).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .chunks import ChunkContext
 
 __all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "StreamingLLMPress", "UniformPress",
-           "budget", "padded_indices", "pool", "topk_across_heads", "topk_per_head"]
+           "budget", "padded_indices", "pool", "rank_all_heads", "topk_across_heads", "topk_per_head"]
 
 
 def default_lookahead(device: torch.device | str) -> int:
@@ -102,6 +102,7 @@ class EMLoCPress(Press):
     lookahead: int | None = None  # None: by device (EMLoCConfig.lookahead)
     budget_rounding: str = "ceil"
     head_budgets: bool = False  # a layer's share ranked across its heads (EMLoCConfig.head_budgets)
+    allocation: str = "layers"  # "global": one share per chunk, ranked across layers and heads
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -122,6 +123,8 @@ class EMLoCPress(Press):
                 for layer in group:
                     ctx.record(layer, 1.0, None)
             return decided
+        if self.allocation == "global":
+            return self._select_global(ctx, prunable, ratios, k_of)
         picks = {r: [select_top(replay.scores[layer], k_of(r), self.head_budgets) for layer in range(n_layers)]
                  for r in ratios}
 
@@ -190,6 +193,30 @@ class EMLoCPress(Press):
         return decided
 
 
+    def _select_global(self, ctx: ChunkContext, prunable: list[int], ratios: list[float],
+                       k_of: Callable[[float], int]) -> Selection:
+        """``allocation="global"``: each candidate share of the chunk is spread over layers and heads by
+        one ranking of the importance scores (the layers' and heads' budgets follow the scores, as in
+        kvpress's KVzip); the smallest share whose JS stays within delta wins, else the whole chunk.
+        All shares are checked in one batched re-forward."""
+        replay, n_layers = ctx.replay, ctx.facts.num_layers
+        assert replay is not None
+        trials: list[Selection] = []
+        for r in ratios:
+            ranked = rank_all_heads({i: replay.scores[i] for i in prunable}, k_of(r)) if prunable else {}
+            trials.append([ranked.get(i) for i in range(n_layers)])
+        chosen, chosen_js = 1.0, None
+        selection: Selection = [None] * n_layers
+        if prunable:
+            for r, trial, js in zip(ratios, trials, replay.divergences(trials, prunable[0]), strict=False):
+                if js <= self.delta:
+                    chosen, chosen_js, selection = r, js, trial
+                    break
+        for layer in prunable:
+            ctx.record(layer, chosen, chosen_js)
+        return selection
+
+
 @dataclass
 class UniformPress(Press):
     """EMLoC's importance scores at one fixed share for every layer (no JS check)."""
@@ -245,7 +272,7 @@ class KVzipPress(Press):
 
     ratio: float = 0.2
     layer_budgets: bool = False
-    head_budgets: bool = False  # each layer's budget ranked across its heads, as kvpress does
+    head_budgets: bool = False  # budgets ranked across heads; with layer_budgets, across layers and heads (kvpress)
     sinks: int | None = None  # kvpress: 4 (the first tokens are always kept and the only memory the
     # reconstruction's softmax sees besides the chunk); None: every key, nothing kept by position
     needs_reconstruction: ClassVar[bool] = True
@@ -260,11 +287,25 @@ class KVzipPress(Press):
                 s[:, : self.sinks - ctx.offset] = float("inf")
         k = budget(ctx.n, self.ratio, 0)
         layers = [i for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]]
+        if self.layer_budgets and self.head_budgets and layers:
+            ranked = rank_all_heads({i: scores[i] for i in layers}, k)
+            return [ranked.get(i) for i in range(ctx.facts.num_layers)]
         ks = dict.fromkeys(layers, k)
         if self.layer_budgets and layers:
             ks = global_layer_budgets({i: scores[i] for i in layers}, k)
         return [select_top(scores[i], ks[i], self.head_budgets) if i in ks else None
                 for i in range(ctx.facts.num_layers)]
+
+
+def rank_all_heads(scores: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """One ranking of every (layer, head, token) score (kvpress's KVzipPress): keep as many winners as
+    ``k`` per head and layer would -> per layer (heads, k_max) indices, -1-padded (``padded_indices``)."""
+    layers = list(scores)
+    heads, n = scores[layers[0]].shape
+    flat = torch.cat([scores[i].flatten().float() for i in layers])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, min(flat.numel(), k * heads * len(layers))).indices] = True
+    return {i: padded_indices(m) for i, m in zip(layers, keep.view(len(layers), heads, n).unbind(0), strict=True)}
 
 
 def global_layer_budgets(scores: dict[int, torch.Tensor], k: int) -> dict[int, int]:

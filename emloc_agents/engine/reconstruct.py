@@ -17,7 +17,7 @@ from .cache import MemoryCache
 from .decode import memory_cache
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
-from .presses import global_layer_budgets, padded_indices, select_top
+from .presses import global_layer_budgets, rank_all_heads, select_top
 from .replay import Building, gather_positions
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -129,19 +129,15 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
     k = max(1, round(ratio * total))
     layers = [i for i in range(f.num_layers) if not f.sliding[i]]
     ks = global_layer_budgets({i: scores[i] for i in layers}, k) if layer_budgets else dict.fromkeys(layers, k)
-    chosen: dict[int, torch.Tensor] = {}
+    ranked: dict[int, torch.Tensor] = {}
     if head_budgets and layer_budgets and layers:  # one ranking of every (layer, head, token)
-        flat = torch.cat([scores[i].flatten() for i in layers])
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, min(flat.numel(), k * f.num_kv_heads * len(layers))).indices] = True
-        chosen = dict(zip(layers, keep.view(len(layers), *scores[layers[0]].shape).unbind(0), strict=True))
+        ranked = rank_all_heads({i: scores[i] for i in layers}, k)
     keys, values, positions = [], [], []
     for i in range(f.num_layers):
         key, val, pos = memory.keys[i], memory.values[i], memory.positions[i]
         if i in ks:
             s = scores[i].to(key.device)
-            idx = (padded_indices(chosen[i].to(key.device)) if i in chosen
-                   else select_top(s, ks[i], head_budgets))
+            idx = ranked[i].to(key.device) if i in ranked else select_top(s, ks[i], head_budgets)
             key = torch.gather(key, 1, idx.clamp_min(0)[..., None].expand(-1, -1, key.shape[-1]))
             val = torch.gather(val, 1, idx.clamp_min(0)[..., None].expand(-1, -1, val.shape[-1]))
             pos = gather_positions(pos, idx.to(pos.device))
