@@ -192,7 +192,6 @@ class EMLoCPress(Press):
                 i += passed
         return decided
 
-
     def _select_global(self, ctx: ChunkContext, prunable: list[int], ratios: list[float],
                        k_of: Callable[[float], int]) -> Selection:
         """``allocation="global"``: each candidate share of the chunk is spread over layers and heads by
