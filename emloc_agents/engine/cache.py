@@ -31,6 +31,17 @@ def _join(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def join_valid(spans: Sequence[tuple[torch.Tensor | None, int]]) -> torch.Tensor | None:
+    """The valid-slot mask of consecutive key spans, each ``(mask or None = all valid, length)``:
+    (kv_heads, total) bool, or None when every span is fully valid."""
+    masks = [m for m, _ in spans if m is not None]
+    if not masks:
+        return None
+    heads, device = masks[0].shape[0], masks[0].device
+    return torch.cat([m if m is not None else torch.ones(heads, n, dtype=torch.bool, device=device)
+                      for m, n in spans], dim=1)
+
+
 class MemoryCache(Cache):
     """Per-layer prefix K/V (batch 1 or B) + the new tokens of this cache's lifetime.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .cache import MemoryCache
+from .cache import MemoryCache, join_valid
 from .forward import ModelHandle, lm_logits, run
 from .memory import CompressedMemory
 
@@ -178,8 +178,7 @@ def _fork(cache: MemoryCache) -> MemoryCache:
         pp = cache.prefix_positions[i]
         new = cache.new_positions[0]
         pos.append(new if pp is None else torch.cat([pp, new]))
-        v = cache.prefix_valid[i]
-        valid.append(None if v is None else torch.cat([v, v.new_ones(v.shape[0], new.shape[0])], 1))
+        valid.append(join_valid([(cache.prefix_valid[i], cache.prefix_length(i)), (None, new.shape[0])]))
     sub = MemoryCache(keys, values, pos, cache.windows, valid)
     sub.keep_new = False
     sub.rope_delta = getattr(cache, "rope_delta", 0)  # type: ignore[attr-defined]

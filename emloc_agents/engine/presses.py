@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .chunks import ChunkContext
 
 __all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "StreamingLLMPress", "UniformPress",
-           "budget", "padded_indices", "pool", "rank_all_heads", "topk_across_heads", "topk_per_head"]
+           "allocate", "budget", "padded_indices", "pool", "rank_all_heads", "topk_across_heads", "topk_per_head"]
 
 
 def default_lookahead(device: torch.device | str) -> int:
@@ -172,8 +172,8 @@ class EMLoCPress(Press):
                 if below:  # one re-forward; the JS of the stack under the share that passes is read later
                     checked = replay.answer_trials(trials, below[-1][0])
                     results: Iterator[float] = iter(checked.js(range(len(alts))))
-                elif self.batch_candidates and alts:
-                    results = iter(list(replay.divergences(alts, failed[0])))
+                elif self.batch_candidates and alts:  # answers scope: one batch; exact scope: lazily, in order
+                    results = replay.divergences(alts, failed[0])
                 else:  # one at a time, stop at the first that passes
                     results = (replay.divergence(t, start_layer=failed[0]) for t in alts)
                 chosen, chosen_js, pick = 1.0, None, len(alts)
@@ -284,16 +284,22 @@ class KVzipPress(Press):
             scores = [s.clone() for s in scores]
             for s in scores:
                 s[:, : self.sinks - ctx.offset] = float("inf")
-        k = budget(ctx.n, self.ratio, 0)
-        layers = [i for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]]
-        if self.layer_budgets and self.head_budgets and layers:
-            ranked = rank_all_heads({i: scores[i] for i in layers}, k)
-            return [ranked.get(i) for i in range(ctx.facts.num_layers)]
-        ks = dict.fromkeys(layers, k)
-        if self.layer_budgets and layers:
-            ks = global_layer_budgets({i: scores[i] for i in layers}, k)
-        return [select_top(scores[i], ks[i], self.head_budgets) if i in ks else None
-                for i in range(ctx.facts.num_layers)]
+        layers = {i: scores[i] for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]}
+        kept = allocate(layers, budget(ctx.n, self.ratio, 0), self.layer_budgets, self.head_budgets)
+        return [kept.get(i) for i in range(ctx.facts.num_layers)]
+
+
+def allocate(scores: dict[int, torch.Tensor], k: int, layer_budgets: bool, head_budgets: bool) -> dict[int, torch.Tensor]:
+    """Per layer the kept token indices of a budget of ``k`` per head and layer: ``k`` for every head;
+    the layer's ``heads * k`` ranked across its heads (``head_budgets``); the layers' shares from one
+    ranking across layers (``layer_budgets``); or, with both, every layer, head and token ranked
+    together (kvpress's KVzipPress)."""
+    if not scores:
+        return {}
+    if layer_budgets and head_budgets:
+        return rank_all_heads(scores, k)
+    ks = global_layer_budgets(scores, k) if layer_budgets else dict.fromkeys(scores, k)
+    return {i: select_top(s, ks[i], head_budgets) for i, s in scores.items()}
 
 
 def rank_all_heads(scores: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:

@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .cache import MemoryCache
+from .cache import MemoryCache, join_valid
 from .decode import memory_cache
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
-from .presses import global_layer_budgets, rank_all_heads, select_top
-from .replay import Building, gather_positions
+from .presses import allocate
+from .replay import Building, gather_positions, gather_tokens
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
@@ -33,8 +33,7 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     hkv = k.shape[1]
     scaling = getattr(module, "scaling", d**-0.5)
     logits = torch.einsum("hqd,hkd->hqk", q[0].float(), k[0].float().repeat_interleave(hq // hkv, dim=0)) * scaling
-    visible = mask[0] if mask.shape[1] == 1 else mask[0].repeat_interleave(hq // mask.shape[1], dim=0)
-    visible = visible.expand(hq, -1, -1)
+    visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq, Lk): per query head where slots are padded
     if hidden is not None:
         visible = visible & ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -58,8 +57,7 @@ def reconstruction_scores(
         keys.append(chunk_k[layer] if mk is None else torch.cat([mk, chunk_k[layer]], 2))
         values.append(chunk_v[layer] if mv is None else torch.cat([mv, chunk_v[layer]], 2))
         positions.append(chunk_pos if mp is None else torch.cat([mp, chunk_pos]))
-        v = building.valid(layer)
-        valid.append(None if v is None else torch.cat([v, torch.ones(v.shape[0], n, dtype=torch.bool, device=v.device)], 1))
+        valid.append(join_valid([(building.valid(layer), building.length(layer)), (None, n)]))
     cache = MemoryCache(keys, values, positions, f.windows, valid)
     cache.keep_new = False
     scores: dict[int, torch.Tensor] = {}
@@ -127,19 +125,14 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
     f = lm.facts
     total = memory.original_length
     k = max(1, round(ratio * total))
-    layers = [i for i in range(f.num_layers) if not f.sliding[i]]
-    ks = global_layer_budgets({i: scores[i] for i in layers}, k) if layer_budgets else dict.fromkeys(layers, k)
-    ranked: dict[int, torch.Tensor] = {}
-    if head_budgets and layer_budgets and layers:  # one ranking of every (layer, head, token)
-        ranked = rank_all_heads({i: scores[i] for i in layers}, k)
+    layers = {i: scores[i].to(memory.keys[i].device) for i in range(f.num_layers) if not f.sliding[i]}
+    kept = allocate(layers, k, layer_budgets, head_budgets)
     keys, values, positions = [], [], []
     for i in range(f.num_layers):
         key, val, pos = memory.keys[i], memory.values[i], memory.positions[i]
-        if i in ks:
-            s = scores[i].to(key.device)
-            idx = ranked[i].to(key.device) if i in ranked else select_top(s, ks[i], head_budgets)
-            key = torch.gather(key, 1, idx.clamp_min(0)[..., None].expand(-1, -1, key.shape[-1]))
-            val = torch.gather(val, 1, idx.clamp_min(0)[..., None].expand(-1, -1, val.shape[-1]))
+        if i in kept:
+            idx = kept[i]
+            key, val = gather_tokens(key[None], idx)[0], gather_tokens(val[None], idx)[0]
             pos = gather_positions(pos, idx.to(pos.device))
         keys.append(key.contiguous())
         values.append(val.contiguous())

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .cache import MemoryCache
+from .cache import MemoryCache, join_valid
 from .forward import ModelHandle, lm_logits, run
 from .memory import PAD
 from .selection import Selection, pool
@@ -305,16 +305,11 @@ class Replay:
             return hit[1]
         mk, mv, mp = self.building.prefix(layer)
         ck, cv, cp = self.chunk_k[layer], self.chunk_v[layer], self.chunk_pos
-        valid = self.building.valid(layer)
         chunk_valid = None
         if idx is not None:
             ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), self.chunk_pos[idx[0].clamp_min(0)]
             chunk_valid = idx >= 0 if is_padded(idx) else None
-        if valid is not None or chunk_valid is not None:
-            h, m = ck.shape[1], 0 if mk is None else mk.shape[-2]
-            valid = torch.cat([valid if valid is not None else torch.ones(h, m, dtype=torch.bool, device=ck.device),
-                               chunk_valid if chunk_valid is not None else
-                               torch.ones(h, ck.shape[-2], dtype=torch.bool, device=ck.device)], dim=1)
+        valid = join_valid([(self.building.valid(layer), self.building.length(layer)), (chunk_valid, ck.shape[-2])])
         built = (_cat(mk, ck, 2), _cat(mv, cv, 2), _cat(mp, cp, 0), valid)
         self._memo[layer] = (idx, built)
         return built
@@ -329,13 +324,11 @@ class Replay:
             if hit is None:
                 k, v, p, valid = self._layer_prefix(layer, None)
                 self._memo.pop(layer, None)  # checks read the buffers only
+                valid = join_valid([(valid, k.shape[-2]), (None, self.replay_k[layer].shape[-2])])
                 k, v = torch.cat([k, self.replay_k[layer]], dim=2), torch.cat([v, self.replay_v[layer]], dim=2)
                 seg = self.segments[0].masked_fill(self.rows[0], -2)
                 p = torch.cat([p, self.positions[0]])
                 seg = torch.cat([torch.full((p.shape[0] - seg.shape[0],), -1, dtype=torch.long, device=seg.device), seg])
-                if valid is not None:  # the replay's slots all hold tokens
-                    valid = torch.cat([valid, torch.ones(valid.shape[0], k.shape[-2] - valid.shape[1],
-                                                         dtype=torch.bool, device=valid.device)], dim=1)
             else:
                 k, v, p, seg, _, valid = hit
             m = k.shape[-2]
@@ -414,9 +407,7 @@ def chunk_attention(
     ks = k[sel[:, 0]].float()  # (R, Hkv, Lk, D)
     ks = ks.repeat_interleave(group, dim=1)
     logits = torch.einsum("rhd,rhkd->rhk", qs, ks) * scaling
-    m = mask[sel[:, 0], :, sel[:, 1]]  # (R, 1 | kv_heads, Lk): per KV head where slots are padded
-    if m.shape[1] != 1:
-        m = m.repeat_interleave(hq // m.shape[1], dim=1)
+    m = mask[sel[:, 0], :, sel[:, 1]]  # (R, 1 | Hq, Lk): per query head where slots are padded
     logits = logits.masked_fill(~m, float("-inf"))
     probs = torch.softmax(logits, dim=-1)[..., lo : hi if norm_end is None else norm_end]
     probs = (probs / probs.sum(-1, keepdim=True).clamp_min(1e-12))[..., : hi - lo]

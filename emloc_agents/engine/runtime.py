@@ -53,11 +53,11 @@ def _emloc_attention(
     kwargs.pop("is_causal", None)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
+        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
     if cache.observer is not None:
         assert mask is not None  # a cache with an observer always builds its mask
         cache.observer(module, layer, query, key, mask)
-    if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
-        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
     return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
 
 
