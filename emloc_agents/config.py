@@ -20,6 +20,12 @@ class EMLoCConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    compression: Literal["chunks", "context"] = Field(
+        "chunks", description="'chunks': the paper's loop, each chunk prefilled on the memory of the chunks "
+        "before and pruned layer by layer as it lands (compression needs only the memory's room). 'context': "
+        "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
+        "leave-one-out replays of the demonstrations, the smallest of keep_ratios whose held-out answers stay "
+        "within delta kept (engine/context.py; needs the full context's room; text models only).")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."

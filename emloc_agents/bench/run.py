@@ -38,7 +38,7 @@ import torch
 
 from ..engine import score_continuations
 from ..tasks import Task, task_path
-from .methods import FIXED_RATIO_METHODS, Prepared, order_methods, prepare
+from .methods import EMLOC_METHODS, FIXED_RATIO_METHODS, Prepared, order_methods, prepare
 from .metrics import accuracy, agreement, wilson_ci
 from .plots import make_plots
 
@@ -227,7 +227,7 @@ def run_bench(
                     runs = [(m, r) for m in methods for r in (ratios if m in FIXED_RATIO_METHODS else [None])]
                     for method, ratio_run in runs:
                         prep = prepare(lm, method, skill, seed=seed, ratio=ratio_run, emloc_ratio=emloc_ratio)
-                        if method == "emloc":
+                        if method in EMLOC_METHODS and emloc_ratio is None:
                             emloc_ratio = prep.kept_ratio
                         if method == "zero-shot" and zero_shot is not None:
                             preds, extras, eval_s, ttft, rate = zero_shot

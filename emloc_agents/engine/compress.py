@@ -107,6 +107,12 @@ def compress(
 ) -> CompressedMemory:
     """Compress ``skill``'s demonstrations into a memory for ``lm`` (see module docstring)."""
     config = config or EMLoCConfig()
+    if config.compression == "context" and press is None and config.prunes:
+        from .context import compress_context
+
+        if not skill.demonstrations:
+            raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")
+        return compress_context(lm, skill, config, progress)
     press = press or press_for(config)
     if not skill.demonstrations:
         raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")

@@ -92,7 +92,9 @@ def whole_context_scores(
     (kv_heads, T) scores; the first ``sinks`` tokens score +inf (always kept)."""
     f = lm.facts
     total = memory.original_length
-    assert len(context_ids) == total and memory.layer_lengths == [total] * f.num_layers, "needs the unpruned memory"
+    assert len(context_ids) == total and all(
+        n == total for n, sliding in zip(memory.layer_lengths, f.sliding, strict=True) if not sliding
+    ), "needs the unpruned memory (sliding-window layers may keep their window only)"
     encode = encode or (lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"])
     out = [torch.zeros(f.num_kv_heads, total, device=lm.device) for _ in range(f.num_layers)]
     for lo in range(0, total, span):
@@ -139,3 +141,4 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
         positions.append(pos.contiguous())
     return dataclasses.replace(memory, keys=keys, values=values, positions=positions,
                                stats={**memory.stats, "press": "kvzip-whole"})
+

@@ -1,0 +1,217 @@
+"""Whole-context compression (``EMLoCConfig(compression="context")``): prefill the demonstrations once,
+as full in-context learning does, rank every (layer, head, token) of the context, keep the best share.
+
+Two signals rank a token, each turned into ranks over the whole context and blended by their max, so
+a token either one needs is kept:
+- **reconstruction** (KVzip, Kim et al. 2025): the most attention any query pays it while the model
+  repeats the context (``reconstruct.whole_context_scores``);
+- **held-out answers** (EMLoC's replay, made leave-one-out): every demonstration is replayed after the
+  context with its own span hidden, and the token scores the most attention the rows that predict the
+  held-out answer pay it. A probe that saw its own demonstration would copy the label from it, which is
+  how the chunk-wise self-replay passes memories that have lost the questions (docs/benchmarks.md).
+
+The share is EMLoC's adaptive choice, made once for the whole context: the smallest of ``keep_ratios``
+whose answers on held-out probes stay within ``delta`` (mean Jensen-Shannon over the answer rows) of
+the full context's; the whole context if none does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..config import EMLoCConfig
+from ..skills import Skill, SkillError
+from .cache import MemoryCache
+from .compress import compress  # the unpruned prefill: the chunk-wise loop with nothing pruned
+from .forward import ModelHandle, lm_logits, run
+from .memory import CompressedMemory
+from .prompt import Segment
+from .reconstruct import kvzip_memory, max_attention, whole_context_scores
+from .replay import js_divergence
+
+SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
+CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
+
+
+def demo_spans(prefix: Segment, demos: Sequence[Segment]) -> list[tuple[int, int]]:
+    """(start, end) context positions of each demonstration."""
+    spans, start = [], len(prefix)
+    for d in demos:
+        spans.append((start, start + len(d)))
+        start += len(d)
+    return spans
+
+
+def answer_rows(demo: Segment) -> torch.Tensor:
+    """(len,) bool: the rows that predict an answer token (row j predicts token j + 1)."""
+    return torch.tensor(demo.answer[1:] + [False], dtype=torch.bool)
+
+
+def held_out_cache(lm: ModelHandle, memory: CompressedMemory, span: tuple[int, int]) -> MemoryCache:
+    """A cache reading ``memory`` with the tokens at positions ``span`` hidden from every layer."""
+    lo, hi = span
+    valid = [(p >= 0) & ((p < lo) | (p >= hi)) for p in memory.positions]
+    cache = MemoryCache([k[None] for k in memory.keys], [v[None] for v in memory.values],
+                        [p[0] for p in memory.positions], lm.facts.windows, valid)
+    cache.keep_new = False
+    return cache
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """What the leave-one-out replays found: per layer (kv_heads, T) attention scores (when scored) and
+    per checked demonstration the log-probs of its answer rows."""
+
+    scores: list[torch.Tensor] | None
+    log_probs: dict[int, torch.Tensor]
+
+
+def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[Segment],
+                     spans: Sequence[tuple[int, int]], which: Sequence[int], score: bool,
+                     keep_log_probs: set[int]) -> HeldOut:
+    """Replay demonstrations ``which`` after ``memory`` one by one, each with its own span hidden."""
+    f, device, total = lm.facts, lm.device, memory.original_length
+    scores = [torch.zeros(f.num_kv_heads, total, device=device) for _ in range(f.num_layers)] if score else None
+    log_probs: dict[int, torch.Tensor] = {}
+    for j in which:
+        demo = demos[j]
+        rows = answer_rows(demo).to(device)
+        if not bool(rows.any()):
+            continue
+        cache = held_out_cache(lm, memory, spans[j])
+        if scores is not None:
+            def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
+                        rows: torch.Tensor = rows) -> None:
+                if f.sliding[layer]:
+                    return
+                m = mask[:, :, rows] if mask.shape[2] > 1 else mask
+                scores[layer] = torch.maximum(scores[layer], max_attention(module, q[:, :, rows], k, m, 0, total))  # type: ignore[index]
+
+            cache.observer = observe
+        hidden = run(lm.model, cache, torch.tensor([demo.ids], device=device),
+                     (total + torch.arange(len(demo), device=device))[None])
+        if j in keep_log_probs:
+            log_probs[j] = torch.log_softmax(lm_logits(lm.model, f, hidden[0, rows]), dim=-1)
+    return HeldOut(scores, log_probs)
+
+
+def rank_blend(*families: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer (kv_heads, T): each family's scores turned into ranks over every (layer, head, token),
+    scaled to (0, 1], and the max over families (their scales differ by orders of magnitude; a sum lets
+    the larger one decide)."""
+    shape = families[0][0].shape
+    blended = None
+    for fam in families:
+        flat = torch.cat([s.flatten().float() for s in fam])
+        ranks = torch.empty_like(flat)
+        ranks[flat.argsort()] = torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device) / flat.numel()
+        blended = ranks if blended is None else torch.maximum(blended, ranks)
+    assert blended is not None
+    return list(blended.view(len(families[0]), *shape).unbind(0))
+
+
+def unpruned(lm: ModelHandle, skill: Skill, config: EMLoCConfig) -> CompressedMemory:
+    """The whole context in float32, nothing pruned (one prefill's K/V, exact by test)."""
+    return compress(lm, skill, config.model_copy(update={"compression": "chunks", "keep_ratios": (1.0,),
+                                                         "storage_dtype": "float32"}))
+
+
+def kvzip_whole(lm: ModelHandle, skill: Skill, ratio: float, config: EMLoCConfig | None = None) -> CompressedMemory:
+    """KVzip exactly as kvpress runs it (the bench's ``kvzip-whole``): the whole context prefilled and
+    repeated in spans, every layer, head and token ranked together by reconstruction alone, ``ratio``
+    kept, 4 sinks."""
+    config = config or EMLoCConfig()
+    t0 = time.perf_counter()
+    full = unpruned(lm, skill, config)
+    renderer = lm.renderer(config.prompt_format)
+    ids = renderer.render(skill.instruction, skill.demonstrations).ids
+    scores = whole_context_scores(lm, full, ids, sinks=SINKS, encode=renderer.ids)
+    kept = kvzip_memory(lm, full, scores, ratio, layer_budgets=True, head_budgets=True)
+    kept.stats.update(press="kvzip-whole", compress_s=time.perf_counter() - t0)
+    return kept.to(dtype=getattr(torch, config.storage_dtype))
+
+
+@dataclasses.dataclass
+class RankedContext:
+    """A skill's unpruned context with every (layer, head, token) ranked, and the held-out answers of
+    the demonstrations the JS check replays (``checked``) on the full context."""
+
+    full: CompressedMemory
+    demos: list[Segment]
+    spans: list[tuple[int, int]]
+    checked: list[int]
+    reference: dict[int, torch.Tensor]  # checked demonstration -> its answer rows' log-probs, full context
+    scores: list[torch.Tensor]  # per layer (kv_heads, T), the blend, +inf where protected
+    reconstruction: list[torch.Tensor]  # per layer (kv_heads, T), KVzip's scores alone
+    prefill_s: float
+
+
+def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig,
+                 progress: Callable[[int], None] | None = None) -> RankedContext:
+    """Prefill the whole context, score it by reconstruction and by leave-one-out replays, blend."""
+    if skill.has_images or getattr(lm, "vision", None) is not None:
+        raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
+    t0 = time.perf_counter()
+    full = unpruned(lm, skill, config)
+    prefill_s = time.perf_counter() - t0
+    renderer = lm.renderer(config.prompt_format)
+    rendered = renderer.render(skill.instruction, skill.demonstrations)
+    if progress:
+        progress(1)
+    reconstruction = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
+    if progress:
+        progress(2)
+    spans = demo_spans(rendered.prefix, rendered.demos)
+    n = len(rendered.demos)
+    checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
+    probes = held_out_answers(lm, full, rendered.demos, spans, range(n), score=True, keep_log_probs=set(checked))
+    assert probes.scores is not None
+    if progress:
+        progress(3)
+    scores = rank_blend(reconstruction, probes.scores)
+    protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
+    for s in scores:
+        s[:, :protected] = float("inf")
+    return RankedContext(full, rendered.demos, spans, sorted(probes.log_probs), probes.log_probs, scores, reconstruction,
+                         prefill_s)
+
+
+def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float) -> tuple[CompressedMemory, float]:
+    """The context keeping its best-ranked share ``ratio``, and the mean JS of the checked held-out
+    answers on it against the full context."""
+    memory = kvzip_memory(lm, ranked.full, ranked.scores, ratio, layer_budgets=True, head_budgets=True)
+    got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
+                           keep_log_probs=set(ranked.checked))
+    js = torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked])
+    return memory, float(js.mean())
+
+
+def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig,
+                     progress: Callable[[int, int], None] | None = None) -> CompressedMemory:
+    """Compress ``skill`` over its whole context (see module docstring)."""
+    t0 = time.perf_counter()
+    steps = 3 + len(config.keep_ratios)
+    ranked = rank_context(lm, skill, config, None if progress is None else lambda step: progress(step, steps))
+    chosen, trials = ranked.full, []
+    for step, ratio in enumerate(config.keep_ratios):
+        if ratio >= 1.0:
+            break
+        memory, js = keep_share(lm, ranked, ratio)
+        trials.append({"ratio": ratio, "js": js})
+        if progress:
+            progress(4 + step, steps)
+        if js <= config.delta:
+            chosen = memory
+            break
+    dtype = getattr(torch, config.storage_dtype)
+    stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
+             "checked_probes": len(ranked.checked), "trials": trials, "prefill_s": ranked.prefill_s,
+             "compress_s": time.perf_counter() - t0}
+    if progress:
+        progress(steps, steps)
+    return dataclasses.replace(chosen, keys=[k.to(dtype) for k in chosen.keys],
+                               values=[v.to(dtype) for v in chosen.values], stats=stats)

@@ -1,0 +1,79 @@
+"""compression='context' at several shares, side by side with KVzip over the whole context: per share
+the mean JS of the held-out answers (what the search reads), accuracy, and agreement with full ICL.
+
+The experiment behind that mode's ``delta`` and candidate shares (docs/benchmarks.md, "Whole-context
+ranking"). Appends one JSON line per (task, seed, method, share) to ``--out``.
+
+    python scripts/context_shares.py --model smollm2-135m --task trec --seeds 0,1,2 --limit 300 \\
+        --shares 0.1,0.2 --kvzip --out results/context-shares.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.methods import Prepared
+from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.run import _predict
+from emloc_agents.engine.context import keep_share, rank_context
+from emloc_agents.engine.reconstruct import kvzip_memory
+from emloc_agents.tasks import Task
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--shares", default="0.1,0.2")
+    ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    shares = [float(s) for s in args.shares.split(",")]
+    lm = load_model(args.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = EMLoCConfig(compression="context")
+    for task_name in args.task:
+        task = Task.load(task_name)
+        items = task.test[: args.limit]
+        labels = [ex.label for ex in items]
+
+        def predict(memory, task=task, items=items):
+            prep = Prepared("share", memory=memory)
+            return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+
+        for seed in (int(s) for s in args.seeds.split(",")):
+            skill = task.skill(shots=args.shots, seed=seed)
+            full = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
+            t0 = time.perf_counter()
+            ranked = rank_context(lm, skill, config)
+            rank_s = time.perf_counter() - t0
+            for share in shares:
+                runs = [("context", *keep_share(lm, ranked, share))]
+                if args.kvzip:
+                    # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
+                    runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
+                                                             layer_budgets=True, head_budgets=True), None))
+                for method, memory, js in runs:
+                    preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
+                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
+                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
+                           "method": method, "share": share, "kept_ratio": memory.kept_ratio, "js": js,
+                           "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
+                           "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
+                           "rank_s": rank_s if method == "context" else None}
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

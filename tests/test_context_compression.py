@@ -1,0 +1,135 @@
+"""compression='context': the whole context ranked at once by KVzip's reconstruction and leave-one-out
+replays of the demonstrations, the share chosen by the JS check on held-out demonstrations. These tests
+pin that a held-out replay is what plain transformers compute with that demonstration masked out, the
+rank blend keeps what either signal needs, the JS bracket holds, and the memory answers and stores."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from emloc_agents import EMLoCConfig, compress
+from emloc_agents.engine.context import (
+    answer_rows,
+    demo_spans,
+    held_out_answers,
+    rank_blend,
+    unpruned,
+)
+from emloc_agents.engine.decode import score_continuations
+from emloc_agents.engine.memory import PAD
+from emloc_agents.models.lm import LanguageModel
+from emloc_agents.models.tiny import tiny_model
+from emloc_agents.skills import SkillError
+from emloc_agents.store.format import dump_memory, load_memory
+
+from .conftest import make_skill
+from .test_prompt import QUERIES
+
+
+@pytest.fixture(scope="module")
+def plain_llama() -> LanguageModel:
+    model, tok = tiny_model("llama", chat_template=False)
+    return LanguageModel(model, tok, "tiny-llama-plain")
+
+
+def test_a_held_out_replay_is_the_whole_text_with_its_demonstration_masked(plain_llama) -> None:
+    """Demonstration j replayed after the context with its own span hidden: the answer rows' log-probs
+    equal one plain transformers forward of context + demonstration j whose replay rows cannot see
+    the span (a 4-D mask), at the same positions."""
+    lm, skill = plain_llama, make_skill(6)
+    full = unpruned(lm, skill, EMLoCConfig())
+    rendered = lm.renderer("plain").render(skill.instruction, skill.demonstrations)
+    spans = demo_spans(rendered.prefix, rendered.demos)
+    assert spans[-1][1] == full.original_length == len(rendered.ids)
+    j = 2
+    got = held_out_answers(lm, full, rendered.demos, spans, [j], score=False, keep_log_probs={j}).log_probs[j]
+    demo = rendered.demos[j]
+    total, m = full.original_length, len(demo)
+    ids = torch.tensor([rendered.ids + demo.ids])
+    visible = torch.ones(total + m, total + m, dtype=torch.bool).tril()
+    lo, hi = spans[j]
+    visible[total:, lo:hi] = False
+    mask = torch.zeros(1, 1, total + m, total + m).masked_fill(~visible, torch.finfo(torch.float32).min)
+    reference, _ = tiny_model("llama", chat_template=False)  # same seed, untouched by instrument()
+    with torch.no_grad():
+        logits = reference(ids, attention_mask=mask, position_ids=torch.arange(total + m)[None]).logits[0, total:]
+    want = torch.log_softmax(logits[answer_rows(demo)].float(), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # and the span matters: without hiding it the answer reads differently
+    seen = torch.log_softmax(reference(ids, position_ids=torch.arange(total + m)[None]).logits[0, total:][answer_rows(demo)].float(), -1)
+    assert not torch.allclose(got, seen, atol=1e-4)
+
+
+def test_rank_blend_keeps_what_either_signal_ranks_high() -> None:
+    a = [torch.tensor([[10.0, 0.0, 1.0, 2.0]]), torch.tensor([[3.0, 4.0, 5.0, 6.0]])]
+    b = [torch.tensor([[0.0, 0.9, 0.1, 0.2]]), torch.tensor([[0.3, 0.4, 0.5, 0.0]])]
+    out = rank_blend(a, b)
+    flat = torch.cat([s.flatten() for s in out])
+    assert flat.max() == 1.0 and flat.min() > 0
+    assert out[0][0, 0] == 1.0 and out[0][0, 1] == 1.0  # each family's best is blended to the top
+    assert out[0][0, 2] < out[1][0, 2]  # low in both stays low
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("delta, ratio", [(1.0, 0.1), (0.0, 1.0)])
+def test_the_js_bracket_picks_the_share(arch: str, delta: float, ratio: float) -> None:
+    """delta=1 takes the smallest share, delta=0 keeps the whole context (every share moves the
+    held-out answers a little); sliding-window layers keep exactly their window."""
+    model, tok = tiny_model(arch)
+    lm = LanguageModel(model, tok, f"tiny-{arch}")
+    skill = make_skill(10)
+    mem = compress(lm, skill, EMLoCConfig(compression="context", delta=delta))
+    trials = mem.stats["trials"]
+    assert trials[0]["ratio"] == 0.1 and all(t["js"] > 0 for t in trials)
+    assert len(trials) == (1 if delta == 1.0 else 3)
+    full = unpruned(lm, skill, EMLoCConfig())
+    if ratio == 1.0:
+        assert mem.kept_ratio == 1.0 and all(v is None for v in mem.valid_masks)
+    else:
+        assert mem.kept_ratio == pytest.approx(0.1, abs=0.01)
+        assert any(v is not None for v in mem.valid_masks)  # heads keep different numbers
+    for layer, sliding in enumerate(lm.facts.sliding):
+        if sliding:
+            assert torch.equal(mem.positions[layer], full.positions[layer])
+    assert mem.keys[0].dtype == torch.float16  # storage_dtype
+
+
+def test_the_memory_keeps_the_instruction_answers_and_stores(plain_llama) -> None:
+    lm, skill = plain_llama, make_skill(8)
+    config = EMLoCConfig(compression="context", keep_ratios=(0.2,), delta=1.0)
+    mem = compress(lm, skill, config)
+    prefix = len(lm.renderer("plain").render(skill.instruction, skill.demonstrations).prefix)
+    for layer, p in enumerate(mem.positions):  # protect_prefix: every head keeps the instruction
+        for h in range(p.shape[0]):
+            kept = set(p[h][p[h] != PAD].tolist())
+            assert set(range(prefix)) <= kept, (layer, h)
+    no_prefix = compress(lm, skill, config.model_copy(update={"protect_prefix": False}))
+    assert any(not set(range(prefix)) <= set(p[h].tolist()) for p in no_prefix.positions for h in range(p.shape[0]))
+    back = load_memory(dump_memory(mem), type(mem))
+    q = lm._prompt_ids(QUERIES[0], mem)
+    scores = score_continuations(lm, q, [[5, 6], [7]], mem)
+    assert all(math.isfinite(x) for x in scores)
+    assert score_continuations(lm, q, [[5, 6], [7]], back) == pytest.approx(scores)
+    assert EMLoCConfig(compression="context").fingerprint() != EMLoCConfig().fingerprint()
+
+
+def test_context_compression_is_for_text() -> None:
+    from emloc_agents.models.tiny_vlm import load_tiny_vlm
+
+    lm = load_tiny_vlm()
+    with pytest.raises(SkillError, match="text models"):
+        compress(lm, make_skill(4), EMLoCConfig(compression="context"))
+
+
+def test_bench_builds_the_whole_context_methods(plain_llama) -> None:
+    from emloc_agents.bench.methods import prepare
+
+    skill = make_skill(8)
+    ctx = prepare(plain_llama, "emloc-context", skill)
+    assert ctx.memory is not None and ctx.memory.stats["press"] == "context"
+    whole = prepare(plain_llama, "kvzip-whole", skill, ratio=0.3)
+    assert whole.memory is not None and whole.memory.stats["press"] == "kvzip-whole"
+    assert whole.kept_ratio == pytest.approx(0.3, abs=0.01) and whole.press_ratio == 0.3
