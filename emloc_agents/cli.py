@@ -32,8 +32,11 @@ the library's ``load_model("default")`` (tests, notebooks). Details: README, doc
 def _registry(args: argparse.Namespace, progress: bool = True):
     from .registry import MemoryRegistry
 
+    from .config import EMLoCConfig
+
     return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
-                          device=getattr(args, "device", "auto"))
+                          device=getattr(args, "device", "auto"),
+                          config=EMLoCConfig(compression=getattr(args, "compression", "chunks")))
 
 
 def demo_skills() -> list[Skill]:
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--compression", choices=("chunks", "context"), default="chunks",
+                   help="chunks: the paper's chunk-wise loop; context: the whole context ranked at once "
+                        "(text skills; closer to full ICL in docs/benchmarks.md)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="end-to-end demo: skills, their memories, per-call switching, an agent loop").set_defaults(func=cmd_demo)
     c = sub.add_parser("compress", help="register and compress the skills in a folder or file")

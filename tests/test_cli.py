@@ -83,3 +83,15 @@ def test_cli_model_default(monkeypatch) -> None:
     main(["chat", "hi"])
     main(["--model", "tiny-llama", "chat", "hi"])
     assert seen == [cli.CLI_MODEL, "smollm2-135m", "tiny-llama"] and cli.CLI_MODEL == "qwen2.5-coder-0.5b"
+
+
+def test_compression_option_reaches_the_registry(capsys, tmp_path: Path, skill_dir: Path) -> None:
+    from emloc_agents import EMLoCConfig, MemoryRegistry
+
+    base = ["--model", "tiny-llama", "--cache-dir", str(tmp_path / "cache"), "--compression", "context"]
+    code, out, _ = _run(capsys, *base, "compress", str(skill_dir))
+    assert code == 0 and "mood:" in out
+    context = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache", config=EMLoCConfig(compression="context"))
+    chunks = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache")
+    assert context.cached("mood") and not chunks.cached("mood")  # a different config, a different memory
+    assert context.get("mood").stats["press"] == "context"
