@@ -26,17 +26,50 @@ from emloc_agents.engine.reconstruct import kvzip_memory
 from emloc_agents.tasks import Task
 
 
+def table(path: Path) -> None:
+    """Markdown tables of a results file: per task, method and share, accuracy and agreement pooled over
+    seeds with 95 % Wilson intervals (per-seed values in brackets)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for model, task in sorted({(r["model"], r["task"]) for r in rows}):
+        sel = [r for r in rows if (r["model"], r["task"]) == (model, task)]
+        seeds = sorted({r["seed"] for r in sel})
+        full = {r["seed"]: r["full_icl_accuracy"] for r in sel}
+        print(f"\n**{model}, {task}, seeds {', '.join(map(str, seeds))}, n = {sel[0]['n']} per seed** "
+              f"(full ICL accuracy {sum(full.values()) / len(full):.3f}: {' / '.join(f'{full[s]:.2f}' for s in seeds)})\n")
+        print("| method | share | held-out JS | accuracy [95 %] (per seed) | agreement [95 %] (per seed) |")
+        print("|---|---|---|---|---|")
+        for share in sorted({r["share"] for r in sel}):
+            for method in ("context", "kvzip-whole"):
+                got = sorted((r for r in sel if r["share"] == share and r["method"] == method), key=lambda r: r["seed"])
+                if not got:
+                    continue
+                n = sum(r["n"] for r in got)
+                cells = []
+                for key in ("accuracy", "agreement"):
+                    k = round(sum(r[key] * r["n"] for r in got))
+                    lo, hi = wilson_ci(k, n)
+                    cells.append(f"{k / n:.3f} [{lo:.2f}, {hi:.2f}] ({' / '.join(f'{r[key]:.2f}' for r in got)})")
+                js = " / ".join(f"{r['js']:.4f}" for r in got) if got[0]["js"] is not None else "–"
+                print(f"| {method} | {share:.2f} | {js} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", type=Path, help="print the tables of a results file and stop")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--task", action="append")
     ap.add_argument("--shots", type=int, default=128)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--shares", default="0.1,0.2")
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
+    if not args.task or not args.out:
+        ap.error("--task and --out are required (or --table FILE)")
     shares = [float(s) for s in args.shares.split(",")]
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)

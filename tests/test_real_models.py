@@ -60,14 +60,29 @@ FIDELITY_CASES = [
 ]
 
 
+CONTEXT_CASES = [  # compression="context" (engine/context.py), same goal
+    pytest.param("smollm2-135m", "sst2"),
+    pytest.param("smollm2-135m", "trec"),
+]
+
+
 @pytest.mark.parametrize(("model", "task_name"), FIDELITY_CASES)
 def test_memory_meets_the_fidelity_goal(model: str, task_name: str) -> None:
+    _check_fidelity(model, task_name, EMLoCConfig())
+
+
+@pytest.mark.parametrize(("model", "task_name"), CONTEXT_CASES)
+def test_context_memory_meets_the_fidelity_goal(model: str, task_name: str) -> None:
+    _check_fidelity(model, task_name, EMLoCConfig(compression="context"))
+
+
+def _check_fidelity(model: str, task_name: str, config: EMLoCConfig) -> None:
     lm = _model(model)
     task = Task.load(task_name)
     skill = task.skill(shots=SHOTS, seed=0)
     items = task.test[:N_ITEMS]
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,)))
-    mem = compress(lm, skill, EMLoCConfig())
+    mem = compress(lm, skill, config)
     full_preds, mem_preds = _predict(lm, task, full, items), _predict(lm, task, mem, items)
     agreement = sum(a == b for a, b in zip(full_preds, mem_preds, strict=True)) / len(items)
     acc_full = sum(p == ex.label for p, ex in zip(full_preds, items, strict=True)) / len(items)
