@@ -30,9 +30,8 @@ the library's ``load_model("default")`` (tests, notebooks). Details: README, doc
 
 
 def _registry(args: argparse.Namespace, progress: bool = True):
-    from .registry import MemoryRegistry
-
     from .config import EMLoCConfig
+    from .registry import MemoryRegistry
 
     return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
                           device=getattr(args, "device", "auto"),

@@ -87,7 +87,8 @@ def main() -> None:
             skill = task.skill(shots=args.shots, seed=seed)
             full = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
             t0 = time.perf_counter()
-            ranked = rank_context(lm, skill, config)
+            ranked = rank_context(lm, skill, config, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,),
+                                                                                     storage_dtype="float32")))
             rank_s = time.perf_counter() - t0
             for share in shares:
                 runs = [("context", *keep_share(lm, ranked, share))]

@@ -16,7 +16,6 @@ from emloc_agents.engine.context import (
     demo_spans,
     held_out_answers,
     rank_blend,
-    unpruned,
 )
 from emloc_agents.engine.decode import score_continuations
 from emloc_agents.engine.memory import PAD
@@ -40,7 +39,7 @@ def test_a_held_out_replay_is_the_whole_text_with_its_demonstration_masked(plain
     equal one plain transformers forward of context + demonstration j whose replay rows cannot see
     the span (a 4-D mask), at the same positions."""
     lm, skill = plain_llama, make_skill(6)
-    full = unpruned(lm, skill, EMLoCConfig())
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     rendered = lm.renderer("plain").render(skill.instruction, skill.demonstrations)
     spans = demo_spans(rendered.prefix, rendered.demos)
     assert spans[-1][1] == full.original_length == len(rendered.ids)
@@ -85,7 +84,7 @@ def test_the_js_bracket_picks_the_share(arch: str, delta: float, ratio: float) -
     trials = mem.stats["trials"]
     assert trials[0]["ratio"] == 0.1 and all(t["js"] > 0 for t in trials)
     assert len(trials) == (1 if delta == 1.0 else 3)
-    full = unpruned(lm, skill, EMLoCConfig())
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     if ratio == 1.0:
         assert mem.kept_ratio == 1.0 and all(v is None for v in mem.valid_masks)
     else:

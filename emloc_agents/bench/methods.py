@@ -146,7 +146,8 @@ def prepare(
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     if method == "kvzip-whole":
-        prepared = _from_memory(method, kvzip_whole(lm, skill, r_used))
+        full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+        prepared = _from_memory(method, kvzip_whole(lm, skill, full, r_used))
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     if method in FIXED_RATIO_PRESSES:

@@ -19,6 +19,7 @@ from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .chunks import ChunkContext
+from .context import compress_context
 from .facts import ModelFacts
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
@@ -108,11 +109,11 @@ def compress(
     """Compress ``skill``'s demonstrations into a memory for ``lm`` (see module docstring)."""
     config = config or EMLoCConfig()
     if config.compression == "context" and press is None and config.prunes:
-        from .context import compress_context
-
-        if not skill.demonstrations:
-            raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")
-        return compress_context(lm, skill, config, progress)
+        if skill.has_images or getattr(lm, "vision", None) is not None:
+            raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
+        full = compress(lm, skill, config.model_copy(update={"compression": "chunks", "keep_ratios": (1.0,),
+                                                             "storage_dtype": "float32"}))
+        return compress_context(lm, skill, config, full, progress)
     press = press or press_for(config)
     if not skill.demonstrations:
         raise SkillError(f"skill {skill.name!r} has no demonstrations to compress")

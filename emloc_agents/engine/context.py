@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..config import EMLoCConfig
-from ..skills import Skill, SkillError
+from ..skills import Skill
 from .cache import MemoryCache
-from .compress import compress  # the unpruned prefill: the chunk-wise loop with nothing pruned
 from .forward import ModelHandle, lm_logits, run
 from .memory import CompressedMemory
 from .prompt import Segment
@@ -114,24 +113,18 @@ def rank_blend(*families: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(blended.view(len(families[0]), *shape).unbind(0))
 
 
-def unpruned(lm: ModelHandle, skill: Skill, config: EMLoCConfig) -> CompressedMemory:
-    """The whole context in float32, nothing pruned (one prefill's K/V, exact by test)."""
-    return compress(lm, skill, config.model_copy(update={"compression": "chunks", "keep_ratios": (1.0,),
-                                                         "storage_dtype": "float32"}))
-
-
-def kvzip_whole(lm: ModelHandle, skill: Skill, ratio: float, config: EMLoCConfig | None = None) -> CompressedMemory:
-    """KVzip exactly as kvpress runs it (the bench's ``kvzip-whole``): the whole context prefilled and
-    repeated in spans, every layer, head and token ranked together by reconstruction alone, ``ratio``
-    kept, 4 sinks."""
+def kvzip_whole(lm: ModelHandle, skill: Skill, full: CompressedMemory, ratio: float,
+                config: EMLoCConfig | None = None) -> CompressedMemory:
+    """KVzip exactly as kvpress runs it (the bench's ``kvzip-whole``) on ``full``, the skill's unpruned
+    memory: the context repeated in spans, every layer, head and token ranked together by
+    reconstruction alone, ``ratio`` kept, 4 sinks."""
     config = config or EMLoCConfig()
     t0 = time.perf_counter()
-    full = unpruned(lm, skill, config)
     renderer = lm.renderer(config.prompt_format)
     ids = renderer.render(skill.instruction, skill.demonstrations).ids
     scores = whole_context_scores(lm, full, ids, sinks=SINKS, encode=renderer.ids)
     kept = kvzip_memory(lm, full, scores, ratio, layer_budgets=True, head_budgets=True)
-    kept.stats.update(press="kvzip-whole", compress_s=time.perf_counter() - t0)
+    kept.stats.update(press="kvzip-whole", compress_s=full.stats.get("compress_s", 0.0) + time.perf_counter() - t0)
     return kept.to(dtype=getattr(torch, config.storage_dtype))
 
 
@@ -150,14 +143,11 @@ class RankedContext:
     prefill_s: float
 
 
-def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig,
+def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
                  progress: Callable[[int], None] | None = None) -> RankedContext:
-    """Prefill the whole context, score it by reconstruction and by leave-one-out replays, blend."""
-    if skill.has_images or getattr(lm, "vision", None) is not None:
-        raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
-    t0 = time.perf_counter()
-    full = unpruned(lm, skill, config)
-    prefill_s = time.perf_counter() - t0
+    """Score ``full`` (the skill's unpruned memory, float32) by reconstruction and by leave-one-out
+    replays, and blend."""
+    prefill_s = float(full.stats.get("compress_s", 0.0))
     renderer = lm.renderer(config.prompt_format)
     rendered = renderer.render(skill.instruction, skill.demonstrations)
     if progress:
@@ -190,12 +180,13 @@ def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float) -> tuple[Co
     return memory, float(js.mean())
 
 
-def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig,
+def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
                      progress: Callable[[int, int], None] | None = None) -> CompressedMemory:
-    """Compress ``skill`` over its whole context (see module docstring)."""
-    t0 = time.perf_counter()
+    """Compress ``skill`` over its whole context (see module docstring), given ``full``, its unpruned
+    memory in float32 (``compress`` builds it with the chunk-wise loop, nothing pruned)."""
+    t0 = time.perf_counter() - float(full.stats.get("compress_s", 0.0))
     steps = 3 + len(config.keep_ratios)
-    ranked = rank_context(lm, skill, config, None if progress is None else lambda step: progress(step, steps))
+    ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))
     chosen, trials = ranked.full, []
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
