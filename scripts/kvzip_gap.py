@@ -1,0 +1,103 @@
+"""Where chunk-wise KVzip loses against KVzip over the whole context (docs/benchmarks.md, "Whole-context
+ranking"): {whole-context, chunk-wise} reconstruction scores x {one ranking of the whole context, one
+per chunk} allocation, all on the unpruned context's keys, at one share. Appends JSON lines to OUT.
+
+    python scripts/kvzip_gap.py smollm2-135m trec 0 0.2 300 results/kvzip-gap.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import torch
+from search_variants import _scores
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.metrics import agreement
+from emloc_agents.engine.presses import KVzipPress, allocate, budget, padded_indices
+from emloc_agents.engine.reconstruct import whole_context_scores
+from emloc_agents.engine.replay import gather_positions, gather_tokens
+from emloc_agents.tasks import Task
+
+
+class Recorder(KVzipPress):
+    """Keeps every token; records each chunk's reconstruction scores."""
+
+    def select(self, ctx):
+        self.log.append((ctx.offset, ctx.n, [s.clone() for s in ctx.reconstruction_scores]))
+        return [None] * ctx.facts.num_layers
+
+
+def from_masks(mem, masks):
+    keys, values, positions = [], [], []
+    for i in range(len(mem.keys)):
+        k, v, p = mem.keys[i], mem.values[i], mem.positions[i]
+        if masks[i] is not None:
+            idx = padded_indices(masks[i])
+            k, v, p = gather_tokens(k[None], idx)[0], gather_tokens(v[None], idx)[0], gather_positions(p, idx)
+        keys.append(k.contiguous())
+        values.append(v.contiguous())
+        positions.append(p.contiguous())
+    return dataclasses.replace(mem, keys=keys, values=values, positions=positions)
+
+
+def to_mask(idx: torch.Tensor, heads: int, total: int, offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.zeros(heads, total, dtype=torch.bool) if out is None else out
+    for h in range(idx.shape[0]):
+        out[h, offset + idx[h][idx[h] >= 0]] = True
+    return out
+
+
+def masks_global(f, scores, ratio, total):
+    kept = allocate({i: scores[i] for i in range(f.num_layers) if not f.sliding[i]}, max(1, round(ratio * total)), True, True)
+    return [to_mask(kept[i], f.num_kv_heads, total) if i in kept else None for i in range(f.num_layers)]
+
+
+def masks_per_chunk(f, scores, ratio, spans, total):
+    out = [torch.zeros(f.num_kv_heads, total, dtype=torch.bool) for _ in range(f.num_layers)]
+    for off, n in spans:
+        kept = allocate({i: scores[i][:, off : off + n] for i in range(f.num_layers) if not f.sliding[i]},
+                        budget(n, ratio, 0), True, True)
+        for i, idx in kept.items():
+            to_mask(idx, f.num_kv_heads, total, off, out[i])
+    return out
+
+
+def main() -> None:
+    model, task_name, seed, ratio, limit, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+    lm = load_model(model)
+    f = lm.facts
+    task = Task.load(task_name)
+    items = task.test[:limit]
+    labels = [e.label for e in items]
+    skill = task.skill(shots=128, seed=seed)
+    rec = Recorder(sinks=4)
+    rec.log = []
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"), press=rec)
+    total = full.original_length
+    chunk_scores = [torch.cat([s[i] for _, _, s in rec.log], dim=1) for i in range(f.num_layers)]
+    for s in chunk_scores:
+        s[:, :4] = float("inf")
+    spans = [(o, n) for o, n, _ in rec.log]
+    renderer = lm.renderer("auto")
+    whole = whole_context_scores(lm, full, renderer.render(skill.instruction, skill.demonstrations).ids,
+                                 encode=renderer.ids)
+    ref = _scores(lm, task, full, items)
+    for name, sc in [("whole", whole), ("chunk", chunk_scores)]:
+        for alloc in ["global", "per-chunk"]:
+            masks = masks_global(f, sc, ratio, total) if alloc == "global" else masks_per_chunk(f, sc, ratio, spans, total)
+            mem = from_masks(full, masks)
+            preds = _scores(lm, task, mem, items)
+            row = dict(model=model, task=task_name, seed=seed, scores=name, alloc=alloc, kept=mem.kept_ratio,
+                       acc=sum(p == y for p, y in zip(preds, labels, strict=True)) / len(items),
+                       full_acc=sum(p == y for p, y in zip(ref, labels, strict=True)) / len(items),
+                       agree=agreement(preds, ref))
+            print(row, flush=True)
+            with open(out_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
