@@ -76,6 +76,7 @@ PRESSES = {
     "streaming-llm": lambda: StreamingLLMPress(0.3),
     "random": lambda: RandomPress(0.3),
     "kvzip": lambda: KVzipPress(0.3),
+    "context": lambda: None,  # compression="context" (engine/context.py)
 }
 
 
@@ -84,6 +85,8 @@ def test_engine_makes_its_tensors_on_the_model_device(lm, stray_tensors, press: 
     config = EMLoCConfig(delta=0.5, demos_per_chunk=2)
     if press == "emloc-exact":
         config = EMLoCConfig.reference().model_copy(update={"delta": 0.5, "demos_per_chunk": 2})
+    if press == "context":
+        config = config.model_copy(update={"compression": "context"})
     mem = compress(lm, make_skill(6), config, press=PRESSES[press]())
     ids = lm.tokenizer("Review: a fine film\nSentiment:", add_special_tokens=False)["input_ids"]
     generate(lm, ids, mem, max_new_tokens=3, temperature=0.8, top_p=0.9, seed=1)

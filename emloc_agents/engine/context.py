@@ -45,9 +45,9 @@ def demo_spans(prefix: Segment, demos: Sequence[Segment]) -> list[tuple[int, int
     return spans
 
 
-def answer_rows(demo: Segment) -> torch.Tensor:
+def answer_rows(demo: Segment, device: torch.device | str = "cpu") -> torch.Tensor:
     """(len,) bool: the rows that predict an answer token (row j predicts token j + 1)."""
-    return torch.tensor(demo.answer[1:] + [False], dtype=torch.bool)
+    return torch.tensor(demo.answer[1:] + [False], dtype=torch.bool, device=device)
 
 
 def held_out_cache(lm: ModelHandle, memory: CompressedMemory, span: tuple[int, int]) -> MemoryCache:
@@ -78,7 +78,7 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
     log_probs: dict[int, torch.Tensor] = {}
     for j in which:
         demo = demos[j]
-        rows = answer_rows(demo).to(device)
+        rows = answer_rows(demo, device)
         if not bool(rows.any()):
             continue
         cache = held_out_cache(lm, memory, spans[j])
