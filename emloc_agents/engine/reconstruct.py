@@ -141,4 +141,3 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
         positions.append(pos.contiguous())
     return dataclasses.replace(memory, keys=keys, values=values, positions=positions,
                                stats={**memory.stats, "press": "kvzip-whole"})
-
