@@ -7,7 +7,6 @@ per chunk} allocation, all on the unpruned context's keys, at one share. Appends
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -17,8 +16,7 @@ from search_variants import _scores
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.metrics import agreement
 from emloc_agents.engine.presses import KVzipPress, allocate, budget, padded_indices
-from emloc_agents.engine.reconstruct import whole_context_scores
-from emloc_agents.engine.replay import gather_positions, gather_tokens
+from emloc_agents.engine.reconstruct import keep_tokens, kvzip_memory, whole_context_scores
 from emloc_agents.tasks import Task
 
 
@@ -30,39 +28,15 @@ class Recorder(KVzipPress):
         return [None] * ctx.facts.num_layers
 
 
-def from_masks(mem, masks):
-    keys, values, positions = [], [], []
-    for i in range(len(mem.keys)):
-        k, v, p = mem.keys[i], mem.values[i], mem.positions[i]
-        if masks[i] is not None:
-            idx = padded_indices(masks[i])
-            k, v, p = gather_tokens(k[None], idx)[0], gather_tokens(v[None], idx)[0], gather_positions(p, idx)
-        keys.append(k.contiguous())
-        values.append(v.contiguous())
-        positions.append(p.contiguous())
-    return dataclasses.replace(mem, keys=keys, values=values, positions=positions)
-
-
-def to_mask(idx: torch.Tensor, heads: int, total: int, offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch.zeros(heads, total, dtype=torch.bool) if out is None else out
-    for h in range(idx.shape[0]):
-        out[h, offset + idx[h][idx[h] >= 0]] = True
-    return out
-
-
-def masks_global(f, scores, ratio, total):
-    kept = allocate({i: scores[i] for i in range(f.num_layers) if not f.sliding[i]}, max(1, round(ratio * total)), True, True)
-    return [to_mask(kept[i], f.num_kv_heads, total) if i in kept else None for i in range(f.num_layers)]
-
-
 def masks_per_chunk(f, scores, ratio, spans, total):
-    out = [torch.zeros(f.num_kv_heads, total, dtype=torch.bool) for _ in range(f.num_layers)]
+    """Per full-attention layer the kept token indices when every chunk keeps its own share."""
+    masks = {i: torch.zeros(f.num_kv_heads, total, dtype=torch.bool) for i in range(f.num_layers) if not f.sliding[i]}
     for off, n in spans:
-        kept = allocate({i: scores[i][:, off : off + n] for i in range(f.num_layers) if not f.sliding[i]},
-                        budget(n, ratio, 0), True, True)
+        kept = allocate({i: scores[i][:, off : off + n] for i in masks}, budget(n, ratio, 0), True, True)
         for i, idx in kept.items():
-            to_mask(idx, f.num_kv_heads, total, off, out[i])
-    return out
+            for h in range(idx.shape[0]):
+                masks[i][h, off + idx[h][idx[h] >= 0]] = True
+    return {i: padded_indices(m) for i, m in masks.items()}
 
 
 def main() -> None:
@@ -87,8 +61,10 @@ def main() -> None:
     ref = _scores(lm, task, full, items)
     for name, sc in [("whole", whole), ("chunk", chunk_scores)]:
         for alloc in ["global", "per-chunk"]:
-            masks = masks_global(f, sc, ratio, total) if alloc == "global" else masks_per_chunk(f, sc, ratio, spans, total)
-            mem = from_masks(full, masks)
+            if alloc == "global":
+                mem = kvzip_memory(lm, full, sc, ratio, layer_budgets=True, head_budgets=True)
+            else:
+                mem = keep_tokens(full, masks_per_chunk(f, sc, ratio, spans, total))
             preds = _scores(lm, task, mem, items)
             row = dict(model=model, task=task_name, seed=seed, scores=name, alloc=alloc, kept=mem.kept_ratio,
                        acc=sum(p == y for p, y in zip(preds, labels, strict=True)) / len(items),

@@ -19,7 +19,7 @@ from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .chunks import ChunkContext
-from .context import compress_context
+from .context import answer_rows, compress_context
 from .facts import ModelFacts
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
@@ -75,7 +75,7 @@ def _replay_pack(demos: list[Segment], start: int, device: torch.device | str = 
     ids = torch.tensor([[t for d in demos for t in d.ids]], dtype=torch.long, device=device)
     positions = torch.tensor([[start + j for d in demos for j in range(len(d))]], dtype=torch.long, device=device)
     segments = torch.tensor([[i for i, d in enumerate(demos) for _ in range(len(d))]], dtype=torch.long, device=device)
-    rows = torch.tensor([[a for d in demos for a in d.answer[1:] + [False]]], dtype=torch.bool, device=device)
+    rows = torch.cat([answer_rows(d, device) for d in demos])[None]
     return ids, positions, segments, rows
 
 

@@ -136,11 +136,14 @@ class RankedContext:
     full: CompressedMemory
     demos: list[Segment]
     spans: list[tuple[int, int]]
-    checked: list[int]
     reference: dict[int, torch.Tensor]  # checked demonstration -> its answer rows' log-probs, full context
     scores: list[torch.Tensor]  # per layer (kv_heads, T), the blend, +inf where protected
     reconstruction: list[torch.Tensor]  # per layer (kv_heads, T), KVzip's scores alone
     prefill_s: float
+
+    @property
+    def checked(self) -> list[int]:
+        return sorted(self.reference)
 
 
 def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
@@ -166,8 +169,7 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
     for s in scores:
         s[:, :protected] = float("inf")
-    return RankedContext(full, rendered.demos, spans, sorted(probes.log_probs), probes.log_probs, scores, reconstruction,
-                         prefill_s)
+    return RankedContext(full, rendered.demos, spans, probes.log_probs, scores, reconstruction, prefill_s)
 
 
 def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float) -> tuple[CompressedMemory, float]:
@@ -198,11 +200,9 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
         if js <= config.delta:
             chosen = memory
             break
-    dtype = getattr(torch, config.storage_dtype)
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "prefill_s": ranked.prefill_s,
              "compress_s": time.perf_counter() - t0}
     if progress:
         progress(steps, steps)
-    return dataclasses.replace(chosen, keys=[k.to(dtype) for k in chosen.keys],
-                               values=[v.to(dtype) for v in chosen.values], stats=stats)
+    return dataclasses.replace(chosen.to(dtype=getattr(torch, config.storage_dtype)), stats=stats)

@@ -129,15 +129,19 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
     k = max(1, round(ratio * total))
     layers = {i: scores[i].to(memory.keys[i].device) for i in range(f.num_layers) if not f.sliding[i]}
     kept = allocate(layers, k, layer_budgets, head_budgets)
+    return dataclasses.replace(keep_tokens(memory, kept), stats={**memory.stats, "press": "kvzip-whole"})
+
+
+def keep_tokens(memory: CompressedMemory, kept: dict[int, torch.Tensor]) -> CompressedMemory:
+    """``memory`` with layer ``i`` reduced to the (kv_heads, k) token indices ``kept[i]`` (-1: a padded
+    slot); layers not in ``kept`` stay whole."""
     keys, values, positions = [], [], []
-    for i in range(f.num_layers):
-        key, val, pos = memory.keys[i], memory.values[i], memory.positions[i]
+    for i, (key, val, pos) in enumerate(zip(memory.keys, memory.values, memory.positions, strict=True)):
         if i in kept:
-            idx = kept[i]
+            idx = kept[i].to(key.device)
             key, val = gather_tokens(key[None], idx)[0], gather_tokens(val[None], idx)[0]
             pos = gather_positions(pos, idx.to(pos.device))
         keys.append(key.contiguous())
         values.append(val.contiguous())
         positions.append(pos.contiguous())
-    return dataclasses.replace(memory, keys=keys, values=values, positions=positions,
-                               stats={**memory.stats, "press": "kvzip-whole"})
+    return dataclasses.replace(memory, keys=keys, values=values, positions=positions)
