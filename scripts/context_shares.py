@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.methods import Prepared
+from emloc_agents.bench.methods import Prepared, fewer_shots
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
 from emloc_agents.bench.run import _predict
 from emloc_agents.engine.context import keep_share, rank_context
@@ -39,7 +39,7 @@ def table(path: Path) -> None:
         print("| method | share | held-out JS | accuracy [95 %] (per seed) | agreement [95 %] (per seed) |")
         print("|---|---|---|---|---|")
         for share in sorted({r["share"] for r in sel}):
-            for method in ("context", "kvzip-whole"):
+            for method in ("context", "kvzip-whole", "fewer-shots"):
                 got = sorted((r for r in sel if r["share"] == share and r["method"] == method), key=lambda r: r["seed"])
                 if not got:
                     continue
@@ -53,6 +53,11 @@ def table(path: Path) -> None:
                 print(f"| {method} | {share:.2f} | {js} | {cells[0]} | {cells[1]} |")
 
 
+def kept_of_full(memory, full) -> float:
+    """Kept share of the full context's demonstration tokens (fewer-shots memories hold fewer to begin with)."""
+    return memory.kept_ratio * memory.original_length / full.original_length
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", type=Path, help="print the tables of a results file and stop")
@@ -63,6 +68,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--shares", default="0.1,0.2")
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
+    ap.add_argument("--fewer-shots", action="store_true",
+                    help="also the first whole demonstrations that fit each share, uncompressed")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.table:
@@ -96,11 +103,14 @@ def main() -> None:
                     # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
                     runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
                                                              layer_budgets=True, head_budgets=True), None))
+                if args.fewer_shots:
+                    runs.append(("fewer-shots", compress(lm, fewer_shots(lm, skill, share),
+                                                         EMLoCConfig(keep_ratios=(1.0,))), None))
                 for method, memory, js in runs:
                     preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                     k = sum(p == y for p, y in zip(preds, labels, strict=True))
                     row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
-                           "method": method, "share": share, "kept_ratio": memory.kept_ratio, "js": js,
+                           "method": method, "share": share, "kept_ratio": kept_of_full(memory, ranked.full), "js": js,
                            "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
                            "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
                            "rank_s": rank_s if method == "context" else None}

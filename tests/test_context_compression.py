@@ -15,7 +15,10 @@ from emloc_agents.engine.context import (
     answer_rows,
     demo_spans,
     held_out_answers,
+    keep_share,
+    packs,
     rank_blend,
+    rank_context,
 )
 from emloc_agents.engine.decode import score_continuations
 from emloc_agents.engine.memory import PAD
@@ -44,7 +47,8 @@ def test_a_held_out_replay_is_the_whole_text_with_its_demonstration_masked(plain
     spans = demo_spans(rendered.prefix, rendered.demos)
     assert spans[-1][1] == full.original_length == len(rendered.ids)
     j = 2
-    got = held_out_answers(lm, full, rendered.demos, spans, [j], score=False, keep_log_probs={j}).log_probs[j]
+    # replayed packed with its neighbours (each its own segment, hiding its own span), as rank_context does
+    got = held_out_answers(lm, full, rendered.demos, spans, [1, j, 3], score=False, keep_log_probs={j}).log_probs[j]
     demo = rendered.demos[j]
     total, m = full.original_length, len(demo)
     ids = torch.tensor([rendered.ids + demo.ids])
@@ -60,6 +64,33 @@ def test_a_held_out_replay_is_the_whole_text_with_its_demonstration_masked(plain
     # and the span matters: without hiding it the answer reads differently
     seen = torch.log_softmax(reference(ids, position_ids=torch.arange(total + m)[None]).logits[0, total:][answer_rows(demo)].float(), -1)
     assert not torch.allclose(got, seen, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str) -> None:
+    """Packing replays into shared forwards changes nothing: the same attention scores and log-probs as
+    one forward per demonstration, on the unpruned context and on a pruned one (per-head slots)."""
+    model, tok = tiny_model(arch)
+    lm, skill = LanguageModel(model, tok, f"tiny-{arch}"), make_skill(8)
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    ranked = rank_context(lm, skill, EMLoCConfig(compression="context"), full)
+    pruned, _ = keep_share(lm, ranked, 0.3)
+    assert any(v is not None and not bool(v.all()) for v in pruned.valid_masks)  # heads keep different slots
+    which = range(len(ranked.demos))
+    for memory, score in ((full, True), (pruned, False)):  # scores are read on the full context only
+        one, packed = (held_out_answers(lm, memory, ranked.demos, ranked.spans, which, score=score,
+                                        keep_log_probs=set(which), pack_tokens=tokens) for tokens in (0, 10_000))
+        for a, b in zip(one.scores or [], packed.scores or [], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert sorted(one.log_probs) == sorted(packed.log_probs) == list(which)
+        for j in which:
+            torch.testing.assert_close(one.log_probs[j], packed.log_probs[j], atol=1e-4, rtol=1e-4)
+
+
+def test_packs_cut_replays_by_tokens() -> None:
+    assert packs([5, 5, 5, 5], range(4), 10) == [[0, 1], [2, 3]]
+    assert packs([5, 20, 5], range(3), 10) == [[0], [1], [2]]  # one too long for a pack goes alone
+    assert packs([5, 5, 5], [0, 2], 0) == [[0], [2]]  # 0: one per forward
 
 
 def test_rank_blend_keeps_what_either_signal_ranks_high() -> None:

@@ -18,7 +18,7 @@ def test_gpu_check_writes_its_results_on_the_cpu(tmp_path) -> None:
     tiny_tokenizer().save_pretrained(tok_dir)
     out = tmp_path / "out"
     code = gpu.main(["--out", str(out), "--device", "cpu", "--tokenizer", str(tok_dir), "--repeats", "1",
-                     "--case", "qwen2-tiny:400:1,0:2"])
+                     "--case", "qwen2-tiny:400:1,0:2", "--context"])
     assert code == 0
     result = json.loads((out / "gpu.json").read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32"
@@ -31,6 +31,11 @@ def test_gpu_check_writes_its_results_on_the_cpu(tmp_path) -> None:
     decode = row["decode_ms_per_token"]
     assert all(decode[k] > 0 for k in ("memory", "full_memory", "hf_full_prefix", "hf_prefix_as_long_as_memory"))
     assert decode["memory_tokens_per_layer"] < row["tokens"] / 2
+    context = row["context"]  # the context mode, bracketed the same way, with its stages
+    assert context["delta=1"]["kept_ratio"] < 0.2 and context["delta=0"]["kept_ratio"] == 1.0
+    assert context["delta=0"]["check_s"] > context["delta=1"]["check_s"] > 0
+    for stage in ("prefill", "reconstruct", "held_out", "check"):
+        assert context["delta=1"][f"{stage}_over_prefill"] == pytest.approx(context["delta=1"][f"{stage}_s"] / row["prefill_s"])
 
 
 def test_gpu_check_cases_are_parsed_or_refused() -> None:

@@ -89,9 +89,25 @@ def skill_of_length(lm: LanguageModel, tokens: int, task: str = "trec", seed: in
     return t.skill(shots, seed)
 
 
+def check_context(lm: LanguageModel, skill: Skill, prefill_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """``compression="context"`` bracketed like the chunk-wise search: delta=1 checks one share,
+    delta=0 every share (then keeps the whole context); with the time of each stage."""
+    out: dict[str, Any] = {}
+    for delta in (1.0, 0.0):
+        seconds, mem = timed(partial(compress, lm, skill, EMLoCConfig(compression="context", delta=delta)), lm.device)
+        stages = {k: mem.stats[k] for k in ("prefill_s", "reconstruct_s", "held_out_s", "check_s")}
+        out[f"delta={delta:g}"] = {"compress_s": seconds, "compress_over_prefill": seconds / prefill_s,
+                                   "kept_ratio": mem.kept_ratio, **stages,
+                                   **{k.replace("_s", "_over_prefill"): v / prefill_s for k, v in stages.items()}}
+        log(f"  context delta={delta:g}: {seconds:.2f}s = {seconds / prefill_s:.1f}x prefill ("
+            + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()) + f"), kept {mem.kept_ratio:.3f}")
+    return out
+
+
 def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats: int, decode: bool,
-               log: Callable[[str], None], lookahead: int | None = None) -> dict[str, Any]:
-    """One model at one context length: prefill, chunk-wise floor, compression per delta, decoding."""
+               log: Callable[[str], None], lookahead: int | None = None, context: bool = False) -> dict[str, Any]:
+    """One model at one context length: prefill, chunk-wise floor, compression per delta (and in
+    context mode), decoding."""
     dev = lm.device
     skill = skill_of_length(lm, tokens)
     ids = lm.renderer("auto").render(skill.instruction, skill.demonstrations).ids
@@ -117,6 +133,8 @@ def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats:
             f"{mem.stats['check_forwards']} check re-forwards, {mem.stats['js_checks']} trials")
         if delta == 1.0:
             memory = mem
+    if context:
+        row["context"] = check_context(lm, skill, row["prefill_s"], log)
     if decode:
         query = lm.tokenizer(" What is the capital of France?\nType:", add_special_tokens=False)["input_ids"]
         made_by = "emloc delta=1"
@@ -177,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: Qwen2.5's from its package)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--context", action="store_true", help='also time compression="context" (delta 1 and 0)')
     p.add_argument("--profile", metavar="SHAPE:TOKENS", default=None,
                    help="also write profile.txt: torch.profiler's op table for one default compression")
     args = p.parse_args(argv)
@@ -211,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             models[shape] = random_model(shape, tok, device, dtype)
             warm = skill_of_length(models[shape], 200)
             compress(models[shape], warm, EMLoCConfig(delta=0.005))  # warm-up: kernels, allocator
-        row = check_case(models[shape], tokens, deltas, args.repeats, not args.no_decode, log, lookahead)
+        row = check_case(models[shape], tokens, deltas, args.repeats, not args.no_decode, log, lookahead,
+                         args.context)
         result["rows"].append(row)
         (args.out / "gpu.json").write_text(json.dumps(result, indent=1))  # partial results survive a timeout
     result["total_s"] = time.perf_counter() - t_start

@@ -51,7 +51,9 @@ class MemoryCache(Cache):
             masks (for pruned full-attention layers any head's positions will do).
         windows: per layer sliding window (``None`` = full attention).
         prefix_valid: per layer None or ``(kv_heads, M_l)`` bool: the prefix slots that hold a token
-            (per-head budgets pad the shorter heads); the others are never visible.
+            (per-head budgets pad the shorter heads); the others are never visible. ``(S, kv_heads,
+            M_l)`` in packed forwards: what the rows of segment ``s`` may see (each packed sequence
+            its own view of one shared prefix, e.g. a held-out demonstration hidden from its replay).
     """
 
     def __init__(
@@ -160,9 +162,14 @@ class MemoryCache(Cache):
         valid = self.prefix_valid[layer_idx]
         if valid is None:
             return mask[:, None]
-        heads = valid.shape[0]
+        heads = valid.shape[-2]
         out = mask[:, None].expand(-1, heads, -1, -1).clone()
-        out[..., :m] &= valid.to(out.device)[None, :, None, :]
+        if valid.dim() == 3:  # per segment: (B, Lq, heads, M) -> (B, heads, Lq, M)
+            if self.query_segments is None:
+                raise ValueError("a per-segment prefix_valid needs a packed forward (segments)")
+            out[..., :m] &= valid[self.query_segments].permute(0, 2, 1, 3)
+        else:
+            out[..., :m] &= valid.to(out.device)[None, :, None, :]
         return out
 
     # ---- what the model asks of a Cache -------------------------------------------------------

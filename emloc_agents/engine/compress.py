@@ -19,7 +19,7 @@ from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .chunks import ChunkContext
-from .context import answer_rows, compress_context
+from .context import answer_rows, compress_context, prefill_chunk
 from .facts import ModelFacts
 from .forward import ModelHandle, run
 from .memory import CompressedMemory
@@ -111,8 +111,10 @@ def compress(
     if config.compression == "context" and press is None and config.prunes:
         if skill.has_images or getattr(lm, "vision", None) is not None:
             raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
-        full = compress(lm, skill, config.model_copy(update={"compression": "chunks", "keep_ratios": (1.0,),
-                                                             "storage_dtype": "float32"}))
+        rendered = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations)
+        full = compress(lm, skill, config.model_copy(update={
+            "compression": "chunks", "keep_ratios": (1.0,), "storage_dtype": "float32",
+            "demos_per_chunk": prefill_chunk(rendered.prefix, rendered.demos)}))
         return compress_context(lm, skill, config, full, progress)
     press = press or press_for(config)
     if not skill.demonstrations:

@@ -34,6 +34,15 @@ from .replay import js_divergence
 
 SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
 CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
+PREFILL_TOKENS = 2048  # about this many tokens per forward when the whole context is prefilled
+PACK_TOKENS = 512  # replayed tokens per packed held-out forward (one demonstration per forward: 0)
+
+
+def prefill_chunk(prefix: Segment, demos: Sequence[Segment]) -> int:
+    """Demonstrations per forward for the unpruned prefill this mode starts from: about
+    ``PREFILL_TOKENS`` tokens each (few large forwards; unpruned, the chunk loop equals one prefill)."""
+    tokens = len(prefix) + sum(len(d) for d in demos)
+    return max(1, PREFILL_TOKENS * len(demos) // max(1, tokens))
 
 
 def demo_spans(prefix: Segment, demos: Sequence[Segment]) -> list[tuple[int, int]]:
@@ -50,14 +59,29 @@ def answer_rows(demo: Segment, device: torch.device | str = "cpu") -> torch.Tens
     return torch.tensor(demo.answer[1:] + [False], dtype=torch.bool, device=device)
 
 
-def held_out_cache(lm: ModelHandle, memory: CompressedMemory, span: tuple[int, int]) -> MemoryCache:
-    """A cache reading ``memory`` with the tokens at positions ``span`` hidden from every layer."""
-    lo, hi = span
-    valid = [(p >= 0) & ((p < lo) | (p >= hi)) for p in memory.positions]
+def held_out_cache(lm: ModelHandle, memory: CompressedMemory, spans: Sequence[tuple[int, int]]) -> MemoryCache:
+    """A cache reading ``memory`` for a packed forward of ``len(spans)`` segments: segment ``s`` sees
+    every layer's memory with the tokens at positions ``spans[s]`` hidden."""
+    lo = torch.tensor([a for a, _ in spans], device=memory.keys[0].device)[:, None, None]
+    hi = torch.tensor([b for _, b in spans], device=memory.keys[0].device)[:, None, None]
+    valid = [(p >= 0) & ((p < lo.to(p.device)) | (p >= hi.to(p.device))) for p in memory.positions]  # (S, H, M)
     cache = MemoryCache([k[None] for k in memory.keys], [v[None] for v in memory.values],
                         [p[0] for p in memory.positions], lm.facts.windows, valid)
     cache.keep_new = False
     return cache
+
+
+def packs(lengths: Sequence[int], which: Sequence[int], tokens: int) -> list[list[int]]:
+    """``which`` cut into consecutive groups of about ``tokens`` replayed tokens (at least one each)."""
+    groups: list[list[int]] = []
+    used = tokens
+    for j in which:
+        if used + lengths[j] > tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(j)
+        used += lengths[j]
+    return groups
 
 
 @dataclasses.dataclass
@@ -71,17 +95,20 @@ class HeldOut:
 
 def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[Segment],
                      spans: Sequence[tuple[int, int]], which: Sequence[int], score: bool,
-                     keep_log_probs: set[int]) -> HeldOut:
-    """Replay demonstrations ``which`` after ``memory`` one by one, each with its own span hidden."""
+                     keep_log_probs: set[int], pack_tokens: int = PACK_TOKENS) -> HeldOut:
+    """Replay demonstrations ``which`` after ``memory``, each with its own span hidden: packed into
+    forwards of about ``pack_tokens`` tokens, every demonstration its own segment at the positions
+    right after the context (the memory is read, never copied per demonstration)."""
     f, device, total = lm.facts, lm.device, memory.original_length
     scores = [torch.zeros(f.num_kv_heads, total, device=device) for _ in range(f.num_layers)] if score else None
     log_probs: dict[int, torch.Tensor] = {}
-    for j in which:
-        demo = demos[j]
-        rows = answer_rows(demo, device)
-        if not bool(rows.any()):
-            continue
-        cache = held_out_cache(lm, memory, spans[j])
+    which = [j for j in which if any(demos[j].answer[1:])]  # a demonstration with no answer rows scores nothing
+    for group in packs([len(d) for d in demos], which, pack_tokens):
+        rows = torch.cat([answer_rows(demos[j], device) for j in group])
+        ids = torch.tensor([t for j in group for t in demos[j].ids], device=device)[None]
+        positions = torch.cat([total + torch.arange(len(demos[j]), device=device) for j in group])[None]
+        segments = torch.cat([torch.full((len(demos[j]),), s, device=device) for s, j in enumerate(group)])[None]
+        cache = held_out_cache(lm, memory, [spans[j] for j in group])
         if scores is not None:
             def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
                         rows: torch.Tensor = rows) -> None:
@@ -91,10 +118,13 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
                 scores[layer] = torch.maximum(scores[layer], max_attention(module, q[:, :, rows], k, m, 0, total))  # type: ignore[index]
 
             cache.observer = observe
-        hidden = run(lm.model, cache, torch.tensor([demo.ids], device=device),
-                     (total + torch.arange(len(demo), device=device))[None])
-        if j in keep_log_probs:
-            log_probs[j] = torch.log_softmax(lm_logits(lm.model, f, hidden[0, rows]), dim=-1)
+        hidden = run(lm.model, cache, ids, positions, segments=segments)[0]
+        start = 0
+        for j in group:
+            if j in keep_log_probs:
+                own = rows[start : start + len(demos[j])]
+                log_probs[j] = torch.log_softmax(lm_logits(lm.model, f, hidden[start : start + len(demos[j])][own]), dim=-1)
+            start += len(demos[j])
     return HeldOut(scores, log_probs)
 
 
@@ -140,6 +170,8 @@ class RankedContext:
     scores: list[torch.Tensor]  # per layer (kv_heads, T), the blend, +inf where protected
     reconstruction: list[torch.Tensor]  # per layer (kv_heads, T), KVzip's scores alone
     prefill_s: float
+    reconstruct_s: float = 0.0
+    held_out_s: float = 0.0
 
     @property
     def checked(self) -> list[int]:
@@ -155,7 +187,9 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     rendered = renderer.render(skill.instruction, skill.demonstrations)
     if progress:
         progress(1)
+    t0 = time.perf_counter()
     reconstruction = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
+    t1 = time.perf_counter()
     if progress:
         progress(2)
     spans = demo_spans(rendered.prefix, rendered.demos)
@@ -163,13 +197,15 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
     probes = held_out_answers(lm, full, rendered.demos, spans, range(n), score=True, keep_log_probs=set(checked))
     assert probes.scores is not None
+    t2 = time.perf_counter()
     if progress:
         progress(3)
     scores = rank_blend(reconstruction, probes.scores)
     protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
     for s in scores:
         s[:, :protected] = float("inf")
-    return RankedContext(full, rendered.demos, spans, probes.log_probs, scores, reconstruction, prefill_s)
+    return RankedContext(full, rendered.demos, spans, probes.log_probs, scores, reconstruction, prefill_s,
+                         reconstruct_s=t1 - t0, held_out_s=t2 - t1)
 
 
 def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float) -> tuple[CompressedMemory, float]:
@@ -190,6 +226,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     steps = 3 + len(config.keep_ratios)
     ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))
     chosen, trials = ranked.full, []
+    t_check = time.perf_counter()
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
@@ -202,7 +239,8 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
             break
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "prefill_s": ranked.prefill_s,
-             "compress_s": time.perf_counter() - t0}
+             "reconstruct_s": ranked.reconstruct_s, "held_out_s": ranked.held_out_s,
+             "check_s": time.perf_counter() - t_check, "compress_s": time.perf_counter() - t0}
     if progress:
         progress(steps, steps)
     return dataclasses.replace(chosen.to(dtype=getattr(torch, config.storage_dtype)), stats=stats)

@@ -1,0 +1,96 @@
+"""How ``compression="context"`` should split its budget between its two signals: accuracy and agreement
+with full ICL when reconstruction gets a share ``rho`` of the kept slots and the held-out answers the
+rest (``rho`` = 0.5 is the plain max of ranks the engine ships; 1.0 is reconstruction alone, KVzip).
+
+A token is kept when its top-fraction under reconstruction is within ``rho * s`` or under held-out
+answers within ``(1 - rho) * s`` (for a threshold ``s`` that fills the share): the blend score is
+``max(1 - t_rec / rho, 1 - t_held / (1 - rho))`` with ``t = 1 - rank``. Both signals are scored once
+per task and seed; every (share, rho) reuses them. Appends one JSON line per cell to ``--out``.
+
+    python scripts/blend_split.py --model smollm2-135m --task trec --seeds 0 --shares 0.1,0.2 \\
+        --rhos 0.5,0.7,0.85 --out results/blend-split.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.methods import Prepared
+from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.run import _predict
+from emloc_agents.engine.context import SINKS, demo_spans, held_out_answers, rank_blend
+from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
+from emloc_agents.tasks import Task
+
+
+def split_blend(rec: list[torch.Tensor], held: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """Per layer (kv_heads, T): the blend giving reconstruction a share ``rho`` of the kept slots."""
+    t_rec = [1 - r for r in rank_blend(rec)]
+    t_held = [1 - r for r in rank_blend(held)]
+    if rho >= 1.0:
+        return [-t for t in t_rec]
+    return [torch.maximum(1 - a / rho, 1 - b / (1 - rho)) for a, b in zip(t_rec, t_held, strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--shares", default="0.1,0.2")
+    ap.add_argument("--rhos", default="0.5,0.7,0.85,1.0")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for task_name in args.task:
+        task = Task.load(task_name)
+        items = task.test[: args.limit]
+        labels = [ex.label for ex in items]
+
+        def predict(memory, task=task, items=items):
+            prep = Prepared("split", memory=memory)
+            return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+
+        for seed in (int(s) for s in args.seeds.split(",")):
+            skill = task.skill(shots=args.shots, seed=seed)
+            full_preds = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
+            t0 = time.perf_counter()
+            full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+            renderer = lm.renderer("auto")
+            rendered = renderer.render(skill.instruction, skill.demonstrations)
+            rec = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
+            spans = demo_spans(rendered.prefix, rendered.demos)
+            held = held_out_answers(lm, full, rendered.demos, spans, range(len(spans)), score=True,
+                                    keep_log_probs=set()).scores
+            assert held is not None
+            rank_s = time.perf_counter() - t0
+            protected = min(full.original_length, max(SINKS, len(rendered.prefix)))
+            for rho in (float(r) for r in args.rhos.split(",")):
+                scores = split_blend(rec, held, rho)
+                for s in scores:
+                    s[:, :protected] = float("inf")
+                for share in (float(s) for s in args.shares.split(",")):
+                    memory = kvzip_memory(lm, full, scores, share, layer_budgets=True, head_budgets=True)
+                    preds = predict(memory.to(dtype=getattr(torch, EMLoCConfig().storage_dtype)))
+                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
+                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
+                           "n": len(items), "rho": rho, "share": share, "kept_ratio": memory.kept_ratio,
+                           "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
+                           "full_icl_accuracy": accuracy(full_preds, labels),
+                           "agreement": agreement(preds, full_preds), "rank_s": rank_s}
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
