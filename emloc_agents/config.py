@@ -26,6 +26,9 @@ class EMLoCConfig(BaseModel):
         "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
         "leave-one-out replays of the demonstrations, the smallest of keep_ratios whose held-out answers stay "
         "within delta kept (engine/context.py; needs the full context's room; text models only).")
+    reconstruction_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="compression='context': the share of the kept slots ranked by "
+        "reconstruction; the rest are ranked by the held-out answers (1.0: reconstruction alone, KVzip).")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."

@@ -5,7 +5,9 @@ rest (``rho`` = 0.5 is the plain max of ranks the engine ships; 1.0 is reconstru
 A token is kept when its top-fraction under reconstruction is within ``rho * s`` or under held-out
 answers within ``(1 - rho) * s`` (for a threshold ``s`` that fills the share): the blend score is
 ``max(1 - t_rec / rho, 1 - t_held / (1 - rho))`` with ``t = 1 - rank``. Both signals are scored once
-per task and seed; every (share, rho) reuses them. Appends one JSON line per cell to ``--out``.
+per task and seed; every (share, rho) reuses them. Each cell also records the mean JS of the held-out
+answers of the 16 demonstrations the engine's check replays (``--validate``: left out of the scoring,
+so the check reads demonstrations the ranking never saw). Appends one JSON line per cell to ``--out``.
 
     python scripts/blend_split.py --model smollm2-135m --task trec --seeds 0 --shares 0.1,0.2 \\
         --rhos 0.5,0.7,0.85 --out results/blend-split.jsonl
@@ -24,8 +26,9 @@ from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
 from emloc_agents.bench.run import _predict
-from emloc_agents.engine.context import SINKS, demo_spans, held_out_answers, rank_blend
+from emloc_agents.engine.context import CHECK_PROBES, SINKS, demo_spans, held_out_answers, rank_blend
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
+from emloc_agents.engine.replay import js_divergence
 from emloc_agents.tasks import Task
 
 
@@ -47,6 +50,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--shares", default="0.1,0.2")
     ap.add_argument("--rhos", default="0.5,0.7,0.85,1.0")
+    ap.add_argument("--validate", action="store_true",
+                    help="leave the JS check's demonstrations out of the held-out scoring")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     lm = load_model(args.model)
@@ -69,9 +74,15 @@ def main() -> None:
             rendered = renderer.render(skill.instruction, skill.demonstrations)
             rec = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
             spans = demo_spans(rendered.prefix, rendered.demos)
-            held = held_out_answers(lm, full, rendered.demos, spans, range(len(spans)), score=True,
-                                    keep_log_probs=set()).scores
+            n = len(spans)
+            checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
+            # --validate: the checked demonstrations are a validation set, left out of the scoring
+            scoring = [j for j in range(n) if not (args.validate and j in checked)]
+            probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set(checked))
+            held = probes.scores
             assert held is not None
+            reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False,
+                                         keep_log_probs=set(checked)).log_probs
             rank_s = time.perf_counter() - t0
             protected = min(full.original_length, max(SINKS, len(rendered.prefix)))
             for rho in (float(r) for r in args.rhos.split(",")):
@@ -80,10 +91,13 @@ def main() -> None:
                     s[:, :protected] = float("inf")
                 for share in (float(s) for s in args.shares.split(",")):
                     memory = kvzip_memory(lm, full, scores, share, layer_budgets=True, head_budgets=True)
+                    got = held_out_answers(lm, memory, rendered.demos, spans, checked, score=False,
+                                           keep_log_probs=set(checked)).log_probs
+                    js = float(torch.cat([js_divergence(reference[j], got[j]) for j in checked]).mean())
                     preds = predict(memory.to(dtype=getattr(torch, EMLoCConfig().storage_dtype)))
                     k = sum(p == y for p, y in zip(preds, labels, strict=True))
                     row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
-                           "n": len(items), "rho": rho, "share": share, "kept_ratio": memory.kept_ratio,
+                           "n": len(items), "rho": rho, "share": share, "validate": args.validate, "js": js, "kept_ratio": memory.kept_ratio,
                            "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
                            "full_icl_accuracy": accuracy(full_preds, labels),
                            "agreement": agreement(preds, full_preds), "rank_s": rank_s}

@@ -39,7 +39,8 @@ def table(path: Path) -> None:
         print("| method | share | held-out JS | accuracy [95 %] (per seed) | agreement [95 %] (per seed) |")
         print("|---|---|---|---|---|")
         for share in sorted({r["share"] for r in sel}):
-            for method in ("context", "kvzip-whole", "fewer-shots"):
+            methods = sorted({r["method"] for r in sel}, key=lambda m: (not m.startswith("context"), m))
+            for method in methods:
                 got = sorted((r for r in sel if r["share"] == share and r["method"] == method), key=lambda r: r["seed"])
                 if not got:
                     continue
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--shares", default="0.1,0.2")
+    ap.add_argument("--splits", default=str(EMLoCConfig().reconstruction_share),
+                    help="reconstruction_share values for the context memory (several: methods context@SPLIT)")
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
     ap.add_argument("--fewer-shots", action="store_true",
                     help="also the first whole demonstrations that fit each share, uncompressed")
@@ -78,6 +81,7 @@ def main() -> None:
     if not args.task or not args.out:
         ap.error("--task and --out are required (or --table FILE)")
     shares = [float(s) for s in args.shares.split(",")]
+    splits = [float(s) for s in args.splits.split(",")]
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = EMLoCConfig(compression="context")
@@ -98,7 +102,8 @@ def main() -> None:
                                                                                      storage_dtype="float32")))
             rank_s = time.perf_counter() - t0
             for share in shares:
-                runs = [("context", *keep_share(lm, ranked, share))]
+                runs = [(f"context@{split:g}" if len(splits) > 1 else "context", *keep_share(lm, ranked, share, split))
+                        for split in splits]
                 if args.kvzip:
                     # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
                     runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
@@ -113,7 +118,7 @@ def main() -> None:
                            "method": method, "share": share, "kept_ratio": kept_of_full(memory, ranked.full), "js": js,
                            "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
                            "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
-                           "rank_s": rank_s if method == "context" else None}
+                           "rank_s": rank_s if method.startswith("context") else None}
                     print(json.dumps(row), flush=True)
                     with args.out.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")

@@ -93,6 +93,18 @@ def test_packs_cut_replays_by_tokens() -> None:
     assert packs([5, 5, 5], [0, 2], 0) == [[0], [2]]  # 0: one per forward
 
 
+def test_rank_blend_weights_split_the_top_k() -> None:
+    """Family i fills its weight's share of a top-k (disjoint favourites): 3 of the top 4 go to the
+    family weighted 0.75; equal weights are the plain max of ranks."""
+    n = 100
+    a = [torch.arange(n, dtype=torch.float32)[None]]  # favours the last tokens
+    b = [torch.arange(n, 0, -1, dtype=torch.float32)[None]]  # favours the first
+    top = rank_blend(a, b, weights=(0.75, 0.25))[0][0].topk(40).indices
+    assert (top >= 50).sum() == 30 and (top < 50).sum() == 10
+    assert torch.equal(rank_blend(a, b, weights=(1, 1))[0], rank_blend(a, b)[0])
+    assert torch.equal(rank_blend(a, b, weights=(1, 0))[0].argsort(), a[0].argsort())  # one family alone
+
+
 def test_rank_blend_keeps_what_either_signal_ranks_high() -> None:
     a = [torch.tensor([[10.0, 0.0, 1.0, 2.0]]), torch.tensor([[3.0, 4.0, 5.0, 6.0]])]
     b = [torch.tensor([[0.0, 0.9, 0.1, 0.2]]), torch.tensor([[0.3, 0.4, 0.5, 0.0]])]

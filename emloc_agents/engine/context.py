@@ -128,18 +128,26 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
     return HeldOut(scores, log_probs)
 
 
-def rank_blend(*families: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def rank_blend(*families: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> list[torch.Tensor]:
     """Per layer (kv_heads, T): each family's scores turned into ranks over every (layer, head, token),
-    scaled to (0, 1], and the max over families (their scales differ by orders of magnitude; a sum lets
-    the larger one decide)."""
+    and blended so that family ``i`` fills a share ``weights[i]`` (normalised; default equal) of any
+    top-k: a token scores ``max_i 1 - (1 - rank_i) / (n * w_i)``, with ranks scaled to (0, 1]. With
+    equal weights that is the max of the ranks. (The families' scales differ by orders of magnitude; a
+    sum of raw scores lets the larger one decide.)"""
+    n = len(families)
+    w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
     shape = families[0][0].shape
     blended = None
-    for fam in families:
+    for fam, wi in zip(families, w, strict=True):
+        if wi <= 0:
+            continue
         flat = torch.cat([s.flatten().float() for s in fam])
         ranks = torch.empty_like(flat)
         ranks[flat.argsort()] = torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device) / flat.numel()
-        blended = ranks if blended is None else torch.maximum(blended, ranks)
-    assert blended is not None
+        score = 1 - (1 - ranks) / (n * wi)
+        blended = score if blended is None else torch.maximum(blended, score)
+    assert blended is not None, "every weight is zero"
     return list(blended.view(len(families[0]), *shape).unbind(0))
 
 
@@ -167,8 +175,9 @@ class RankedContext:
     demos: list[Segment]
     spans: list[tuple[int, int]]
     reference: dict[int, torch.Tensor]  # checked demonstration -> its answer rows' log-probs, full context
-    scores: list[torch.Tensor]  # per layer (kv_heads, T), the blend, +inf where protected
-    reconstruction: list[torch.Tensor]  # per layer (kv_heads, T), KVzip's scores alone
+    reconstruction: list[torch.Tensor]  # per layer (kv_heads, T), KVzip's scores
+    held_out: list[torch.Tensor]  # per layer (kv_heads, T), the held-out answers' attention
+    protected: int  # the first tokens, kept in every head
     prefill_s: float
     reconstruct_s: float = 0.0
     held_out_s: float = 0.0
@@ -176,6 +185,15 @@ class RankedContext:
     @property
     def checked(self) -> list[int]:
         return sorted(self.reference)
+
+    def scores(self, reconstruction_share: float) -> list[torch.Tensor]:
+        """Per layer (kv_heads, T): the blend giving reconstruction ``reconstruction_share`` of the kept
+        slots, +inf where protected."""
+        blended = rank_blend(self.reconstruction, self.held_out,
+                             weights=(reconstruction_share, 1.0 - reconstruction_share))
+        for s in blended:
+            s[:, : self.protected] = float("inf")
+        return blended
 
 
 def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
@@ -200,18 +218,17 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     t2 = time.perf_counter()
     if progress:
         progress(3)
-    scores = rank_blend(reconstruction, probes.scores)
     protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
-    for s in scores:
-        s[:, :protected] = float("inf")
-    return RankedContext(full, rendered.demos, spans, probes.log_probs, scores, reconstruction, prefill_s,
-                         reconstruct_s=t1 - t0, held_out_s=t2 - t1)
+    return RankedContext(full, rendered.demos, spans, probes.log_probs, reconstruction, probes.scores, protected,
+                         prefill_s, reconstruct_s=t1 - t0, held_out_s=t2 - t1)
 
 
-def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float) -> tuple[CompressedMemory, float]:
+def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float,
+               reconstruction_share: float = 0.5) -> tuple[CompressedMemory, float]:
     """The context keeping its best-ranked share ``ratio``, and the mean JS of the checked held-out
     answers on it against the full context."""
-    memory = kvzip_memory(lm, ranked.full, ranked.scores, ratio, layer_budgets=True, head_budgets=True)
+    memory = kvzip_memory(lm, ranked.full, ranked.scores(reconstruction_share), ratio, layer_budgets=True,
+                          head_budgets=True)
     got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
                            keep_log_probs=set(ranked.checked))
     js = torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked])
@@ -230,7 +247,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        memory, js = keep_share(lm, ranked, ratio)
+        memory, js = keep_share(lm, ranked, ratio, config.reconstruction_share)
         trials.append({"ratio": ratio, "js": js})
         if progress:
             progress(4 + step, steps)
