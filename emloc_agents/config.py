@@ -26,9 +26,10 @@ class EMLoCConfig(BaseModel):
         "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
         "leave-one-out replays of the demonstrations, the smallest of keep_ratios whose held-out answers stay "
         "within delta kept (engine/context.py; needs the full context's room; text models only).")
-    reconstruction_share: float = Field(
-        0.5, gt=0.0, le=1.0, description="compression='context': the share of the kept slots ranked by "
-        "reconstruction; the rest are ranked by the held-out answers (1.0: reconstruction alone, KVzip).")
+    reconstruction_shares: tuple[float, ...] = Field(
+        (0.5, 0.7, 0.85), min_length=1, description="compression='context': shares of the kept slots ranked by "
+        "reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), tried at "
+        "each keep ratio; the one whose held-out answers move least (JS) is kept.")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."
@@ -117,6 +118,13 @@ class EMLoCConfig(BaseModel):
             raise ValueError(f"keep_ratios must lie in (0, 1], got {v}")
         if list(v) != sorted(v):
             raise ValueError(f"keep_ratios must be increasing (smallest first), got {v}")
+        return v
+
+    @field_validator("reconstruction_shares")
+    @classmethod
+    def _shares_valid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (0.0 < r <= 1.0) for r in v):
+            raise ValueError(f"reconstruction_shares must lie in (0, 1], got {v}")
         return v
 
     @property

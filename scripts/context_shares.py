@@ -1,11 +1,14 @@
-"""compression='context' at several shares, side by side with KVzip over the whole context: per share
-the mean JS of the held-out answers (what the search reads), accuracy, and agreement with full ICL.
+"""compression='context' at several shares, side by side with KVzip over the whole context and with
+fewer whole demonstrations: per share the mean JS of the held-out answers (what the search reads),
+accuracy, and agreement with full ICL.
 
-The experiment behind that mode's ``delta`` and candidate shares (docs/benchmarks.md, "Whole-context
-ranking"). Appends one JSON line per (task, seed, method, share) to ``--out``.
+``context`` is what the engine keeps at that share: the reconstruction share (``reconstruction_shares``)
+whose held-out answers move least; ``--each-split`` adds every share it tried. The experiment behind
+that mode's ``delta``, candidate shares and splits (docs/benchmarks.md, "Whole-context ranking").
+Appends one JSON line per (task, seed, method, share) to ``--out``.
 
     python scripts/context_shares.py --model smollm2-135m --task trec --seeds 0,1,2 --limit 300 \\
-        --shares 0.1,0.2 --kvzip --out results/context-shares.jsonl
+        --shares 0.1,0.2 --kvzip --fewer-shots --out results/context-shares.jsonl
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--shares", default="0.1,0.2")
-    ap.add_argument("--splits", default=str(EMLoCConfig().reconstruction_share),
-                    help="reconstruction_share values for the context memory (several: methods context@SPLIT)")
+    ap.add_argument("--each-split", action="store_true",
+                    help="also every reconstruction share the engine tries, as methods context@SHARE")
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
     ap.add_argument("--fewer-shots", action="store_true",
                     help="also the first whole demonstrations that fit each share, uncompressed")
@@ -81,7 +84,6 @@ def main() -> None:
     if not args.task or not args.out:
         ap.error("--task and --out are required (or --table FILE)")
     shares = [float(s) for s in args.shares.split(",")]
-    splits = [float(s) for s in args.splits.split(",")]
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = EMLoCConfig(compression="context")
@@ -102,20 +104,25 @@ def main() -> None:
                                                                                      storage_dtype="float32")))
             rank_s = time.perf_counter() - t0
             for share in shares:
-                runs = [(f"context@{split:g}" if len(splits) > 1 else "context", *keep_share(lm, ranked, share, split))
-                        for split in splits]
+                # the engine's choice at this share: the split whose held-out answers move least
+                tried = {split: keep_share(lm, ranked, share, split) for split in config.reconstruction_shares}
+                chosen = min(tried, key=lambda split: tried[split][1])
+                runs = [("context", *tried[chosen], chosen)]
+                if args.each_split:
+                    runs += [(f"context@{split:g}", *tried[split], split) for split in tried]
                 if args.kvzip:
                     # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
                     runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
-                                                             layer_budgets=True, head_budgets=True), None))
+                                                             layer_budgets=True, head_budgets=True), None, None))
                 if args.fewer_shots:
                     runs.append(("fewer-shots", compress(lm, fewer_shots(lm, skill, share),
-                                                         EMLoCConfig(keep_ratios=(1.0,))), None))
-                for method, memory, js in runs:
+                                                         EMLoCConfig(keep_ratios=(1.0,))), None, None))
+                for method, memory, js, split in runs:
                     preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                     k = sum(p == y for p, y in zip(preds, labels, strict=True))
                     row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
                            "method": method, "share": share, "kept_ratio": kept_of_full(memory, ranked.full), "js": js,
+                           "reconstruction_share": split,
                            "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
                            "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
                            "rank_s": rank_s if method.startswith("context") else None}

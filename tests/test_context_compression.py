@@ -13,6 +13,7 @@ import torch
 from emloc_agents import EMLoCConfig, compress
 from emloc_agents.engine.context import (
     answer_rows,
+    check_set,
     demo_spans,
     held_out_answers,
     keep_share,
@@ -87,6 +88,26 @@ def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str) 
             torch.testing.assert_close(one.log_probs[j], packed.log_probs[j], atol=1e-4, rtol=1e-4)
 
 
+def test_the_check_set_is_a_spread_validation_set() -> None:
+    assert check_set(128) == [round(i * 127 / 15) for i in range(16)]
+    assert check_set(8) == [0, 7] and check_set(1) == [0]  # at most a quarter of the demonstrations
+
+
+def test_the_split_whose_held_out_answers_move_least_is_kept(plain_llama) -> None:
+    """At a keep ratio the search keeps the reconstruction share with the lowest JS, not the first."""
+    lm, skill = plain_llama, make_skill(12)
+    config = EMLoCConfig(compression="context", delta=1.0, reconstruction_shares=(0.5, 0.7, 0.85, 1.0))
+    mem = compress(lm, skill, config)
+    trials = mem.stats["trials"]
+    best = min(trials, key=lambda t: t["js"])
+    assert len({t["js"] for t in trials}) == 4 and best is not trials[0]  # else the test shows nothing
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    want, js = keep_share(lm, rank_context(lm, skill, config, full), 0.1, best["reconstruction_share"])
+    assert js == pytest.approx(best["js"])
+    for a, b in zip(mem.keys, want.keys, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+
+
 def test_packs_cut_replays_by_tokens() -> None:
     assert packs([5, 5, 5, 5], range(4), 10) == [[0, 1], [2, 3]]
     assert packs([5, 20, 5], range(3), 10) == [[0], [1], [2]]  # one too long for a pack goes alone
@@ -126,7 +147,9 @@ def test_the_js_bracket_picks_the_share(arch: str, delta: float, ratio: float) -
     mem = compress(lm, skill, EMLoCConfig(compression="context", delta=delta))
     trials = mem.stats["trials"]
     assert trials[0]["ratio"] == 0.1 and all(t["js"] > 0 for t in trials)
-    assert len(trials) == (1 if delta == 1.0 else 3)
+    splits = len(EMLoCConfig().reconstruction_shares)  # each ratio tries every split
+    assert [t["ratio"] for t in trials] == [r for r in ((0.1,) if delta == 1.0 else (0.1, 0.2, 0.5)) for _ in range(splits)]
+    assert [t["reconstruction_share"] for t in trials[:splits]] == list(EMLoCConfig().reconstruction_shares)
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     if ratio == 1.0:
         assert mem.kept_ratio == 1.0 and all(v is None for v in mem.valid_masks)

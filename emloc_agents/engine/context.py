@@ -1,8 +1,7 @@
 """Whole-context compression (``EMLoCConfig(compression="context")``): prefill the demonstrations once,
 as full in-context learning does, rank every (layer, head, token) of the context, keep the best share.
 
-Two signals rank a token, each turned into ranks over the whole context and blended by their max, so
-a token either one needs is kept:
+Two signals rank a token, each turned into ranks over the whole context:
 - **reconstruction** (KVzip, Kim et al. 2025): the most attention any query pays it while the model
   repeats the context (``reconstruct.whole_context_scores``);
 - **held-out answers** (EMLoC's replay, made leave-one-out): every demonstration is replayed after the
@@ -10,9 +9,14 @@ a token either one needs is kept:
   held-out answer pay it. A probe that saw its own demonstration would copy the label from it, which is
   how the chunk-wise self-replay passes memories that have lost the questions (docs/benchmarks.md).
 
-The share is EMLoC's adaptive choice, made once for the whole context: the smallest of ``keep_ratios``
-whose answers on held-out probes stay within ``delta`` (mean Jensen-Shannon over the answer rows) of
-the full context's; the whole context if none does.
+The blend gives reconstruction a share of the kept slots and the held-out answers the rest
+(``rank_blend``): a token either one ranks high enough is kept.
+
+Both the share kept and the split are EMLoC's adaptive choice, made once for the whole context by the
+answers of a validation set of demonstrations (``check_set``, never used for scoring): per keep ratio,
+smallest first, the split of ``reconstruction_shares`` whose held-out answers move least (mean
+Jensen-Shannon over the answer rows); the first ratio where that stays within ``delta`` is kept, the
+whole context if none does.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ def prefill_chunk(prefix: Segment, demos: Sequence[Segment]) -> int:
     ``PREFILL_TOKENS`` tokens each (few large forwards; unpruned, the chunk loop equals one prefill)."""
     tokens = len(prefix) + sum(len(d) for d in demos)
     return max(1, PREFILL_TOKENS * len(demos) // max(1, tokens))
+
+
+def check_set(n: int) -> list[int]:
+    """The demonstrations the JS check replays: ``CHECK_PROBES`` (at most a quarter of ``n``) spread
+    evenly over the context. They are a validation set: the ranking never scores with them, so
+    the check reads demonstrations whose attention chose nothing."""
+    k = min(CHECK_PROBES, max(1, n // 4))
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
 def demo_spans(prefix: Segment, demos: Sequence[Segment]) -> list[tuple[int, int]]:
@@ -211,15 +223,16 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     if progress:
         progress(2)
     spans = demo_spans(rendered.prefix, rendered.demos)
-    n = len(rendered.demos)
-    checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
-    probes = held_out_answers(lm, full, rendered.demos, spans, range(n), score=True, keep_log_probs=set(checked))
+    checked = check_set(len(rendered.demos))
+    scoring = [j for j in range(len(rendered.demos)) if j not in checked]
+    probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set())
+    reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False, keep_log_probs=set(checked))
     assert probes.scores is not None
     t2 = time.perf_counter()
     if progress:
         progress(3)
     protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
-    return RankedContext(full, rendered.demos, spans, probes.log_probs, reconstruction, probes.scores, protected,
+    return RankedContext(full, rendered.demos, spans, reference.log_probs, reconstruction, probes.scores, protected,
                          prefill_s, reconstruct_s=t1 - t0, held_out_s=t2 - t1)
 
 
@@ -247,12 +260,17 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        memory, js = keep_share(lm, ranked, ratio, config.reconstruction_share)
-        trials.append({"ratio": ratio, "js": js})
+        best: tuple[CompressedMemory, float] | None = None
+        for split in config.reconstruction_shares:
+            memory, js = keep_share(lm, ranked, ratio, split)
+            trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
+            if best is None or js < best[1]:
+                best = memory, js
         if progress:
             progress(4 + step, steps)
-        if js <= config.delta:
-            chosen = memory
+        assert best is not None
+        if best[1] <= config.delta:
+            chosen = best[0]
             break
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "prefill_s": ranked.prefill_s,
