@@ -56,6 +56,17 @@ def test_files_and_fields(scaling_run):
     assert config["study"] == "scaling" and config["seed"] == 0 and config["machine"]["cpu_count"] and config["finished"]
     assert len(config["code"]["sources_sha256"]) == 16 and isinstance(config["code_changed_during_run"], bool)
     assert config["emloc_config"]["keep_ratios"] == [0.1, 0.2, 0.5]
+    assert config["emloc_config"]["compression"] == "chunks" and {r["press"] for r in rows} == {"emloc"}
+
+
+def test_compression_context_reaches_the_workers(tmp_path):
+    task, out = make_task(tmp_path / "mini"), tmp_path / "out"
+    argv = ["--scaling", "--task", str(task), "--model", "tiny-llama", "--shots", "12", "--out", str(out),
+            "--compression", "context"]
+    assert bench_main(argv) == 0
+    (row,) = json.loads((out / "scaling.json").read_text())
+    assert row["press"] == "context" and 0 < row["kept_ratio"] <= 1
+    assert json.loads((out / "config.json").read_text())["emloc_config"]["compression"] == "context"
 
 
 def test_tokens_and_bytes(scaling_run, tiny_llama):

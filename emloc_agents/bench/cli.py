@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--scaling", action="store_true",
                    help="instead: peak RSS, cold/warm time and bytes of EMLoC vs full KV over --shots (first seed)")
+    p.add_argument("--compression", choices=("chunks", "context"), default="chunks",
+                   help="--scaling: the EMLoC memory's compression (EMLoCConfig.compression)")
     return p
 
 
@@ -88,7 +90,7 @@ def bench_main(argv: list[str] | None = None) -> int:
             from .scaling import run_scaling
 
             rows = run_scaling(args.task, model=args.model, shots=args.shots, seed=args.seeds[0], out=out,
-                               device=args.device)
+                               device=args.device, compression=args.compression)
             print(f"emloc bench: {len(rows)} scaling rows written to {out}/scaling.json", file=sys.stderr)
             return 0
         rows = run_bench(

@@ -54,7 +54,7 @@ from .run import BenchError, finish_run, load_tasks, machine_info
 from .timing import engine_decode_per_token, hf_decode_per_token, plain_prefill, timed
 
 SCALING_FIELDS = [
-    "task", "model", "shots", "seed", "original_tokens", "memory_tokens", "kept_ratio", "compress_s",
+    "task", "model", "shots", "seed", "press", "original_tokens", "memory_tokens", "kept_ratio", "compress_s",
     "prefill_s", "compress_over_prefill", "decode_ms_memory", "decode_ms_full_prefix", "peak_rss_compress_mb", "peak_rss_full_prefill_mb", "cold_s", "warm_s", "disk_bytes",
     "full_kv_bytes", "memory_kv_bytes", "baseline_rss_mb", "rss_method",
 ]
@@ -105,11 +105,11 @@ def query_ids(lm: Any, task: Task) -> list[int]:
     return lm.tokenizer(task.format_input(task.test[0].text), add_special_tokens=False)["input_ids"]
 
 
-def _compress_worker(lm: Any, skill: Skill, cache_dir: Path, query: list[int]) -> dict[str, Any]:
+def _compress_worker(lm: Any, skill: Skill, cache_dir: Path, query: list[int],
+                     config: EMLoCConfig) -> dict[str, Any]:
     from ..engine import compress
     from ..store import DiskCacheStore
 
-    config = EMLoCConfig()
     compress(lm, skill.model_copy(update={"demonstrations": skill.demonstrations[:WARMUP_DEMOS]}), config)
     lm.fingerprint()
     cold = _MeteredRegistry(lm, store=DiskCacheStore(cache_dir), config=config)
@@ -127,7 +127,8 @@ def _compress_worker(lm: Any, skill: Skill, cache_dir: Path, query: list[int]) -
         warm.append(reg.last_info[skill.name].seconds)
         stored = reg.store.mget([reg.key(skill)])[0]
     return {
-        "original_tokens": mem.original_length, "memory_tokens": mem.memory_tokens / mem.num_layers,
+        "press": mem.stats.get("press"), "original_tokens": mem.original_length,
+        "memory_tokens": mem.memory_tokens / mem.num_layers,
         "kept_ratio": mem.kept_ratio, "compress_s": float(mem.stats["compress_s"]), "cold_s": info.seconds,
         "warm_s": statistics.median(warm), "disk_bytes": len(stored or b""), "memory_kv_bytes": mem.nbytes(),
         "peak_rss_mb": cold.rss.delta_mb, "baseline_rss_mb": cold.rss.baseline_mb, "rss_method": cold.rss.method,
@@ -153,7 +154,8 @@ def worker_main(argv: Sequence[str]) -> int:
     task = Task.load(spec["task"])
     skill = task.skill(spec["shots"], spec["seed"])
     if spec["op"] == "compress":
-        result = _compress_worker(lm, skill, Path(spec["cache_dir"]), query_ids(lm, task))
+        result = _compress_worker(lm, skill, Path(spec["cache_dir"]), query_ids(lm, task),
+                                  EMLoCConfig(compression=spec.get("compression", "chunks")))
     else:
         result = _prefill_worker(lm, skill, query_ids(lm, task))
     print(_MARK + json.dumps(result), flush=True)
@@ -211,6 +213,7 @@ def run_scaling(
     progress: bool = True,
     plots: bool = True,
     device: str = "auto",
+    compression: str = "chunks",
 ) -> list[dict]:
     """Run the scaling study (module docstring); ``model`` is a ``load_model`` name (workers load it too)."""
     from ..models.loader import load_model, resolve_device
@@ -239,13 +242,14 @@ def run_scaling(
     config: dict[str, Any] = {
         "study": "scaling", "tasks": [str(f) for f in folders], "model": model, "resolved_model": lm.name, "device": str(lm.device),
         "shots": list(shots), "seed": seed, "out": str(out), "warm_repeats": WARM_REPEATS,
-        "warmup_demos": WARMUP_DEMOS, "emloc_config": EMLoCConfig().model_dump(mode="json"), "code": code_state(),
+        "warmup_demos": WARMUP_DEMOS, "emloc_config": EMLoCConfig(compression=compression).model_dump(mode="json"), "code": code_state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     rows: list[dict] = []
     for task, folder, n, tokens in plan:
-        spec = {"model": model, "task": str(folder), "shots": n, "seed": seed, "device": device}
+        spec = {"model": model, "task": str(folder), "shots": n, "seed": seed, "device": device,
+                "compression": compression}
         if progress:
             print(f"emloc bench: scaling {task.name} {n} shots ({tokens} tokens)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="emloc-scaling-") as tmp:
@@ -255,7 +259,7 @@ def run_scaling(
             raise BenchError(f"memory holds {c['original_tokens']} tokens but the full prefill had {p['tokens']}")
         rows.append({
             "task": task.name, "model": lm.name, "shots": n, "seed": seed,
-            "original_tokens": c["original_tokens"], "memory_tokens": c["memory_tokens"],
+            "press": c["press"], "original_tokens": c["original_tokens"], "memory_tokens": c["memory_tokens"],
             "kept_ratio": c["kept_ratio"], "compress_s": c["compress_s"], "prefill_s": p["prefill_s"],
             "compress_over_prefill": c["compress_s"] / p["prefill_s"], "decode_ms_memory": c["decode_ms_memory"],
             "decode_ms_full_prefix": p["decode_ms_full_prefix"],
