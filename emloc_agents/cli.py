@@ -35,7 +35,7 @@ def _registry(args: argparse.Namespace, progress: bool = True):
 
     return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
                           device=getattr(args, "device", "auto"),
-                          config=EMLoCConfig(compression=getattr(args, "compression", "chunks")))
+                          config=EMLoCConfig(compression=getattr(args, "compression", "auto")))
 
 
 def demo_skills() -> list[Skill]:
@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
-    p.add_argument("--compression", choices=("chunks", "context"), default="chunks",
+    p.add_argument("--compression", choices=("auto", "chunks", "context"), default="auto",
                    help="chunks: the paper's chunk-wise loop; context: the whole context ranked at once "
-                        "(text skills; closer to full ICL in docs/benchmarks.md)")
+                        "(text skills; closer to full ICL in docs/benchmarks.md); auto: context for text "
+                        "skills on text models, else chunks")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="end-to-end demo: skills, their memories, per-call switching, an agent loop").set_defaults(func=cmd_demo)
     c = sub.add_parser("compress", help="register and compress the skills in a folder or file")

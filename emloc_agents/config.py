@@ -8,7 +8,14 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# knobs of the chunk-wise loop alone: setting one asks for that loop (see EMLoCConfig.resolved_compression)
+CHUNK_LOOP_KNOBS = frozenset({
+    "demos_per_chunk", "pool_kernel", "layer_group_size", "search_scope", "batch_candidates", "lookahead",
+    "budget_rounding", "importance_keys", "pool_count_pad", "probe", "importance", "prefill_context",
+    "head_budgets", "allocation",
+})
 
 
 class EMLoCConfig(BaseModel):
@@ -20,12 +27,15 @@ class EMLoCConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    compression: Literal["chunks", "context"] = Field(
-        "chunks", description="'chunks': the paper's loop, each chunk prefilled on the memory of the chunks "
+    compression: Literal["auto", "chunks", "context"] = Field(
+        "auto", description="'chunks': the paper's loop, each chunk prefilled on the memory of the chunks "
         "before and pruned layer by layer as it lands (compression needs only the memory's room). 'context': "
         "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
         "leave-one-out replays of the demonstrations, the smallest of keep_ratios whose held-out answers stay "
-        "within delta kept (engine/context.py; needs the full context's room; text models only).")
+        "within delta kept (engine/context.py; needs the full context's room; text models only). 'auto': "
+        "'context' for text skills on text models (it answers far closer to full in-context learning, "
+        "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
+        "set a knob of the chunk-wise loop (CHUNK_LOOP_KNOBS).")
     reconstruction_shares: tuple[float, ...] = Field(
         (0.5, 0.7, 0.85), min_length=1, description="compression='context': shares of the kept slots ranked by "
         "reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), tried at "
@@ -104,7 +114,7 @@ class EMLoCConfig(BaseModel):
         values: dict[str, object] = dict(
             demos_per_chunk=4, keep_ratios=(0.1, 0.2, 0.5), delta=0.005, pool_kernel=5, layer_group_size=1,
             search_scope="exact", batch_candidates=False, lookahead=1, protect_prefix=False,
-            budget_rounding="floor", importance_keys="chunk+replay", pool_count_pad=True,
+            budget_rounding="floor", importance_keys="chunk+replay", pool_count_pad=True, compression="chunks",
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -126,6 +136,20 @@ class EMLoCConfig(BaseModel):
         if any(not (0.0 < r <= 1.0) for r in v):
             raise ValueError(f"reconstruction_shares must lie in (0, 1], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _context_has_no_chunk_knobs(self) -> EMLoCConfig:
+        if self.compression == "context" and (set_ := sorted(self.model_fields_set & CHUNK_LOOP_KNOBS)):
+            raise ValueError(f"knobs of the chunk-wise loop ({', '.join(set_)}) need compression='chunks'; "
+                             "compression='context' ranks the whole context at once")
+        return self
+
+    def resolved_compression(self, images: bool) -> Literal["chunks", "context"]:
+        """The mode ``compression`` means for a skill (``images``: the skill or the model is visual):
+        "auto" is the whole-context ranking unless images or a chunk-loop knob ask for the loop."""
+        if self.compression != "auto":
+            return self.compression
+        return "chunks" if images or self.model_fields_set & CHUNK_LOOP_KNOBS else "context"
 
     @property
     def prunes(self) -> bool:

@@ -28,7 +28,7 @@ def scaling_run(tmp_path_factory):
     task = make_task(root / "mini")
     out = root / "out"
     argv = ["--scaling", "--task", str(task), "--model", "tiny-llama", "--shots", ",".join(map(str, SHOTS)),
-            "--seeds", "0,1", "--out", str(out)]
+            "--seeds", "0,1", "--out", str(out), "--compression", "chunks"]  # unpadded: bytes exact below
     assert bench_main(argv) == 0
     return task, out, json.loads((out / "scaling.json").read_text())
 
@@ -59,14 +59,15 @@ def test_files_and_fields(scaling_run):
     assert config["emloc_config"]["compression"] == "chunks" and {r["press"] for r in rows} == {"emloc"}
 
 
-def test_compression_context_reaches_the_workers(tmp_path):
+def test_the_default_compression_reaches_the_workers(tmp_path):
+    """Without --compression the study measures the default (auto: whole-context ranking for text)."""
     task, out = make_task(tmp_path / "mini"), tmp_path / "out"
-    argv = ["--scaling", "--task", str(task), "--model", "tiny-llama", "--shots", "12", "--out", str(out),
-            "--compression", "context"]
+    argv = ["--scaling", "--task", str(task), "--model", "tiny-llama", "--shots", "12", "--out", str(out)]
     assert bench_main(argv) == 0
     (row,) = json.loads((out / "scaling.json").read_text())
     assert row["press"] == "context" and 0 < row["kept_ratio"] <= 1
-    assert json.loads((out / "config.json").read_text())["emloc_config"]["compression"] == "context"
+    assert row["memory_kv_bytes"] >= 128 * round(row["memory_tokens"] * 4)  # heads padded to the longest
+    assert json.loads((out / "config.json").read_text())["emloc_config"]["compression"] == "auto"
 
 
 def test_tokens_and_bytes(scaling_run, tiny_llama):

@@ -88,10 +88,12 @@ def test_cli_model_default(monkeypatch) -> None:
 def test_compression_option_reaches_the_registry(capsys, tmp_path: Path, skill_dir: Path) -> None:
     from emloc_agents import EMLoCConfig, MemoryRegistry
 
-    base = ["--model", "tiny-llama", "--cache-dir", str(tmp_path / "cache"), "--compression", "context"]
+    base = ["--model", "tiny-llama", "--cache-dir", str(tmp_path / "cache"), "--compression", "chunks"]
     code, out, _ = _run(capsys, *base, "compress", str(skill_dir))
     assert code == 0 and "mood:" in out
-    context = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache", config=EMLoCConfig(compression="context"))
-    chunks = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache")
-    assert context.cached("mood") and not chunks.cached("mood")  # a different config, a different memory
-    assert context.get("mood").stats["press"] == "context"
+    chunks = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache", config=EMLoCConfig(compression="chunks"))
+    default = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path / "cache")
+    assert chunks.cached("mood") and not default.cached("mood")  # a different config, a different memory
+    assert chunks.get("mood").stats["press"] == "emloc"
+    code, out, _ = _run(capsys, *base[:-2], "compress", str(skill_dir))  # the default: auto, the whole context
+    assert code == 0 and default.cached("mood") and default.get("mood").stats["press"] == "context"

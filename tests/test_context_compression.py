@@ -88,6 +88,21 @@ def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str) 
             torch.testing.assert_close(one.log_probs[j], packed.log_probs[j], atol=1e-4, rtol=1e-4)
 
 
+def test_auto_is_the_whole_context_for_text_and_the_loop_otherwise(plain_llama) -> None:
+    """The default, compression='auto': whole-context ranking for text skills; the chunk-wise loop for
+    images, for configs that set a knob of the loop, and for the paper's reference settings."""
+    assert EMLoCConfig().compression == "auto"
+    assert EMLoCConfig(delta=0.1).resolved_compression(images=False) == "context"
+    assert EMLoCConfig().resolved_compression(images=True) == "chunks"
+    assert EMLoCConfig(head_budgets=True).resolved_compression(images=False) == "chunks"
+    assert EMLoCConfig().model_copy(update={"demos_per_chunk": 2}).resolved_compression(images=False) == "chunks"
+    assert EMLoCConfig.reference().resolved_compression(images=False) == "chunks"
+    assert compress(plain_llama, make_skill(8)).stats["press"] == "context"
+    assert compress(plain_llama, make_skill(8), EMLoCConfig(lookahead=2)).stats["press"] == "emloc"
+    with pytest.raises(ValueError, match="need compression='chunks'"):
+        EMLoCConfig(compression="context", lookahead=2)
+
+
 def test_the_check_set_is_a_spread_validation_set() -> None:
     assert check_set(128) == [round(i * 127 / 15) for i in range(16)]
     assert check_set(8) == [0, 7] and check_set(1) == [0]  # at most a quarter of the demonstrations

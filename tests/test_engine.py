@@ -83,7 +83,7 @@ def test_sliding_window_layers_keep_only_their_window() -> None:
 
 
 def test_pruning_invariants(tiny_llama) -> None:
-    mem = compress(tiny_llama, make_skill(12), EMLoCConfig(delta=0.05))
+    mem = compress(tiny_llama, make_skill(12), EMLoCConfig(compression="chunks", delta=0.05))
     assert mem.original_length > 0
     assert all(0 < n <= mem.original_length for n in mem.layer_lengths)
     assert 0 < mem.kept_ratio < 1
@@ -283,7 +283,7 @@ def test_lookahead_keeps_the_sequential_decisions(arch: str, device: str) -> Non
     model.to(device)
     lm = LanguageModel(model, tok, f"tiny-{arch}")
     skill = make_skill(12)
-    probe = compress(lm, skill, EMLoCConfig(delta=1.0))  # every layer passes at 10 %: its JS values
+    probe = compress(lm, skill, EMLoCConfig(compression="chunks", delta=1.0))  # every layer passes at 10 %: its JS values
     js = sorted(d["js"] for chunk in probe.stats["decisions"] for d in chunk if d["js"] is not None)
     delta = js[len(js) // 2]  # about half the checks fail at the smallest share
     plain = EMLoCConfig(lookahead=1, batch_candidates=False, delta=delta, storage_dtype="float32")

@@ -113,6 +113,15 @@ def test_keep_all_reproduces_full_context(arch: str) -> None:
     print(f"{arch}: max abs logit diff {max(diffs):.2e}")
 
 
+def test_the_default_compresses_images_chunk_wise() -> None:
+    """compression='auto' (the default) takes the chunk-wise loop for images (the whole-context
+    ranking repeats token ids, which images are not); 'context' refuses them clearly."""
+    lm, _, _ = lm_and_reference(TINY_VLM_ARCHS[0])
+    assert compress(lm, vision_skill(4), EMLoCConfig(delta=0.05)).stats["press"] == "emloc"
+    with pytest.raises(SkillError, match="text models and skills only"):
+        compress(lm, vision_skill(4), EMLoCConfig(compression="context"))
+
+
 @pytest.mark.parametrize("arch", TINY_VLM_ARCHS)
 def test_pruning_runs_and_kept_counts_add_up(arch: str) -> None:
     lm, _, _ = lm_and_reference(arch)

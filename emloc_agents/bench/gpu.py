@@ -122,7 +122,7 @@ def check_case(lm: LanguageModel, tokens: int, deltas: Sequence[float], repeats:
     log(f"{lm.name} {len(ids)} tokens: prefill {row['prefill_s']:.3f}s, chunk-wise {row['chunkwise_s']:.2f}s")
     memory = None
     for delta in deltas:
-        config = EMLoCConfig(delta=delta, **search)
+        config = EMLoCConfig(compression="chunks", delta=delta, **search)
         seconds, mem = timed(partial(compress, lm, skill, config), dev)
         key = f"delta={delta:g}"
         row[key] = {"compress_s": seconds, "compress_over_prefill": seconds / row["prefill_s"],
@@ -217,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape, tokens = args.profile.split(":")
         lm = random_model(shape, tok, device, dtype)  # profiled first: a timeout later cannot lose it
         skill = skill_of_length(lm, int(tokens))
-        compress(lm, skill, EMLoCConfig())  # warm-up
-        (args.out / "profile.txt").write_text(profile_table(lambda: compress(lm, skill, EMLoCConfig()), device))
+        chunks = EMLoCConfig(compression="chunks")
+        compress(lm, skill, chunks)  # warm-up
+        (args.out / "profile.txt").write_text(profile_table(lambda: compress(lm, skill, chunks), device))
         log(f"wrote {args.out / 'profile.txt'}")
         del lm
     models: dict[str, LanguageModel] = {}
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             models[shape] = random_model(shape, tok, device, dtype)
             warm = skill_of_length(models[shape], 200)
-            compress(models[shape], warm, EMLoCConfig(delta=0.005))  # warm-up: kernels, allocator
+            compress(models[shape], warm, EMLoCConfig(compression="chunks", delta=0.005))  # warm-up: kernels, allocator
         row = check_case(models[shape], tokens, deltas, args.repeats, not args.no_decode, log, lookahead,
                          args.context)
         result["rows"].append(row)

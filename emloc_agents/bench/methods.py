@@ -5,10 +5,12 @@
   query), prefilled from scratch each time. Accuracy and TTFT are both measured on this honest
   recompute path.
 - ``full-icl-cached``: the uncompressed memory (``keep_ratios=(1.0,)``), prefilled once and reused.
-- ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked); ``emloc-heads``: the same search with
-  each layer's candidate shares ranked across its KV heads (``head_budgets=True``); ``emloc-context``:
-  ``compression="context"``, the whole context ranked at once by reconstruction and leave-one-out
-  replays, the share chosen by the JS check on held-out demonstrations (engine/context.py).
+- ``emloc``: ``EMLoCConfig()`` defaults (adaptive, JS-checked; ``compression="auto"``: the whole
+  context ranked at once for text skills, the chunk-wise loop for images); ``emloc-context``:
+  ``compression="context"``, the whole context ranked by reconstruction and leave-one-out replays,
+  the share chosen by the JS check on held-out demonstrations (engine/context.py); ``emloc-chunks``:
+  the paper's chunk-wise loop; ``emloc-heads``: that loop with each layer's candidate shares ranked
+  across its KV heads (``head_budgets=True``).
 - ``uniform``, ``snapkv``, ``streaming-llm``, ``random``, ``kvzip``: fixed-ratio presses. Their ratio
   is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
@@ -45,10 +47,10 @@ from ..skills import Skill
 from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
-    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-heads", "emloc-context", "uniform", "snapkv",
+    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "uniform", "snapkv",
     "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
 )
-EMLOC_METHODS = ("emloc", "emloc-heads", "emloc-context")  # adaptive: the first one run sets the others' ratio
+EMLOC_METHODS = ("emloc", "emloc-chunks", "emloc-heads", "emloc-context")  # adaptive: the first one run sets the others' ratio
 FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
     "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
@@ -129,8 +131,10 @@ def prepare(
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":
         return _from_memory(method, compress(lm, skill, EMLoCConfig()))
+    if method == "emloc-chunks":
+        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="chunks")))
     if method == "emloc-heads":
-        return _from_memory(method, compress(lm, skill, EMLoCConfig(head_budgets=True)))
+        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="chunks", head_budgets=True)))
     if method == "emloc-context":
         return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="context")))
     if ratio is not None:

@@ -155,7 +155,7 @@ def worker_main(argv: Sequence[str]) -> int:
     skill = task.skill(spec["shots"], spec["seed"])
     if spec["op"] == "compress":
         result = _compress_worker(lm, skill, Path(spec["cache_dir"]), query_ids(lm, task),
-                                  EMLoCConfig(compression=spec.get("compression", "chunks")))
+                                  EMLoCConfig(compression=spec.get("compression", "auto")))
     else:
         result = _prefill_worker(lm, skill, query_ids(lm, task))
     print(_MARK + json.dumps(result), flush=True)
@@ -213,7 +213,7 @@ def run_scaling(
     progress: bool = True,
     plots: bool = True,
     device: str = "auto",
-    compression: str = "chunks",
+    compression: str = "auto",
 ) -> list[dict]:
     """Run the scaling study (module docstring); ``model`` is a ``load_model`` name (workers load it too)."""
     from ..models.loader import load_model, resolve_device

@@ -108,8 +108,9 @@ def compress(
 ) -> CompressedMemory:
     """Compress ``skill``'s demonstrations into a memory for ``lm`` (see module docstring)."""
     config = config or EMLoCConfig()
-    if config.compression == "context" and press is None and config.prunes:
-        if skill.has_images or getattr(lm, "vision", None) is not None:
+    images = skill.has_images or getattr(lm, "vision", None) is not None
+    if config.resolved_compression(images) == "context" and press is None and config.prunes:
+        if images:
             raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
         rendered = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations)
         full = compress(lm, skill, config.model_copy(update={

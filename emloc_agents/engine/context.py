@@ -147,8 +147,8 @@ def rank_blend(*families: Sequence[torch.Tensor], weights: Sequence[float] | Non
     equal weights that is the max of the ranks. (The families' scales differ by orders of magnitude; a
     sum of raw scores lets the larger one decide.)"""
     n = len(families)
-    w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
-    w = (w / w.sum()).tolist()
+    raw = list(weights) if weights is not None else [1.0] * n
+    w = [x / sum(raw) for x in raw]
     shape = families[0][0].shape
     blended = None
     for fam, wi in zip(families, w, strict=True):
