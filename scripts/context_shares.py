@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
     ap.add_argument("--fewer-shots", action="store_true",
                     help="also the first whole demonstrations that fit each share, uncompressed")
+    ap.add_argument("--fewer-shots-only", action="store_true", help="only full ICL and fewer-shots (no ranking)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.table:
@@ -100,28 +101,30 @@ def main() -> None:
             skill = task.skill(shots=args.shots, seed=seed)
             full = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
             t0 = time.perf_counter()
-            ranked = rank_context(lm, skill, config, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,),
-                                                                                     storage_dtype="float32")))
+            unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+            ranked = None if args.fewer_shots_only else rank_context(lm, skill, config, unpruned)
             rank_s = time.perf_counter() - t0
             for share in shares:
-                # the engine's choice at this share: the split whose held-out answers move least
-                tried = {split: keep_share(lm, ranked, share, split) for split in config.reconstruction_shares}
-                chosen = min(tried, key=lambda split: tried[split][1])
-                runs = [("context", *tried[chosen], chosen)]
-                if args.each_split:
+                runs = []
+                if ranked is not None:
+                    # the engine's choice at this share: the split whose held-out answers move least
+                    tried = {split: keep_share(lm, ranked, share, split) for split in config.reconstruction_shares}
+                    chosen = min(tried, key=lambda split: tried[split][1])
+                    runs.append(("context", *tried[chosen], chosen))
+                if ranked is not None and args.each_split:
                     runs += [(f"context@{split:g}", *tried[split], split) for split in tried]
-                if args.kvzip:
+                if ranked is not None and args.kvzip:
                     # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
                     runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
                                                              layer_budgets=True, head_budgets=True), None, None))
-                if args.fewer_shots:
+                if args.fewer_shots or args.fewer_shots_only:
                     runs.append(("fewer-shots", compress(lm, fewer_shots(lm, skill, share),
                                                          EMLoCConfig(keep_ratios=(1.0,))), None, None))
                 for method, memory, js, split in runs:
                     preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                     k = sum(p == y for p, y in zip(preds, labels, strict=True))
                     row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
-                           "method": method, "share": share, "kept_ratio": kept_of_full(memory, ranked.full), "js": js,
+                           "method": method, "share": share, "kept_ratio": kept_of_full(memory, unpruned), "js": js,
                            "reconstruction_share": split,
                            "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
                            "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
