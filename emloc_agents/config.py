@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# knobs of the chunk-wise loop alone: setting one asks for that loop (see EMLoCConfig.resolved_compression)
+# knobs of the chunk-wise loop alone: one away from its default asks for that loop (resolved_compression)
 CHUNK_LOOP_KNOBS = frozenset({
     "demos_per_chunk", "pool_kernel", "layer_group_size", "search_scope", "batch_candidates", "lookahead",
     "budget_rounding", "importance_keys", "pool_count_pad", "probe", "importance", "prefill_context",
@@ -35,7 +35,7 @@ class EMLoCConfig(BaseModel):
         "within delta kept (engine/context.py; needs the full context's room; text models only). 'auto': "
         "'context' for text skills on text models (it answers far closer to full in-context learning, "
         "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
-        "set a knob of the chunk-wise loop (CHUNK_LOOP_KNOBS).")
+        "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS).")
     reconstruction_shares: tuple[float, ...] = Field(
         (0.5, 0.7, 0.85), min_length=1, description="compression='context': shares of the kept slots ranked by "
         "reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), tried at "
@@ -137,19 +137,26 @@ class EMLoCConfig(BaseModel):
             raise ValueError(f"reconstruction_shares must lie in (0, 1], got {v}")
         return v
 
+    @property
+    def chunk_knobs_changed(self) -> list[str]:
+        """The knobs of the chunk-wise loop set away from their defaults (by value, so a config means
+        the same after a round trip through JSON)."""
+        fields = type(self).model_fields
+        return sorted(k for k in CHUNK_LOOP_KNOBS if getattr(self, k) != fields[k].default)
+
     @model_validator(mode="after")
     def _context_has_no_chunk_knobs(self) -> EMLoCConfig:
-        if self.compression == "context" and (set_ := sorted(self.model_fields_set & CHUNK_LOOP_KNOBS)):
-            raise ValueError(f"knobs of the chunk-wise loop ({', '.join(set_)}) need compression='chunks'; "
+        if self.compression == "context" and (changed := self.chunk_knobs_changed):
+            raise ValueError(f"knobs of the chunk-wise loop ({', '.join(changed)}) need compression='chunks'; "
                              "compression='context' ranks the whole context at once")
         return self
 
     def resolved_compression(self, images: bool) -> Literal["chunks", "context"]:
         """The mode ``compression`` means for a skill (``images``: the skill or the model is visual):
-        "auto" is the whole-context ranking unless images or a chunk-loop knob ask for the loop."""
+        "auto" is the whole-context ranking unless images or a chunk-loop knob changed ask for the loop."""
         if self.compression != "auto":
             return self.compression
-        return "chunks" if images or self.model_fields_set & CHUNK_LOOP_KNOBS else "context"
+        return "chunks" if images or self.chunk_knobs_changed else "context"
 
     @property
     def prunes(self) -> bool:
