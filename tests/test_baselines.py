@@ -11,7 +11,7 @@ from emloc_agents.bench.methods import fewer_shots, prepare
 from emloc_agents.engine import KVzipPress
 from emloc_agents.engine.cache import MemoryCache
 from emloc_agents.engine.forward import run
-from emloc_agents.engine.reconstruct import REPEAT_PROMPT, reconstruction_scores
+from emloc_agents.engine.reconstruct import REPEAT_PROMPT, max_attention, reconstruction_scores
 from emloc_agents.engine.replay import Building
 from emloc_agents.models.lm import LanguageModel
 from emloc_agents.models.tiny import tiny_model
@@ -43,6 +43,28 @@ def test_reconstruction_scores_equal_eager_attention() -> None:
         a = att[layer][0, :, n:, :n]  # (Hq, repeat rows, chunk)
         want = a.amax(dim=1).view(f.num_kv_heads, group, n).amax(dim=1)
         torch.testing.assert_close(got[layer], want.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool) -> None:
+    """Row blocks (a small ``block`` forces many) give exactly the max over rows of the plain softmax
+    over the visible keys, with hidden keys left out; the row dimension of the mask may broadcast."""
+    torch.manual_seed(0)
+    hq, hkv, rows, lk, d = 4, 2, 7, 11, 8
+    q, k = torch.randn(1, hq, rows, d), torch.randn(1, hkv, lk, d)
+    mask = torch.rand(1, hq if per_head_mask else 1, rows, lk) > 0.2
+    mask[..., 0] = True  # every row sees a key
+    hidden = torch.zeros(hkv, lk, dtype=torch.bool)
+    hidden[:, 5:7] = True
+    module = torch.nn.Module()
+    got = [max_attention(module, q, k, mask, 2, 9, hidden, block=b) for b in (1 << 30, hq * lk, 1)]
+    logits = torch.einsum("hqd,hkd->hqk", q[0], k[0].repeat_interleave(2, dim=0)) * d**-0.5
+    visible = mask[0].expand(hq, -1, -1) & ~hidden.repeat_interleave(2, dim=0)[:, None, :]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)[..., 2:9]
+    want = probs.amax(dim=1).view(hkv, 2, 7).amax(dim=1)
+    for g in got:
+        torch.testing.assert_close(g, want)
+    assert max_attention(module, q[:, :, :1], k, mask[:, :, :1], 2, 9, block=1).shape == (hkv, 7)
 
 
 def test_kvzip_press_keeps_its_share() -> None:

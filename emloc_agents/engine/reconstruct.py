@@ -23,22 +23,33 @@ from .replay import Building, gather_positions, gather_tokens
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
+ATTENTION_BLOCK = 1 << 24  # float32 probabilities materialised at once (64 MB): query rows go in blocks
+
+
 def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, lo: int, hi: int,
-                  hidden: torch.Tensor | None = None) -> torch.Tensor:
+                  hidden: torch.Tensor | None = None, block: int = ATTENTION_BLOCK) -> torch.Tensor:
     """Largest attention probability that any query row (and query head of a KV group) pays each
-    key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities.
-    ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over sinks + chunk +
-    repeat)."""
-    _, hq, _, d = q.shape
+    key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities,
+    in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
+    memory). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
+    sinks + chunk + repeat)."""
+    _, hq, rows, d = q.shape
     hkv = k.shape[1]
     scaling = getattr(module, "scaling", d**-0.5)
-    logits = torch.einsum("hqd,hkd->hqk", q[0].float(), k[0].float().repeat_interleave(hq // hkv, dim=0)) * scaling
-    visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq, Lk): per query head where slots are padded
-    if hidden is not None:
-        visible = visible & ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)[..., lo:hi]  # (Hq, Lq, n)
-    return probs.amax(dim=1).view(hkv, hq // hkv, hi - lo).amax(dim=1)
+    keys = k[0].float().repeat_interleave(hq // hkv, dim=0)  # (Hq, Lk, d)
+    visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq | 1, Lk): per query head where slots are padded
+    shown = None if hidden is None else ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
+    step = max(1, block // (hq * keys.shape[1]))
+    best = None
+    for r0 in range(0, rows, step):
+        logits = torch.einsum("hqd,hkd->hqk", q[0, :, r0 : r0 + step].float(), keys) * scaling
+        vis = visible[:, r0 : r0 + step] if visible.shape[1] == rows else visible
+        if shown is not None:
+            vis = vis & shown
+        probs = torch.softmax(logits.masked_fill_(~vis, float("-inf")), dim=-1)[..., lo:hi].amax(dim=1)  # (Hq, n)
+        best = probs if best is None else torch.maximum(best, probs)
+    assert best is not None, "no query rows"
+    return best.view(hkv, hq // hkv, hi - lo).amax(dim=1)
 
 
 def reconstruction_scores(
