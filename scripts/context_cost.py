@@ -1,0 +1,56 @@
+"""What the default compression (``compression="auto"``: the whole-context ranking for text) costs,
+stage by stage, against one plain prefill of the same demonstrations (a transformers forward of the
+whole text) and against the chunk-wise loop, in one process so the three share the machine's load.
+
+    python scripts/context_cost.py --model smollm2-135m --task trec --task agnews --shots 128 \\
+        --out results/context-cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.scaling import demo_ids, full_prefill
+from emloc_agents.tasks import Task
+
+STAGES = ("prefill_s", "reconstruct_s", "held_out_s", "check_s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    rows = []
+    for name in args.task:
+        skill = Task.load(name).skill(args.shots, args.seed)
+        ids = demo_ids(lm, skill)
+        full_prefill(lm, ids[:256])  # warm-up
+        prefill = min(full_prefill(lm, ids) for _ in range(2))
+        t0 = time.perf_counter()
+        mem = compress(lm, skill, EMLoCConfig())
+        context_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        chunks = compress(lm, skill, EMLoCConfig(compression="chunks"))
+        chunks_s = time.perf_counter() - t0
+        row = {"model": lm.name, "task": name, "shots": args.shots, "tokens": len(ids), "prefill_s": prefill,
+               "context_s": context_s, "context_over_prefill": context_s / prefill, "kept_ratio": mem.kept_ratio,
+               "trials": mem.stats["trials"], **{f"context_{k}": mem.stats[k] for k in STAGES},
+               **{f"context_{k.removesuffix('_s')}_over_prefill": mem.stats[k] / prefill for k in STAGES},
+               "chunks_s": chunks_s, "chunks_over_prefill": chunks_s / prefill, "chunks_kept_ratio": chunks.kept_ratio}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
