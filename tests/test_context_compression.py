@@ -121,7 +121,7 @@ def test_the_split_whose_held_out_answers_move_least_is_kept(plain_llama) -> Non
     assert len({t["js"] for t in trials}) == 4 and best is not trials[0]  # else the test shows nothing
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     want, js = keep_share(lm, rank_context(lm, skill, config, full), 0.1, best["reconstruction_share"])
-    assert js == pytest.approx(best["js"])
+    assert js == pytest.approx(best["js"]) and mem.stats["reconstruction_share"] == best["reconstruction_share"]
     for a, b in zip(mem.keys, want.keys, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
 

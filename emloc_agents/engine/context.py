@@ -255,25 +255,26 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     t0 = time.perf_counter() - float(full.stats.get("compress_s", 0.0))
     steps = 3 + len(config.keep_ratios)
     ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))
-    chosen, trials = ranked.full, []
+    chosen, chosen_split, trials = ranked.full, None, []
     t_check = time.perf_counter()
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        best: tuple[CompressedMemory, float] | None = None
+        best: tuple[CompressedMemory, float, float] | None = None
         for split in config.reconstruction_shares:
             memory, js = keep_share(lm, ranked, ratio, split)
             trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
             if best is None or js < best[1]:
-                best = memory, js
+                best = memory, js, split
         if progress:
             progress(4 + step, steps)
         assert best is not None
         if best[1] <= config.delta:
-            chosen = best[0]
+            chosen, chosen_split = best[0], best[2]
             break
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
-             "checked_probes": len(ranked.checked), "trials": trials, "prefill_s": ranked.prefill_s,
+             "checked_probes": len(ranked.checked), "trials": trials, "reconstruction_share": chosen_split,
+             "prefill_s": ranked.prefill_s,
              "reconstruct_s": ranked.reconstruct_s, "held_out_s": ranked.held_out_s,
              "check_s": time.perf_counter() - t_check, "compress_s": time.perf_counter() - t0}
     if progress:
