@@ -826,8 +826,8 @@ NB05 = [
     prefills all demonstration tokens with every query; the memory methods prefill only the query on
     top of the memory (the system prompt and instruction live in the memory too, so their
     TTFT can even undercut zero-shot, which prefills those with each query). EMLoC pays its cost
-    once, at compression (`compress s`); SnapKV and StreamingLLM compress faster because they do not
-    search per layer.
+    once, at compression (`compress s`); SnapKV and StreamingLLM compress faster because they score
+    once and check nothing (EMLoC also replays held-out demonstrations and checks their answers).
     """),
     code("""
     import io
