@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
-from emloc_agents.bench.run import _predict
+from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import CHECK_PROBES, SINKS, demo_spans, held_out_answers, rank_blend
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
 from emloc_agents.engine.replay import js_divergence
@@ -62,8 +61,7 @@ def main() -> None:
         labels = [ex.label for ex in items]
 
         def predict(memory, task=task, items=items):
-            prep = Prepared("split", memory=memory)
-            return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+            return memory_labels(lm, task, memory, items)
 
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)

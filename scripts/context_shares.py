@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.methods import Prepared, fewer_shots
+from emloc_agents.bench.methods import fewer_shots
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
-from emloc_agents.bench.run import _predict
+from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import keep_share, rank_context
 from emloc_agents.engine.reconstruct import kvzip_memory
 from emloc_agents.tasks import Task
@@ -94,8 +94,7 @@ def main() -> None:
         labels = [ex.label for ex in items]
 
         def predict(memory, task=task, items=items):
-            prep = Prepared("share", memory=memory)
-            return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+            return memory_labels(lm, task, memory, items)
 
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)

@@ -20,8 +20,7 @@ from plain_icl import PlainPrompt
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.methods import Prepared
-from emloc_agents.bench.run import _predict
+from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.engine.reconstruct import whole_context_scores
 from emloc_agents.models.sources import resolve_model_dir
@@ -90,8 +89,7 @@ def main() -> None:
     if args.global_heads:  # the memory's selection is replaced below: nothing of ours to compare
         ours: list[str | None] = [None] * len(items)
     else:
-        prep = Prepared("memory", memory=mem)
-        ours = [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
+        ours = memory_labels(lm, task, mem, items)
 
     AttentionInterface.register("emloc_check_masked_sdpa", masked_sdpa)
     path = resolve_model_dir(args.model)

@@ -17,17 +17,11 @@ import time
 from pathlib import Path
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.methods import Prepared
 from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
-from emloc_agents.bench.run import _predict
+from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
 from emloc_agents.tasks import Task
-
-
-def _scores(lm, task: Task, memory, items) -> list[str | None]:
-    prep = Prepared("variant", memory=memory)
-    return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
 
 
 def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, span: int = 2048,
@@ -65,7 +59,7 @@ def main() -> None:
         labels = [ex.label for ex in items]
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)
-            full = _scores(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
+            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
             for name, (config, press, whole) in variants.items():
                 t0 = time.perf_counter()
                 if whole is not None:
@@ -73,7 +67,7 @@ def main() -> None:
                 else:
                     mem = compress(lm, skill, config, press=press)
                 compress_s = time.perf_counter() - t0
-                preds = _scores(lm, task, mem, items)
+                preds = memory_labels(lm, task, mem, items)
                 k = sum(p == y for p, y in zip(preds, labels, strict=True))
                 row = {
                     "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),

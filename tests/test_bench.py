@@ -11,7 +11,7 @@ import pytest
 from emloc_agents.bench import SUMMARY_FIELDS, accuracy, agreement, compare, wilson_ci
 from emloc_agents.bench.cli import bench_main
 from emloc_agents.bench.methods import prepare
-from emloc_agents.bench.run import match_label
+from emloc_agents.bench.run import match_label, memory_labels
 from emloc_agents.tasks import Task
 
 GOOD = ["great fun", "a joy to watch", "warm and witty", "moving and smart", "wonderful cast", "pure delight"]
@@ -99,6 +99,20 @@ def test_scoring_matches_language_model(tiny_llama, tmp_path):
     got = score_continuations(tiny_llama, full_ids, full.label_ids(tiny_llama, text, task.instruction, task.labels), None)
     want = tiny_llama.score(text, task.labels, cached.memory, task.instruction)
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_memory_labels_are_the_language_models_argmax(tiny_llama, tmp_path):
+    """What the fidelity scripts compare: per item, the label LanguageModel.score ranks first on the
+    memory (and zero-shot without one)."""
+    task = Task.load(make_task(tmp_path / "mini"))
+    memory = prepare(tiny_llama, "full-icl-cached", task.skill(4, 0)).memory
+    items = task.test[:6]
+    for mem in (memory, None):
+        want = []
+        for ex in items:
+            scores = tiny_llama.score(task.format_input(ex.text), task.labels, mem, task.instruction)
+            want.append(task.labels[max(range(len(scores)), key=scores.__getitem__)])
+        assert memory_labels(tiny_llama, task, mem, items) == want
 
 
 def test_metrics_by_hand():

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..engine import score_continuations
+from ..engine import CompressedMemory, score_continuations
 from ..tasks import Task, task_path
 from .methods import EMLOC_METHODS, FIXED_RATIO_METHODS, Prepared, order_methods, prepare
 from .metrics import accuracy, agreement, wilson_ci
@@ -109,6 +109,13 @@ def _predict(lm, task: Task, prep: Prepared, text: Any, scoring: str) -> tuple[s
         return task.labels[max(range(len(scores)), key=scores.__getitem__)], scores
     gen = lm.generate_ids(ids, prep.memory, max_new_tokens=max(len(x) for x in label_ids) + 2)
     return match_label(gen.text, task.labels), gen.text
+
+
+def memory_labels(lm, task: Task, memory: CompressedMemory | None, items: Sequence[Any]) -> list[str | None]:
+    """The label each item gets by label log-likelihood on ``memory`` (None: zero-shot): what the
+    fidelity scripts compare between memories, item by item."""
+    prep = Prepared("memory", memory=memory)
+    return [_predict(lm, task, prep, ex.text, "loglik")[0] for ex in items]
 
 
 def _timing(lm, task: Task, prep: Prepared, items: Sequence[Any]) -> tuple[float | None, float | None]:
