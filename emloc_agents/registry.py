@@ -295,7 +295,7 @@ class MemoryRegistry:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=None, desc=f"compressing {skill.name}", unit="chunk")
+            bar = tqdm(total=None, desc=f"compressing {skill.name}", unit="step")  # a chunk of the loop, or a stage of the whole-context ranking
 
             def cb(done: int, total: int) -> None:
                 bar.total = total
