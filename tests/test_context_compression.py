@@ -29,6 +29,7 @@ from emloc_agents.skills import SkillError
 from emloc_agents.store.format import dump_memory, load_memory
 
 from .conftest import make_skill
+from .test_engine import DEVICES
 from .test_prompt import QUERIES
 
 
@@ -67,11 +68,13 @@ def test_a_held_out_replay_is_the_whole_text_with_its_demonstration_masked(plain
     assert not torch.allclose(got, seen, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str) -> None:
+def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str, device: str) -> None:
     """Packing replays into shared forwards changes nothing: the same attention scores and log-probs as
     one forward per demonstration, on the unpruned context and on a pruned one (per-head slots)."""
     model, tok = tiny_model(arch)
+    model.to(device)
     lm, skill = LanguageModel(model, tok, f"tiny-{arch}"), make_skill(8)
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     ranked = rank_context(lm, skill, EMLoCConfig(compression="context"), full)
@@ -154,12 +157,14 @@ def test_rank_blend_keeps_what_either_signal_ranks_high() -> None:
     assert out[0][0, 2] < out[1][0, 2]  # low in both stays low
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("delta, ratio", [(1.0, 0.1), (0.0, 1.0)])
-def test_the_js_bracket_picks_the_share(arch: str, delta: float, ratio: float) -> None:
+def test_the_js_bracket_picks_the_share(arch: str, delta: float, ratio: float, device: str) -> None:
     """delta=1 takes the smallest share, delta=0 keeps the whole context (every share moves the
     held-out answers a little); sliding-window layers keep exactly their window."""
     model, tok = tiny_model(arch)
+    model.to(device)
     lm = LanguageModel(model, tok, f"tiny-{arch}")
     skill = make_skill(10)
     mem = compress(lm, skill, EMLoCConfig(compression="context", delta=delta))

@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--context", action="store_true", help='also time compression="context" (delta 1 and 0)')
     p.add_argument("--profile", metavar="SHAPE:TOKENS", default=None,
-                   help="also write profile.txt: torch.profiler's op table for one default compression")
+                   help="also write profile.txt: torch.profiler's op table for one compression")
+    p.add_argument("--profile-compression", choices=("auto", "chunks", "context"), default="auto",
+                   help="the compression --profile times (default: the default, auto)")
     args = p.parse_args(argv)
     cases = args.cases or [parse_case(c) for c in ("qwen2-1.5b:3500", "qwen2-1.5b:14000:1,0.005", "qwen2-7b:3500")]
     device = resolve_device(args.device)
@@ -217,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape, tokens = args.profile.split(":")
         lm = random_model(shape, tok, device, dtype)  # profiled first: a timeout later cannot lose it
         skill = skill_of_length(lm, int(tokens))
-        chunks = EMLoCConfig(compression="chunks")
-        compress(lm, skill, chunks)  # warm-up
-        (args.out / "profile.txt").write_text(profile_table(lambda: compress(lm, skill, chunks), device))
+        profiled = EMLoCConfig(compression=args.profile_compression)
+        compress(lm, skill, profiled)  # warm-up
+        (args.out / "profile.txt").write_text(profile_table(lambda: compress(lm, skill, profiled), device))
         log(f"wrote {args.out / 'profile.txt'}")
         del lm
     models: dict[str, LanguageModel] = {}
@@ -230,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             models[shape] = random_model(shape, tok, device, dtype)
             warm = skill_of_length(models[shape], 200)
-            compress(models[shape], warm, EMLoCConfig(compression="chunks", delta=0.005))  # warm-up: kernels, allocator
+            for warm_up in ("chunks", "context"):  # kernels, allocator
+                compress(models[shape], warm, EMLoCConfig(compression=warm_up, delta=0.005))
         row = check_case(models[shape], tokens, deltas, args.repeats, not args.no_decode, log, lookahead,
                          args.context)
         result["rows"].append(row)

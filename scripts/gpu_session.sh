@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call (../.library/device): the CUDA exactness tests, then the GPU check with context mode
+# and a profile, all results under $OUT. Run from the repo root with `.whl` (../shared/tools/offline-gpu-wheels)
+# and `.gpu/qwen-tokenizer` carried. Usage: bash scripts/gpu_session.sh [BENCH_SECONDS] [extra bench args...]
+set -u
+limit=${1:-420}; shift || true
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a $OUT/gpu.txt
+git rev-parse HEAD 2>/dev/null | tee -a $OUT/gpu.txt
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_context_compression.py -k cuda 2>&1 \
+  | tail -15 | tee $OUT/tests.txt
+timeout "$limit" python3 -m emloc_agents.bench.gpu --out "$OUT" --tokenizer .gpu/qwen-tokenizer --context "$@" 2>&1 | tee $OUT/log.txt
