@@ -164,3 +164,18 @@ def test_cli_device_option(tmp_path, capsys) -> None:
     assert build_parser().parse_args(["skills", "ls"]).device == "auto"
     code = main(["--model", "tiny-llama", "--cache-dir", str(tmp_path), "--device", "gpu", "skills", "ls"])
     assert code != 0 and "unknown device" in capsys.readouterr().err
+
+
+def test_engine_forwards_on_cuda_leave_cudnn_attention_out() -> None:
+    """cuDNN's SDPA plans a kernel per new shape, and the engine's shapes rarely repeat: inside an
+    engine forward on CUDA only flash, memory-efficient and math kernels are allowed; on the CPU,
+    and outside, torch's own choice stands."""
+    from emloc_agents.engine import forward
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with forward.attention_backends(torch.device("cuda", 0)):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with forward.attention_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

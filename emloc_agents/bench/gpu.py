@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..config import EMLoCConfig
-from ..engine import StreamingLLMPress, compress
+from ..engine import StreamingLLMPress, compress, forward
 from ..engine.presses import default_lookahead
 from ..models.lm import LanguageModel
 from ..models.loader import resolve_device, resolve_dtype
@@ -196,18 +196,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--context", action="store_true", help='also time compression="context" (delta 1 and 0)')
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="let engine forwards use cuDNN's SDPA kernel too (engine.forward.CUDA_ATTENTION_BACKENDS)")
     p.add_argument("--profile", metavar="SHAPE:TOKENS", default=None,
                    help="also write profile.txt: torch.profiler's op table for one compression")
     p.add_argument("--profile-compression", choices=("auto", "chunks", "context"), default="auto",
                    help="the compression --profile times (default: the default, auto)")
     args = p.parse_args(argv)
+    backends = forward.CUDA_ATTENTION_BACKENDS
+    if args.cudnn_attention:
+        forward.CUDA_ATTENTION_BACKENDS = None
+    try:
+        return run_checks(args)
+    finally:
+        forward.CUDA_ATTENTION_BACKENDS = backends
+
+
+def run_checks(args: argparse.Namespace) -> int:
+    """The profile and every case of ``args``, into ``args.out / "gpu.json"``."""
     cases = args.cases or [parse_case(c) for c in ("qwen2-1.5b:3500", "qwen2-1.5b:14000:1,0.005", "qwen2-7b:3500")]
     device = resolve_device(args.device)
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
     args.out.mkdir(parents=True, exist_ok=True)
     tok = default_tokenizer(args.tokenizer)
     result: dict[str, Any] = {"machine": machine_info(), "code": code_state(), "device": str(device),
-                              "dtype": str(dtype).removeprefix("torch."), "rows": []}
+                              "dtype": str(dtype).removeprefix("torch."), "cudnn_attention": args.cudnn_attention,
+                              "rows": []}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     t_start = time.perf_counter()

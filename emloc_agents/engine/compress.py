@@ -21,7 +21,7 @@ from .cache import MemoryCache
 from .chunks import ChunkContext
 from .context import answer_rows, compress_context, prefill_chunk
 from .facts import ModelFacts
-from .forward import ModelHandle, run
+from .forward import ModelHandle, clock, run
 from .memory import CompressedMemory
 from .presses import EMLoCPress, KVzipPress, Press
 from .prompt import Segment
@@ -151,13 +151,13 @@ def compress(
         window_scores: dict[int, torch.Tensor] = {}
         if press.needs_window_scores:
             cache.observer = _window_observer(f, getattr(press, "window", 32), window_scores, context.length)
-        tp = time.perf_counter()
+        tp = clock(device)
         embeds = rope = None
         rope_end = rope_next + n
         if vision is not None:
             embeds, rope, rope_end = vision.segments_inputs(chunk.parts, rope_next)
         run(lm.model, cache, torch.tensor([chunk.ids], device=device), pos, inputs_embeds=embeds, rope_positions=rope)
-        prefill_s += time.perf_counter() - tp
+        prefill_s += clock(device) - tp
         chunk_k, chunk_v = zip(*(cache.chunk_kv(i) for i in range(f.num_layers)), strict=True)
         del cache
         chunk_pos = pos[0]

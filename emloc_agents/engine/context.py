@@ -30,7 +30,7 @@ import torch
 from ..config import EMLoCConfig
 from ..skills import Skill
 from .cache import MemoryCache
-from .forward import ModelHandle, lm_logits, run
+from .forward import ModelHandle, clock, lm_logits, run
 from .memory import CompressedMemory
 from .prompt import Segment
 from .reconstruct import kvzip_memory, max_attention, whole_context_scores
@@ -217,9 +217,9 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     rendered = renderer.render(skill.instruction, skill.demonstrations)
     if progress:
         progress(1)
-    t0 = time.perf_counter()
+    t0 = clock(lm.device)
     reconstruction = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
-    t1 = time.perf_counter()
+    t1 = clock(lm.device)
     if progress:
         progress(2)
     spans = demo_spans(rendered.prefix, rendered.demos)
@@ -228,7 +228,7 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set())
     reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False, keep_log_probs=set(checked))
     assert probes.scores is not None
-    t2 = time.perf_counter()
+    t2 = clock(lm.device)
     if progress:
         progress(3)
     protected = min(full.original_length, max(SINKS, len(rendered.prefix) if config.protect_prefix else 0))
@@ -256,7 +256,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     steps = 3 + len(config.keep_ratios)
     ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))
     chosen, chosen_split, trials = ranked.full, None, []
-    t_check = time.perf_counter()
+    t_check = clock(lm.device)
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
@@ -276,7 +276,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
              "checked_probes": len(ranked.checked), "trials": trials, "reconstruction_share": chosen_split,
              "prefill_s": ranked.prefill_s,
              "reconstruct_s": ranked.reconstruct_s, "held_out_s": ranked.held_out_s,
-             "check_s": time.perf_counter() - t_check, "compress_s": time.perf_counter() - t0}
+             "check_s": clock(lm.device) - t_check, "compress_s": time.perf_counter() - t0}
     if progress:
         progress(steps, steps)
     return dataclasses.replace(chosen.to(dtype=getattr(torch, config.storage_dtype)), stats=stats)

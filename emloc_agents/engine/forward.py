@@ -6,9 +6,12 @@ hook active (runtime.py) and returns the last hidden states; ``lm_logits`` appli
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import MemoryCache
 from .facts import ModelFacts
@@ -31,6 +34,30 @@ class ModelHandle(Protocol):
 
     def renderer(self, prompt_format: str = "auto") -> Renderer: ...
 
+
+
+# SDPA kernels the engine's forwards may use on CUDA (None: torch's own choice). cuDNN's attention is
+# left out: it builds an execution plan per new shape, and the engine's shapes rarely repeat (every
+# packed replay, every trial's per-layer memory length). The H200 run of session 11 showed trials
+# costing far more than their one small forward (docs/benchmarks.md, "On a GPU"); the A/B is
+# ``python -m emloc_agents.bench.gpu --cudnn-attention``.
+CUDA_ATTENTION_BACKENDS: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+]
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The SDPA kernels an engine forward on ``device`` may use (``CUDA_ATTENTION_BACKENDS``)."""
+    if device.type != "cuda" or CUDA_ATTENTION_BACKENDS is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel(CUDA_ATTENTION_BACKENDS)
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done (stage timings in stats)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,7 +99,7 @@ def run(
         rope_positions = positions + delta if delta else positions
     else:
         cache.rope_delta = int(rope_positions.max()) - int(positions.max())  # type: ignore[attr-defined]
-    with active(cache), torch.inference_mode():
+    with active(cache), torch.inference_mode(), attention_backends(ids.device):
         out = backbone(model)(
             input_ids=None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds,
             position_ids=rope_positions, cache=cache, use_cache=True,
