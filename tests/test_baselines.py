@@ -45,19 +45,25 @@ def test_reconstruction_scores_equal_eager_attention() -> None:
         torch.testing.assert_close(got[layer], want.float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("hiding", ["shared", "per-head", "none"])
 @pytest.mark.parametrize("per_head_mask", [False, True])
-def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool) -> None:
+def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool, hiding: str) -> None:
     """Row blocks (a small ``block`` forces many) give exactly the max over rows of the plain softmax
-    over the visible keys, with hidden keys left out; the row dimension of the mask may broadcast."""
+    over the visible keys, with hidden keys left out (dropped before the product: the same numbers as
+    masking them); the row dimension of the mask may broadcast."""
     torch.manual_seed(0)
     hq, hkv, rows, lk, d = 4, 2, 7, 11, 8
     q, k = torch.randn(1, hq, rows, d), torch.randn(1, hkv, lk, d)
     mask = torch.rand(1, hq if per_head_mask else 1, rows, lk) > 0.2
     mask[..., 0] = True  # every row sees a key
     hidden = torch.zeros(hkv, lk, dtype=torch.bool)
-    hidden[:, 5:7] = True
+    hidden[:, 5:7] = hiding != "none"  # before and inside the scored keys 2:9
+    hidden[:, 10] = hiding != "none"  # after them
+    if hiding == "per-head":
+        hidden[0, 1] = True  # one head hides a key the other sees
     module = torch.nn.Module()
-    got = [max_attention(module, q, k, mask, 2, 9, hidden, block=b) for b in (1 << 30, hq * lk, 1)]
+    got = [max_attention(module, q, k, mask, 2, 9, None if hiding == "none" else hidden, block=b)
+           for b in (1 << 30, hq * lk, 1)]
     logits = torch.einsum("hqd,hkd->hqk", q[0], k[0].repeat_interleave(2, dim=0)) * d**-0.5
     visible = mask[0].expand(hq, -1, -1) & ~hidden.repeat_interleave(2, dim=0)[:, None, :]
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)[..., 2:9]

@@ -16,6 +16,7 @@ from emloc_agents.engine.context import (
     check_set,
     demo_spans,
     held_out_answers,
+    held_out_cache,
     keep_share,
     packs,
     rank_blend,
@@ -89,6 +90,26 @@ def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str, 
         assert sorted(one.log_probs) == sorted(packed.log_probs) == list(which)
         for j in which:
             torch.testing.assert_close(one.log_probs[j], packed.log_probs[j], atol=1e-4, rtol=1e-4)
+
+
+def test_held_out_views_hide_each_segments_span_per_head(plain_llama) -> None:
+    """Segment s sees every slot except the tokens of its own span and padded slots, in each head's
+    own slots; one row for all heads only where the heads hold the same tokens (the unpruned context)."""
+    lm, skill = plain_llama, make_skill(8)
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    ranked = rank_context(lm, skill, EMLoCConfig(compression="context"), full)
+    pruned, _ = keep_share(lm, ranked, 0.3)
+    spans = [ranked.spans[1], ranked.spans[4]]
+    for memory in (full, pruned):
+        valid = held_out_cache(lm, memory, spans).prefix_valid
+        for layer, pos in enumerate(memory.positions):  # (kv_heads, M), PAD where a head has no token
+            want = torch.stack([(pos != PAD) & ((pos < a) | (pos >= b)) for a, b in spans])  # (S, kv_heads, M)
+            got = valid[layer]
+            assert got is not None
+            heads_differ = not bool((want == want[:, :1]).all())
+            assert got.shape[1] == (lm.facts.num_kv_heads if heads_differ else 1)
+            assert torch.equal(got.expand_as(want), want)
+    assert any(v.shape[1] > 1 for v in held_out_cache(lm, pruned, spans).prefix_valid)  # a real per-head case
 
 
 def test_auto_is_the_whole_context_for_text_and_the_loop_otherwise(plain_llama) -> None:

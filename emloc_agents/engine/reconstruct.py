@@ -32,24 +32,35 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities,
     in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
     memory). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
-    sinks + chunk + repeat)."""
+    sinks + chunk + repeat); keys no head sees are dropped before the product, not masked after it
+    (for a whole-context span that is most of the context)."""
     _, hq, rows, d = q.shape
     hkv = k.shape[1]
+    group = hq // hkv
     scaling = getattr(module, "scaling", d**-0.5)
-    keys = k[0].float().repeat_interleave(hq // hkv, dim=0)  # (Hq, Lk, d)
+    shown = None
+    if hidden is not None:
+        cols = ~hidden.all(0)  # keys some head sees; the scored keys are always computed
+        cols[lo:hi] = True
+        first = int(cols[:lo].sum())
+        lo, hi = first, first + hi - lo
+        idx = cols.nonzero().squeeze(1)
+        k, mask, hidden = k[:, :, idx], mask[..., idx], hidden[:, idx]
+        if bool(hidden.any()):  # heads differ in what they see
+            shown = ~hidden.repeat_interleave(group, dim=0)[:, None, :]
+    keys = k[0].float().repeat_interleave(group, dim=0)  # (Hq, Lk, d)
     visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq | 1, Lk): per query head where slots are padded
-    shown = None if hidden is None else ~hidden.repeat_interleave(hq // hkv, dim=0)[:, None, :]
     step = max(1, block // (hq * keys.shape[1]))
     best = None
     for r0 in range(0, rows, step):
-        logits = torch.einsum("hqd,hkd->hqk", q[0, :, r0 : r0 + step].float(), keys) * scaling
+        logits = torch.einsum("hqd,hkd->hqk", q[0, :, r0 : r0 + step].float() * scaling, keys)
         vis = visible[:, r0 : r0 + step] if visible.shape[1] == rows else visible
         if shown is not None:
             vis = vis & shown
         probs = torch.softmax(logits.masked_fill_(~vis, float("-inf")), dim=-1)[..., lo:hi].amax(dim=1)  # (Hq, n)
         best = probs if best is None else torch.maximum(best, probs)
     assert best is not None, "no query rows"
-    return best.view(hkv, hq // hkv, hi - lo).amax(dim=1)
+    return best.view(hkv, group, hi - lo).amax(dim=1)
 
 
 def reconstruction_scores(
