@@ -1,0 +1,113 @@
+"""Variants of the default memory at one share, side by side with what the engine keeps: each ranks the
+context once (``rank_context``) and changes one thing after it. Per variant the mean JS of the
+validation demonstrations' answers (what the engine's check reads), accuracy and agreement with full ICL.
+
+- ``default``: the engine's choice at the share (the split of ``reconstruction_shares`` with the
+  lowest JS);
+- ``wider-splits``: the same choice among more splits (``--splits``);
+- ``layer-uniform``: every layer keeps the same number of tokens (ranked across its heads), instead of
+  one ranking across layers and heads;
+- ``answers-kept``: every demonstration's answer tokens kept in every head, the rest by the blend
+  (label words as anchors, Wang et al. 2023).
+
+Appends one JSON line per (task, seed, share, variant) to ``--out``.
+
+    python scripts/context_variants.py --model qwen2.5-coder-0.5b --task trec --seeds 0 --shares 0.2 \\
+        --out results/context-variants.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.run import memory_labels
+from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context
+from emloc_agents.engine.memory import CompressedMemory
+from emloc_agents.engine.reconstruct import kvzip_memory
+from emloc_agents.engine.replay import js_divergence
+from emloc_agents.tasks import Task
+
+
+def validation_js(lm, ranked: RankedContext, memory: CompressedMemory) -> float:
+    got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
+                           keep_log_probs=set(ranked.checked))
+    return float(torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked]).mean())
+
+
+def answer_positions(ranked: RankedContext) -> torch.Tensor:
+    """(T,) bool: the context positions of the demonstrations' answer tokens."""
+    mask = torch.zeros(ranked.full.original_length, dtype=torch.bool)
+    for demo, (start, _) in zip(ranked.demos, ranked.spans, strict=True):
+        mask[start : start + len(demo)] = torch.tensor(demo.answer, dtype=torch.bool)
+    return mask
+
+
+def variants(lm, ranked: RankedContext, share: float, splits: list[float]) -> dict[str, tuple[CompressedMemory, float, float]]:
+    """name -> (memory, validation JS, reconstruction share)."""
+    def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None):
+        scores = ranked.scores(split)
+        if protect is not None:
+            for s in scores:
+                s[:, protect.to(s.device)] = float("inf")
+        memory = kvzip_memory(lm, ranked.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
+        return memory, validation_js(lm, ranked, memory), split
+
+    def best(runs):
+        return min(runs, key=lambda run: run[1])
+
+    engine = EMLoCConfig().reconstruction_shares
+    tried = {split: keep(split) for split in sorted(set(engine) | set(splits))}
+    answers = answer_positions(ranked)
+    return {
+        "default": best([tried[s] for s in engine]),
+        "wider-splits": best(list(tried.values())),
+        "layer-uniform": best([keep(s, layer_budgets=False) for s in engine]),
+        "answers-kept": best([keep(s, protect=answers) for s in engine]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", action="append", required=True)
+    ap.add_argument("--shots", type=int, default=128)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--shares", default="0.2")
+    ap.add_argument("--splits", default="0.3,1.0", help="the extra splits of wider-splits")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    config = EMLoCConfig(compression="context")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for task_name in args.task:
+        task = Task.load(task_name)
+        items = task.test[: args.limit]
+        labels = [ex.label for ex in items]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            skill = task.skill(shots=args.shots, seed=seed)
+            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
+            unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+            ranked = rank_context(lm, skill, config, unpruned)
+            for share in (float(s) for s in args.shares.split(",")):
+                for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")]).items():
+                    preds = memory_labels(lm, task, memory.to(dtype=getattr(torch, config.storage_dtype)), items)
+                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
+                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
+                           "variant": name, "share": share, "kept_ratio": memory.kept_ratio, "js": js,
+                           "reconstruction_share": split, "accuracy": accuracy(preds, labels),
+                           "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
+                           "agreement": agreement(preds, full)}
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
