@@ -33,7 +33,7 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
     memory). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
     sinks + chunk + repeat); keys no head sees are dropped before the product, not masked after it
-    (for a whole-context span that is most of the context)."""
+    (for a span of a whole context: everything outside the span but its sinks)."""
     _, hq, rows, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -46,7 +46,7 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
         lo, hi = first, first + hi - lo
         idx = cols.nonzero().squeeze(1)
         k, mask, hidden = k[:, :, idx], mask[..., idx], hidden[:, idx]
-        if bool(hidden.any()):  # heads differ in what they see
+        if bool(hidden.any()):  # a computed key is still hidden from some head
             shown = ~hidden.repeat_interleave(group, dim=0)[:, None, :]
     keys = k[0].float().repeat_interleave(group, dim=0)  # (Hq, Lk, d)
     visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq | 1, Lk): per query head where slots are padded
