@@ -179,3 +179,14 @@ def test_engine_forwards_on_cuda_leave_cudnn_attention_out() -> None:
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     with forward.attention_backends(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_a_model_spread_over_devices_is_refused_clearly() -> None:
+    """device_map can put a model's layers on several devices; the engine keeps each memory on one, so
+    such a model is refused by name instead of failing inside a forward."""
+    model, tok = tiny_model("llama")
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    with pytest.raises(ValueError, match=r"spread over 0, 1 \(device_map\).*one device"):
+        LanguageModel(model, tok, "tiny-split")
+    model.hf_device_map = {"": 0}  # accelerate's map of a model on one device
+    LanguageModel(model, tok, "tiny-one")

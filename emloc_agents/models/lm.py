@@ -41,6 +41,11 @@ class LanguageModel:
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, name: str, weights_id: str | None = None, processor: Any = None
     ) -> None:
+        spread = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+        if len(spread) > 1:
+            raise ValueError(
+                f"{name}: its weights are spread over {', '.join(spread)} (device_map); EMLoC's engine runs "
+                "a model on one device (load it with device_map=None and .to(device), or pick a smaller model)")
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
