@@ -2,7 +2,8 @@
 
 A task is addressed by a folder path or by name. Names are looked up in ``$EMLOC_DATA_DIR`` first
 (optional: a folder of task folders), then among the tasks bundled with the package
-(``emloc_agents/data/tasks``: sst2, trec, agnews; see its README for sources and terms).
+(``emloc_agents/data/tasks``: sst2, trec, agnews, and the sentence-pair rte and 50-label trec50;
+see its README for sources and terms).
 
 This module builds skills from tasks; ``skills`` does not import it (no import cycle).
 """

@@ -9,7 +9,7 @@ import pytest
 from emloc_agents import Demonstration, Skill
 from emloc_agents.tasks import bundled_tasks_dir
 
-BUNDLED_TASKS = ("sst2", "trec", "agnews")
+BUNDLED_TASKS = ("sst2", "trec", "agnews", "rte", "trec50")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from emloc_agents.skills import SkillError
 from emloc_agents.tasks import Task, UnknownTaskError, available_tasks, bundled_tasks_dir, task_path
 
 # The sizes of the data README's table (emloc_agents/data/tasks/README.md).
-SIZES = {"sst2": (6920, 1821, 2), "trec": (5452, 500, 6), "agnews": (5600, 2000, 4)}
+SIZES = {"sst2": (6920, 1821, 2), "trec": (5452, 500, 6), "agnews": (5600, 2000, 4), "rte": (2490, 277, 2),
+         "trec50": (5452, 500, 50)}
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def test_data_dir_override_is_searched_first(tmp_path: Path, monkeypatch: pytest
 
 
 def test_unknown_name_is_a_clear_error() -> None:
-    with pytest.raises(UnknownTaskError, match=r"unknown task 'nosuchtask'.*agnews, sst2, trec") as info:
+    with pytest.raises(UnknownTaskError, match=r"unknown task 'nosuchtask'.*agnews, rte, sst2, trec, trec50") as info:
         Task.load("nosuchtask")
     assert isinstance(info.value, SkillError) and isinstance(info.value, ValueError)
 
@@ -99,3 +100,20 @@ def test_task_files_are_package_data() -> None:
     files = [p.relative_to(package).as_posix() for p in (package / "data" / "tasks").rglob("*") if p.is_file()]
     assert len(files) == 1 + 3 * len(SIZES)
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files
+
+
+def test_the_sentence_pair_and_many_label_tasks_render_whole() -> None:
+    """rte fills its template from both texts of a pair; trec50's 50 label words are distinct, and a
+    question keeps its fine label (the same question is coarse 'number' in trec)."""
+    rte = Task.load("rte")
+    item = rte.test[0]
+    assert isinstance(item.text, dict) and set(item.text) == {"premise", "hypothesis"}
+    shown = rte.format_input(item.text)
+    assert shown == f"{item.text['premise']}\nQuestion: {item.text['hypothesis']} True or False?\nAnswer:"
+    demo = rte.skill(4, 0).demonstrations[0]
+    assert demo.output in ("True", "False") and "True or False?" in demo.input
+    fine = Task.load("trec50")
+    assert len(set(fine.labels)) == 50
+    coarse = {e.text: e.label for e in Task.load("trec").test}
+    first = fine.test[0]
+    assert (coarse[first.text], first.label) == ("number", "distance")  # How far is it from Denver to Aspen ?

@@ -1,6 +1,6 @@
 """`emloc bench`: argument parsing for ``run_bench``. Bad input -> one line on stderr, exit 2.
 
-``--task`` takes a task name (the bundled sst2, trec, agnews, or one in ``$EMLOC_DATA_DIR``) or a
+``--task`` takes a task name (the bundled sst2, trec, agnews, rte, trec50, or one in ``$EMLOC_DATA_DIR``) or a
 task folder; an unknown name is an error that lists the names known.
 
 ``--compare`` is a flag: after the run, print the ``compare`` lines of that run on stdout.
