@@ -15,15 +15,13 @@ so the check reads demonstrations the ranking never saw). Appends one JSON line 
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from _experiment import emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.metrics import fidelity
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import CHECK_PROBES, SINKS, demo_spans, held_out_answers, rank_blend
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
@@ -41,18 +39,13 @@ def split_blend(rec: list[torch.Tensor], held: list[torch.Tensor], rho: float) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", action="append", required=True)
-    ap.add_argument("--shots", type=int, default=128)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--shares", default="0.1,0.2")
+    ap = parser(__doc__, shares="0.1,0.2")
     ap.add_argument("--rhos", default="0.5,0.7,0.85,1.0")
     ap.add_argument("--validate", action="store_true",
                     help="leave the JS check's demonstrations out of the held-out scoring")
-    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not args.task or not args.out:
+        ap.error("--task and --out are required")
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for task_name in args.task:
@@ -93,15 +86,10 @@ def main() -> None:
                                            keep_log_probs=set(checked)).log_probs
                     js = float(torch.cat([js_divergence(reference[j], got[j]) for j in checked]).mean())
                     preds = predict(memory.to(dtype=getattr(torch, EMLoCConfig().storage_dtype)))
-                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
-                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
-                           "n": len(items), "rho": rho, "share": share, "validate": args.validate, "js": js, "kept_ratio": memory.kept_ratio,
-                           "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
-                           "full_icl_accuracy": accuracy(full_preds, labels),
-                           "agreement": agreement(preds, full_preds), "rank_s": rank_s}
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
+                                    "n": len(items), "rho": rho, "share": share, "validate": args.validate, "js": js,
+                                    "kept_ratio": memory.kept_ratio, **fidelity(preds, labels, full_preds),
+                                    "rank_s": rank_s})
 
 
 if __name__ == "__main__":

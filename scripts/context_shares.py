@@ -13,16 +13,16 @@ Appends one JSON line per (task, seed, method, share) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+from _experiment import emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import fewer_shots
-from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.metrics import fidelity, wilson_ci
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import keep_share, rank_context
 from emloc_agents.engine.reconstruct import kvzip_memory
@@ -63,21 +63,14 @@ def kept_of_full(memory, full) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, shares="0.1,0.2")
     ap.add_argument("--table", type=Path, help="print the tables of a results file and stop")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", action="append")
-    ap.add_argument("--shots", type=int, default=128)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--shares", default="0.1,0.2")
     ap.add_argument("--each-split", action="store_true",
                     help="also every reconstruction share the engine tries, as methods context@SHARE")
     ap.add_argument("--kvzip", action="store_true", help="also KVzip over the whole context at each share")
     ap.add_argument("--fewer-shots", action="store_true",
                     help="also the first whole demonstrations that fit each share, uncompressed")
     ap.add_argument("--fewer-shots-only", action="store_true", help="only full ICL and fewer-shots (no ranking)")
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.table:
         table(args.table)
@@ -121,16 +114,11 @@ def main() -> None:
                                                          EMLoCConfig(keep_ratios=(1.0,))), None, None))
                 for method, memory, js, split in runs:
                     preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
-                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
-                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
-                           "method": method, "share": share, "kept_ratio": kept_of_full(memory, unpruned), "js": js,
-                           "reconstruction_share": split,
-                           "accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(items)),
-                           "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full),
-                           "rank_s": rank_s if method.startswith("context") else None}
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
+                                    "n": len(items), "method": method, "share": share,
+                                    "kept_ratio": kept_of_full(memory, unpruned), "js": js,
+                                    "reconstruction_share": split, **fidelity(preds, labels, full),
+                                    "rank_s": rank_s if method.startswith("context") else None})
 
 
 if __name__ == "__main__":

@@ -18,14 +18,11 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
+from _experiment import emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.metrics import fidelity
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context
 from emloc_agents.engine.memory import CompressedMemory
@@ -73,16 +70,11 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float]) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", action="append", required=True)
-    ap.add_argument("--shots", type=int, default=128)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--shares", default="0.2")
+    ap = parser(__doc__, shares="0.2")
     ap.add_argument("--splits", default="0.3,1.0", help="the extra splits of wider-splits")
-    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not args.task or not args.out:
+        ap.error("--task and --out are required")
     lm = load_model(args.model)
     config = EMLoCConfig(compression="context")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,15 +90,9 @@ def main() -> None:
             for share in (float(s) for s in args.shares.split(",")):
                 for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")]).items():
                     preds = memory_labels(lm, task, memory.to(dtype=getattr(torch, config.storage_dtype)), items)
-                    k = sum(p == y for p, y in zip(preds, labels, strict=True))
-                    row = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
-                           "variant": name, "share": share, "kept_ratio": memory.kept_ratio, "js": js,
-                           "reconstruction_share": split, "accuracy": accuracy(preds, labels),
-                           "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
-                           "agreement": agreement(preds, full)}
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
+                                    "n": len(items), "variant": name, "share": share, "kept_ratio": memory.kept_ratio,
+                                    "js": js, "reconstruction_share": split, **fidelity(preds, labels, full)})
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ Appends one JSON line per (task, seed, variant) to ``--out`` so an interrupted r
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
+
+from _experiment import emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import accuracy, agreement, wilson_ci
+from emloc_agents.bench.metrics import fidelity
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
@@ -35,15 +35,11 @@ def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, sp
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", action="append", required=True)
-    ap.add_argument("--shots", type=int, default=128)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--limit", type=int, default=300)
+    ap = parser(__doc__)
     ap.add_argument("--variant", action="append", required=True, help="name=JSON overrides of EMLoCConfig")
-    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not args.task or not args.out:
+        ap.error("--task and --out are required")
     variants: dict[str, tuple[EMLoCConfig, KVzipPress | None, dict | None]] = {}
     for v in args.variant:
         name, _, overrides = v.partition("=")
@@ -68,19 +64,13 @@ def main() -> None:
                     mem = compress(lm, skill, config, press=press)
                 compress_s = time.perf_counter() - t0
                 preds = memory_labels(lm, task, mem, items)
-                k = sum(p == y for p, y in zip(preds, labels, strict=True))
-                row = {
+                emit(args.out, {
                     "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
                     "variant": name, "overrides": json.loads(config.model_dump_json(exclude_defaults=True)),
                     "press": {"name": "kvzip-whole", **whole} if whole is not None
                     else None if press is None else {"name": press.name, **vars(press)},
-                    "kept_ratio": mem.kept_ratio, "accuracy": accuracy(preds, labels),
-                    "accuracy_ci95": wilson_ci(k, len(items)), "full_icl_accuracy": accuracy(full, labels),
-                    "agreement": agreement(preds, full), "compress_s": compress_s,
-                }
-                print(json.dumps(row), flush=True)
-                with args.out.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                    "kept_ratio": mem.kept_ratio, **fidelity(preds, labels, full), "compress_s": compress_s,
+                })
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 from emloc_agents.bench import SUMMARY_FIELDS, accuracy, agreement, compare, wilson_ci
 from emloc_agents.bench.cli import bench_main
 from emloc_agents.bench.methods import prepare
+from emloc_agents.bench.metrics import fidelity
 from emloc_agents.bench.run import match_label, memory_labels
 from emloc_agents.tasks import Task
 
@@ -125,6 +126,8 @@ def test_metrics_by_hand():
     assert wilson_ci(0, 5)[0] == 0.0 and wilson_ci(5, 5)[1] == 1.0
     assert wilson_ci(0, 0) is None
     assert agreement(["x", "y", None], ["x", "z", None]) == pytest.approx(2 / 3)
+    row = fidelity(["a", "b", "b", "a"], labels=["a", "b", "a", "a"], full=["a", "a", "a", "a"])
+    assert row == {"accuracy": 0.75, "accuracy_ci95": wilson_ci(3, 4), "full_icl_accuracy": 0.75, "agreement": 0.5}
     assert match_label(" Positive, clearly", ["negative", "positive"]) == "positive"
     assert match_label("maybe", ["negative", "positive"]) is None
 

@@ -31,3 +31,11 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> list[float] | None:
 def agreement(a: Sequence[object], b: Sequence[object]) -> float | None:
     """Share of positions where the two prediction lists agree (None for no items)."""
     return accuracy(a, b)
+
+
+def fidelity(preds: Sequence[object], labels: Sequence[object], full: Sequence[object]) -> dict[str, object]:
+    """A memory's predictions against the gold ``labels`` and against full ICL's predictions ``full``:
+    accuracy with its 95 % Wilson interval, full ICL's accuracy, and agreement (the fidelity measure)."""
+    k = sum(p == y for p, y in zip(preds, labels, strict=True))
+    return {"accuracy": accuracy(preds, labels), "accuracy_ci95": wilson_ci(k, len(labels)),
+            "full_icl_accuracy": accuracy(full, labels), "agreement": agreement(preds, full)}
