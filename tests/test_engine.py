@@ -73,6 +73,39 @@ def test_keep_all_reproduces_full_context(arch: str, chat: bool, device: str) ->
     assert answers == [expected] * 3
 
 
+@pytest.mark.parametrize("grow", [1, 3, 256])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_decoding_into_spare_room_is_plain_decoding(arch: str, grow: int, monkeypatch) -> None:
+    """Decoding steps write into spare slots after the cache (grown ``GROW_TOKENS`` at a time) instead
+    of concatenating: the same tokens and the same last-step logits as transformers' own greedy
+    ``generate`` on the whole text, however often the room has to grow."""
+    from emloc_agents.engine import cache as cache_module
+    from emloc_agents.engine.decode import stream_tokens
+
+    monkeypatch.setattr(cache_module, "GROW_TOKENS", grow)
+    model, tok = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    lm = LanguageModel(model, tok, f"tiny-{arch}")
+    skill = make_skill(6)
+    mem = compress(lm, skill, EMLoCConfig(**FULL))
+    prefix = lm.renderer().render(skill.instruction, skill.demonstrations).ids
+    query = lm._prompt_ids("Review: the quick fox\nSentiment:", mem)
+    steps = 12
+    *_, (_, result) = stream_tokens(lm, query, mem, max_new_tokens=steps)
+    with torch.no_grad():
+        ref = reference.generate(torch.tensor([prefix + query]), max_new_tokens=steps, do_sample=False,
+                                 eos_token_id=None, pad_token_id=2, output_logits=True, return_dict_in_generate=True)
+    want = ref.sequences[0, len(prefix) + len(query):].tolist()
+    assert result is not None and result.token_ids == want[: len(result.token_ids)]
+    assert len(result.token_ids) == steps or result.finish_reason == "stop"
+    cache, start = memory_cache(lm, mem)  # the last step's logits, replayed through the room
+    ids = query + result.token_ids[:-1]
+    for i in range(len(ids)):  # one token a forward: every step appends to the room
+        hidden = run(lm.model, cache, torch.tensor([[ids[i]]]), torch.tensor([[start + i]]))
+    torch.testing.assert_close(lm_logits(lm.model, lm.facts, hidden[0, -1]), ref.logits[len(result.token_ids) - 1][0].float(),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_sliding_window_layers_keep_only_their_window() -> None:
     model, tok = tiny_model("gemma3_text")
     lm = LanguageModel(model, tok, "tiny-gemma")

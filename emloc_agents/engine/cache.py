@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+GROW_TOKENS = 256  # spare slots a cache adds when a later forward (a decoding step) outgrows it
+
 Observer = Callable[[torch.nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -73,6 +75,7 @@ class MemoryCache(Cache):
         self.windows = list(windows)
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
+        self._room: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n  # keys/values + spare slots
         self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.new_values: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.new_positions: torch.Tensor | None = None  # (B, N) of all new tokens so far
@@ -115,14 +118,30 @@ class MemoryCache(Cache):
             else:
                 cur_k, cur_v = key_states, value_states
         else:
-            assert cur_v is not None
-            cur_k = torch.cat([cur_k, key_states], dim=-2)
-            cur_v = torch.cat([cur_v, value_states], dim=-2)
+            cur_k, cur_v = self._append(layer_idx, key_states, value_states)
         self.keys[layer_idx], self.values[layer_idx] = cur_k, cur_v
         if self.keep_new:
             self.new_keys[layer_idx].append(key_states)
             self.new_values[layer_idx].append(value_states)
         return cur_k, cur_v
+
+    def _append(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values so far followed by the new ones, written into spare room after them (grown
+        ``GROW_TOKENS`` slots at a time): a decoding step copies the cache once per ``GROW_TOKENS``
+        steps instead of once per step (as ``torch.cat`` would, the whole memory every token)."""
+        cur_k, cur_v = self.keys[layer_idx], self.values[layer_idx]
+        assert cur_k is not None and cur_v is not None
+        n, t = cur_k.shape[-2], key_states.shape[-2]
+        room = self._room[layer_idx]
+        if room is None or room[0].shape[-2] < n + t or room[0].data_ptr() != cur_k.data_ptr():
+            b, h, _, _ = cur_k.shape
+            room = (cur_k.new_empty(b, h, n + t + GROW_TOKENS, cur_k.shape[-1]),
+                    cur_v.new_empty(b, h, n + t + GROW_TOKENS, cur_v.shape[-1]))
+            room[0][:, :, :n], room[1][:, :, :n] = cur_k, cur_v
+            self._room[layer_idx] = room
+        room[0][:, :, n : n + t], room[1][:, :, n : n + t] = key_states, value_states
+        return room[0][:, :, : n + t], room[1][:, :, : n + t]
 
     def prefix_length(self, layer_idx: int) -> int:
         pk = self.prefix_keys[layer_idx]
