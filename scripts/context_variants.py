@@ -45,7 +45,11 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     return mask
 
 
-def variants(lm, ranked: RankedContext, share: float, splits: list[float]) -> dict[str, tuple[CompressedMemory, float, float]]:
+VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")
+
+
+def variants(lm, ranked: RankedContext, share: float, splits: list[float],
+             which: tuple[str, ...] = VARIANTS) -> dict[str, tuple[CompressedMemory, float, float]]:
     """name -> (memory, validation JS, reconstruction share)."""
     def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None):
         scores = ranked.scores(split)
@@ -60,18 +64,19 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float]) -> di
 
     engine = EMLoCConfig().reconstruction_shares
     tried = {split: keep(split) for split in sorted(set(engine) | set(splits))}
-    answers = answer_positions(ranked)
-    return {
-        "default": best([tried[s] for s in engine]),
-        "wider-splits": best(list(tried.values())),
-        "layer-uniform": best([keep(s, layer_budgets=False) for s in engine]),
-        "answers-kept": best([keep(s, protect=answers) for s in engine]),
+    made = {
+        "default": lambda: best([tried[s] for s in engine]),
+        "wider-splits": lambda: best(list(tried.values())),
+        "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
+        "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
     }
+    return {name: made[name]() for name in which}
 
 
 def main() -> None:
     ap = parser(__doc__, shares="0.2")
     ap.add_argument("--splits", default="0.3,1.0", help="the extra splits of wider-splits")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants (comma-separated)")
     args = ap.parse_args()
     if not args.task or not args.out:
         ap.error("--task and --out are required")
@@ -88,8 +93,12 @@ def main() -> None:
             unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
             ranked = rank_context(lm, skill, config, unpruned)
             for share in (float(s) for s in args.shares.split(",")):
-                for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")]).items():
-                    preds = memory_labels(lm, task, memory.to(dtype=getattr(torch, config.storage_dtype)), items)
+                seen: dict[int, list] = {}
+                for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
+                                                        tuple(args.variants.split(","))).items():
+                    if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
+                        seen[id(memory)] = memory_labels(lm, task, memory.to(dtype=getattr(torch, config.storage_dtype)), items)
+                    preds = seen[id(memory)]
                     emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
                                     "n": len(items), "variant": name, "share": share, "kept_ratio": memory.kept_ratio,
                                     "js": js, "reconstruction_share": split, **fidelity(preds, labels, full)})
