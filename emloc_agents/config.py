@@ -37,9 +37,9 @@ class EMLoCConfig(BaseModel):
         "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
         "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS).")
     reconstruction_shares: tuple[float, ...] = Field(
-        (0.5, 0.7, 0.85), min_length=1, description="compression='context': shares of the kept slots ranked by "
-        "reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), tried at "
-        "each keep ratio; the one whose held-out answers move least (JS) is kept.")
+        (0.3, 0.5, 0.7, 0.85, 1.0), min_length=1, description="compression='context': shares of the kept slots "
+        "ranked by reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), "
+        "tried at each keep ratio; the one whose held-out answers move least (JS) is kept.")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."
