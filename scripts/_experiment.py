@@ -1,10 +1,20 @@
-"""What the fidelity scripts share: their common arguments, and one JSON line per result."""
+"""What the fidelity scripts share: their common arguments, the loop over tasks and demonstration seeds
+with full ICL's predictions, and one JSON line per result."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from emloc_agents import EMLoCConfig, compress
+from emloc_agents.bench.metrics import fidelity
+from emloc_agents.bench.run import memory_labels
+from emloc_agents.skills import Skill
+from emloc_agents.tasks import Example, Task
 
 
 def parser(doc: str | None, shares: str | None = None) -> argparse.ArgumentParser:
@@ -19,6 +29,42 @@ def parser(doc: str | None, shares: str | None = None) -> argparse.ArgumentParse
         ap.add_argument("--shares", default=shares)
     ap.add_argument("--out", type=Path)
     return ap
+
+
+@dataclass
+class Case:
+    """One task and demonstration seed: the skill, the first ``--limit`` test items, and full ICL's
+    predictions on them (what agreement is measured against)."""
+
+    lm: Any
+    model: str
+    task_name: str
+    task: Task
+    items: list[Example]
+    shots: int
+    seed: int
+    skill: Skill
+    full: list[str | None]
+
+    def predict(self, memory: Any) -> list[str | None]:
+        """The label each item gets on ``memory``."""
+        return memory_labels(self.lm, self.task, memory, self.items)
+
+    def row(self, preds: list[str | None], **fields: Any) -> dict[str, Any]:
+        """One result: the case, ``fields``, and the predictions' accuracy and agreement with full ICL."""
+        return {"model": self.model, "task": self.task_name, "shots": self.shots, "seed": self.seed,
+                "n": len(self.items), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full)}
+
+
+def cases(lm: Any, args: argparse.Namespace) -> Iterator[Case]:
+    """Every ``--task`` × ``--seeds`` case of ``args``, full ICL's predictions made first."""
+    for task_name in args.task:
+        task = Task.load(task_name)
+        items = task.test[: args.limit]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            skill = task.skill(shots=args.shots, seed=seed)
+            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
+            yield Case(lm, args.model, task_name, task, items, args.shots, seed, skill, full)
 
 
 def emit(path: Path, row: dict) -> None:

@@ -18,15 +18,12 @@ from __future__ import annotations
 import time
 
 import torch
-from _experiment import emit, parser
+from _experiment import cases, emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import fidelity
-from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import CHECK_PROBES, SINKS, demo_spans, held_out_answers, rank_blend
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
 from emloc_agents.engine.replay import js_divergence
-from emloc_agents.tasks import Task
 
 
 def split_blend(rec: list[torch.Tensor], held: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -48,48 +45,37 @@ def main() -> None:
         ap.error("--task and --out are required")
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for task_name in args.task:
-        task = Task.load(task_name)
-        items = task.test[: args.limit]
-        labels = [ex.label for ex in items]
-
-        def predict(memory, task=task, items=items):
-            return memory_labels(lm, task, memory, items)
-
-        for seed in (int(s) for s in args.seeds.split(",")):
-            skill = task.skill(shots=args.shots, seed=seed)
-            full_preds = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
-            t0 = time.perf_counter()
-            full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-            renderer = lm.renderer("auto")
-            rendered = renderer.render(skill.instruction, skill.demonstrations)
-            rec = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
-            spans = demo_spans(rendered.prefix, rendered.demos)
-            n = len(spans)
-            checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
-            # --validate: the checked demonstrations are a validation set, left out of the scoring
-            scoring = [j for j in range(n) if not (args.validate and j in checked)]
-            probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set(checked))
-            held = probes.scores
-            assert held is not None
-            reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False,
-                                         keep_log_probs=set(checked)).log_probs
-            rank_s = time.perf_counter() - t0
-            protected = min(full.original_length, max(SINKS, len(rendered.prefix)))
-            for rho in (float(r) for r in args.rhos.split(",")):
-                scores = split_blend(rec, held, rho)
-                for s in scores:
-                    s[:, :protected] = float("inf")
-                for share in (float(s) for s in args.shares.split(",")):
-                    memory = kvzip_memory(lm, full, scores, share, layer_budgets=True, head_budgets=True)
-                    got = held_out_answers(lm, memory, rendered.demos, spans, checked, score=False,
-                                           keep_log_probs=set(checked)).log_probs
-                    js = float(torch.cat([js_divergence(reference[j], got[j]) for j in checked]).mean())
-                    preds = predict(memory.to(dtype=getattr(torch, EMLoCConfig().storage_dtype)))
-                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
-                                    "n": len(items), "rho": rho, "share": share, "validate": args.validate, "js": js,
-                                    "kept_ratio": memory.kept_ratio, **fidelity(preds, labels, full_preds),
-                                    "rank_s": rank_s})
+    for case in cases(lm, args):
+        skill = case.skill
+        t0 = time.perf_counter()
+        full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+        renderer = lm.renderer("auto")
+        rendered = renderer.render(skill.instruction, skill.demonstrations)
+        rec = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
+        spans = demo_spans(rendered.prefix, rendered.demos)
+        n = len(spans)
+        checked = sorted({round(i * (n - 1) / max(1, CHECK_PROBES - 1)) for i in range(min(n, CHECK_PROBES))})
+        # --validate: the checked demonstrations are a validation set, left out of the scoring
+        scoring = [j for j in range(n) if not (args.validate and j in checked)]
+        probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set(checked))
+        held = probes.scores
+        assert held is not None
+        reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False,
+                                     keep_log_probs=set(checked)).log_probs
+        rank_s = time.perf_counter() - t0
+        protected = min(full.original_length, max(SINKS, len(rendered.prefix)))
+        for rho in (float(r) for r in args.rhos.split(",")):
+            scores = split_blend(rec, held, rho)
+            for s in scores:
+                s[:, :protected] = float("inf")
+            for share in (float(s) for s in args.shares.split(",")):
+                memory = kvzip_memory(lm, full, scores, share, layer_budgets=True, head_budgets=True)
+                got = held_out_answers(lm, memory, rendered.demos, spans, checked, score=False,
+                                       keep_log_probs=set(checked)).log_probs
+                js = float(torch.cat([js_divergence(reference[j], got[j]) for j in checked]).mean())
+                preds = case.predict(memory.to(dtype=getattr(torch, EMLoCConfig().storage_dtype)))
+                emit(args.out, case.row(preds, rho=rho, share=share, validate=args.validate, js=js,
+                                        kept_ratio=memory.kept_ratio, rank_s=rank_s))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from _experiment import emit, parser
+from _experiment import cases, emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import fewer_shots
-from emloc_agents.bench.metrics import fidelity, wilson_ci
-from emloc_agents.bench.run import memory_labels
+from emloc_agents.bench.metrics import wilson_ci
 from emloc_agents.engine.context import keep_share, rank_context
 from emloc_agents.engine.reconstruct import kvzip_memory
-from emloc_agents.tasks import Task
 
 
 def table(path: Path) -> None:
@@ -81,44 +79,34 @@ def main() -> None:
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = EMLoCConfig(compression="context")
-    for task_name in args.task:
-        task = Task.load(task_name)
-        items = task.test[: args.limit]
-        labels = [ex.label for ex in items]
-
-        def predict(memory, task=task, items=items):
-            return memory_labels(lm, task, memory, items)
-
-        for seed in (int(s) for s in args.seeds.split(",")):
-            skill = task.skill(shots=args.shots, seed=seed)
-            full = predict(compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
-            t0 = time.perf_counter()
-            unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-            ranked = None if args.fewer_shots_only else rank_context(lm, skill, config, unpruned)
-            rank_s = time.perf_counter() - t0
-            for share in shares:
-                runs = []
-                if ranked is not None:
-                    # the engine's choice at this share: the split whose held-out answers move least
-                    tried = {split: keep_share(lm, ranked, share, split) for split in config.reconstruction_shares}
-                    chosen = min(tried, key=lambda split: tried[split][1])
-                    runs.append(("context", *tried[chosen], chosen))
-                if ranked is not None and args.each_split:
-                    runs += [(f"context@{split:g}", *tried[split], split) for split in tried]
-                if ranked is not None and args.kvzip:
-                    # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
-                    runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
-                                                             layer_budgets=True, head_budgets=True), None, None))
-                if args.fewer_shots or args.fewer_shots_only:
-                    runs.append(("fewer-shots", compress(lm, fewer_shots(lm, skill, share),
-                                                         EMLoCConfig(keep_ratios=(1.0,))), None, None))
-                for method, memory, js, split in runs:
-                    preds = predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
-                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
-                                    "n": len(items), "method": method, "share": share,
-                                    "kept_ratio": kept_of_full(memory, unpruned), "js": js,
-                                    "reconstruction_share": split, **fidelity(preds, labels, full),
-                                    "rank_s": rank_s if method.startswith("context") else None})
+    for case in cases(lm, args):
+        skill = case.skill
+        t0 = time.perf_counter()
+        unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+        ranked = None if args.fewer_shots_only else rank_context(lm, skill, config, unpruned)
+        rank_s = time.perf_counter() - t0
+        for share in shares:
+            runs = []
+            if ranked is not None:
+                # the engine's choice at this share: the split whose held-out answers move least
+                tried = {split: keep_share(lm, ranked, share, split) for split in config.reconstruction_shares}
+                chosen = min(tried, key=lambda split: tried[split][1])
+                runs.append(("context", *tried[chosen], chosen))
+            if ranked is not None and args.each_split:
+                runs += [(f"context@{split:g}", *tried[split], split) for split in tried]
+            if ranked is not None and args.kvzip:
+                # = kvzip_whole(lm, skill, share), reusing the ranking's reconstruction scores
+                runs.append(("kvzip-whole", kvzip_memory(lm, ranked.full, ranked.reconstruction, share,
+                                                         layer_budgets=True, head_budgets=True), None, None))
+            if args.fewer_shots or args.fewer_shots_only:
+                runs.append(("fewer-shots", compress(lm, fewer_shots(lm, skill, share),
+                                                     EMLoCConfig(keep_ratios=(1.0,))), None, None))
+            for method, memory, js, split in runs:
+                preds = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
+                emit(args.out, case.row(preds, method=method, share=share,
+                                        kept_ratio=kept_of_full(memory, unpruned), js=js,
+                                        reconstruction_share=split,
+                                        rank_s=rank_s if method.startswith("context") else None))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,13 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 from __future__ import annotations
 
 import torch
-from _experiment import emit, parser
+from _experiment import cases, emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import fidelity
-from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context
 from emloc_agents.engine.memory import CompressedMemory
 from emloc_agents.engine.reconstruct import kvzip_memory
 from emloc_agents.engine.replay import js_divergence
-from emloc_agents.tasks import Task
 
 
 def validation_js(lm, ranked: RankedContext, memory: CompressedMemory) -> float:
@@ -84,25 +81,18 @@ def main() -> None:
     lm = load_model(args.model)
     config = EMLoCConfig(compression="context")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for task_name in args.task:
-        task = Task.load(task_name)
-        items = task.test[: args.limit]
-        labels = [ex.label for ex in items]
-        for seed in (int(s) for s in args.seeds.split(",")):
-            skill = task.skill(shots=args.shots, seed=seed)
-            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
-            unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-            ranked = rank_context(lm, skill, config, unpruned)
-            for share in (float(s) for s in args.shares.split(",")):
-                seen: dict[int, list] = {}
-                for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
-                                                        tuple(args.variants.split(","))).items():
-                    if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
-                        seen[id(memory)] = memory_labels(lm, task, memory.to(dtype=getattr(torch, config.storage_dtype)), items)
-                    preds = seen[id(memory)]
-                    emit(args.out, {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed,
-                                    "n": len(items), "variant": name, "share": share, "kept_ratio": memory.kept_ratio,
-                                    "js": js, "reconstruction_share": split, **fidelity(preds, labels, full)})
+    for case in cases(lm, args):
+        skill = case.skill
+        unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+        ranked = rank_context(lm, skill, config, unpruned)
+        for share in (float(s) for s in args.shares.split(",")):
+            seen: dict[int, list] = {}
+            for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
+                                                    tuple(args.variants.split(","))).items():
+                if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
+                    seen[id(memory)] = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
+                emit(args.out, case.row(seen[id(memory)], variant=name, share=share,
+                                        kept_ratio=memory.kept_ratio, js=js, reconstruction_share=split))
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 import time
 
-from _experiment import emit, parser
+from _experiment import cases, emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.metrics import fidelity
-from emloc_agents.bench.run import memory_labels
 from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
-from emloc_agents.tasks import Task
 
 
 def _whole_context_kvzip(lm, skill, ratio: float, layer_budgets: bool = True, span: int = 2048,
@@ -49,28 +46,22 @@ def main() -> None:
         variants[name] = (EMLoCConfig(**fields), None if kvzip is None else KVzipPress(**kvzip), whole)
     lm = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for task_name in args.task:
-        task = Task.load(task_name)
-        items = task.test[: args.limit]
-        labels = [ex.label for ex in items]
-        for seed in (int(s) for s in args.seeds.split(",")):
-            skill = task.skill(shots=args.shots, seed=seed)
-            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
-            for name, (config, press, whole) in variants.items():
-                t0 = time.perf_counter()
-                if whole is not None:
-                    mem = _whole_context_kvzip(lm, skill, **whole)
-                else:
-                    mem = compress(lm, skill, config, press=press)
-                compress_s = time.perf_counter() - t0
-                preds = memory_labels(lm, task, mem, items)
-                emit(args.out, {
-                    "model": args.model, "task": task_name, "shots": args.shots, "seed": seed, "n": len(items),
-                    "variant": name, "overrides": json.loads(config.model_dump_json(exclude_defaults=True)),
-                    "press": {"name": "kvzip-whole", **whole} if whole is not None
-                    else None if press is None else {"name": press.name, **vars(press)},
-                    "kept_ratio": mem.kept_ratio, **fidelity(preds, labels, full), "compress_s": compress_s,
-                })
+    for case in cases(lm, args):
+        skill = case.skill
+        for name, (config, press, whole) in variants.items():
+            t0 = time.perf_counter()
+            if whole is not None:
+                mem = _whole_context_kvzip(lm, skill, **whole)
+            else:
+                mem = compress(lm, skill, config, press=press)
+            compress_s = time.perf_counter() - t0
+            emit(args.out, case.row(
+                case.predict(mem), variant=name,
+                overrides=json.loads(config.model_dump_json(exclude_defaults=True)),
+                press={"name": "kvzip-whole", **whole} if whole is not None
+                else None if press is None else {"name": press.name, **vars(press)},
+                kept_ratio=mem.kept_ratio, compress_s=compress_s,
+            ))
 
 
 if __name__ == "__main__":
