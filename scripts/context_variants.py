@@ -8,7 +8,9 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
 - ``layer-uniform``: every layer keeps the same number of tokens (ranked across its heads), instead of
   one ranking across layers and heads;
 - ``answers-kept``: every demonstration's answer tokens kept in every head, the rest by the blend
-  (label words as anchors, Wang et al. 2023).
+  (label words as anchors, Wang et al. 2023);
+- ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
+  so that any rule choosing among them by JS can be read off afterwards.
 
 Appends one JSON line per (task, seed, share, variant) to ``--out``.
 
@@ -42,7 +44,7 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     return mask
 
 
-VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")
+VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # each-split: only when asked
 BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these variants were compared
 
 
@@ -68,7 +70,10 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
     }
-    return {name: made[name]() for name in which}
+    out = {name: made[name]() for name in which if name != "each-split"}
+    if "each-split" in which:
+        out.update({f"split={s:g}": run for s, run in tried.items()})
+    return out
 
 
 def main() -> None:

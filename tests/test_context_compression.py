@@ -242,3 +242,28 @@ def test_bench_builds_the_whole_context_methods(plain_llama) -> None:
     whole = prepare(plain_llama, "kvzip-whole", skill, ratio=0.3)
     assert whole.memory is not None and whole.memory.stats["press"] == "kvzip-whole"
     assert whole.kept_ratio == pytest.approx(0.3, abs=0.01) and whole.press_ratio == 0.3
+
+
+def test_bench_emloc_share_is_the_default_forced_to_a_share(plain_llama) -> None:
+    """``emloc-share`` at a ratio is what ``compress`` keeps when that ratio is the only candidate and δ
+    accepts anything; ranking once per skill changes nothing, and ``kvzip-whole`` read from that ranking
+    is the memory it builds on its own."""
+    from emloc_agents.bench import methods
+
+    skill = make_skill(8)
+    methods._RANKED.clear()
+    alone = methods.prepare(plain_llama, "kvzip-whole", skill, ratio=0.3).memory
+    shares = {r: methods.prepare(plain_llama, "emloc-share", skill, ratio=r) for r in (0.3, 0.5)}
+    from_ranking = methods.prepare(plain_llama, "kvzip-whole", skill, ratio=0.3).memory
+    for ratio, got in shares.items():
+        forced = compress(plain_llama, skill, EMLoCConfig(compression="context", keep_ratios=(ratio,), delta=1.0))
+        assert got.memory is not None and got.press_ratio == ratio and got.ratio_source == "--ratio"
+        assert got.memory.stats["reconstruction_share"] == forced.stats["reconstruction_share"]
+        assert got.kept_ratio == pytest.approx(forced.kept_ratio)
+        for a, b in zip(got.memory.keys, forced.keys, strict=True):
+            assert torch.equal(a, b)
+    assert alone is not None and from_ranking is not None
+    for a, b in zip(alone.positions, from_ranking.positions, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(alone.keys, from_ranking.keys, strict=True):
+        assert torch.equal(a, b)

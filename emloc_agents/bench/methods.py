@@ -11,6 +11,10 @@
   the share chosen by the JS check on held-out demonstrations (engine/context.py); ``emloc-chunks``:
   the paper's chunk-wise loop; ``emloc-heads``: that loop with each layer's candidate shares ranked
   across its KV heads (``head_budgets=True``).
+- ``emloc-share``: the default's whole-context ranking at a fixed share (the ``--ratio``; the split
+  with the lowest held-out JS there, no δ check): the default's point on a fidelity curve. The
+  ranking runs once per skill and serves every share (and ``kvzip-whole``, whose reconstruction
+  scores it contains).
 - ``uniform``, ``snapkv``, ``streaming-llm``, ``random``, ``kvzip``: fixed-ratio presses. Their ratio
   is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
@@ -25,9 +29,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+
+import torch
 
 from ..config import EMLoCConfig
 from ..engine import (
@@ -39,16 +46,17 @@ from ..engine import (
     UniformPress,
     compress,
 )
-from ..engine.context import kvzip_whole
+from ..engine.context import RankedContext, best_split, kvzip_whole, rank_context
 from ..engine.presses import Press
 from ..engine.prompt import Renderer
+from ..engine.reconstruct import kvzip_memory
 from ..models.lm import memory_context
 from ..skills import Skill
 from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
-    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "uniform", "snapkv",
-    "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
+    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "emloc-share",
+    "uniform", "snapkv", "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
 )
 EMLOC_METHODS = ("emloc", "emloc-chunks", "emloc-heads", "emloc-context")  # adaptive: the first one run sets the others' ratio
 FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
@@ -56,7 +64,7 @@ FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
     "kvzip-global": partial(KVzipPress, layer_budgets=True, head_budgets=True, sinks=4),
 }
-FIXED_RATIO_METHODS = (*FIXED_RATIO_PRESSES, "kvzip-whole", "fewer-shots")  # the methods a --ratio sets
+FIXED_RATIO_METHODS = ("emloc-share", *FIXED_RATIO_PRESSES, "kvzip-whole", "fewer-shots")  # the methods a --ratio sets
 DEFAULT_RATIO = 0.2
 
 
@@ -149,9 +157,29 @@ def prepare(
         prepared.kept_ratio = prepared.original_tokens / full if prepared.original_tokens else None
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
+    if method == "emloc-share":
+        config = EMLoCConfig()
+        ranked = ranked_context(lm, skill)
+        t0 = time.perf_counter()
+        memory, js, split, _ = best_split(lm, ranked, r_used, config.reconstruction_shares)
+        build_s = ranked.prefill_s + ranked.reconstruct_s + ranked.held_out_s + time.perf_counter() - t0
+        memory = memory.to(dtype=getattr(torch, config.storage_dtype))
+        memory.stats.update(press="emloc-share", js=js, reconstruction_share=split, compress_s=build_s)
+        prepared = _from_memory(method, memory)
+        prepared.press_ratio, prepared.ratio_source = r_used, source
+        return prepared
     if method == "kvzip-whole":
-        full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-        prepared = _from_memory(method, kvzip_whole(lm, skill, full, r_used))
+        ranked = _RANKED.get("ranked")
+        if _RANKED.get("key") == _ranking_key(lm, skill) and ranked is not None:  # the same scores, made once
+            t0 = time.perf_counter()
+            kept = kvzip_memory(lm, ranked.full, ranked.reconstruction, r_used, layer_budgets=True, head_budgets=True)
+            kept.stats.update(press="kvzip-whole",
+                              compress_s=ranked.prefill_s + ranked.reconstruct_s + time.perf_counter() - t0)
+            kept = kept.to(dtype=getattr(torch, EMLoCConfig().storage_dtype))
+        else:
+            full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+            kept = kvzip_whole(lm, skill, full, r_used)
+        prepared = _from_memory(method, kept)
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     if method in FIXED_RATIO_PRESSES:
@@ -161,6 +189,27 @@ def prepare(
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+_RANKED: dict[str, object] = {}  # the last skill's ranking: {"key": ..., "ranked": RankedContext}
+
+
+def _ranking_key(lm, skill: Skill) -> tuple:
+    return id(lm), lm.fingerprint(), skill.model_dump_json()
+
+
+def ranked_context(lm, skill: Skill) -> RankedContext:
+    """``skill``'s whole context ranked as the default ranks it (engine/context.py), kept until another
+    skill is ranked: the bench prepares one skill's fixed-share methods one after another, so the
+    ranking runs once per skill instead of once per share."""
+    key = _ranking_key(lm, skill)
+    if _RANKED.get("key") != key:
+        _RANKED.clear()
+        full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+        _RANKED.update(key=key, ranked=rank_context(lm, skill, EMLoCConfig(), full))
+    ranked = _RANKED["ranked"]
+    assert isinstance(ranked, RankedContext)
+    return ranked
 
 
 def fewer_shots(lm, skill: Skill, ratio: float) -> Skill:

@@ -251,6 +251,21 @@ def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float,
     return memory, float(js.mean())
 
 
+def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float,
+               reconstruction_shares: Sequence[float]) -> tuple[CompressedMemory, float, float, list[dict]]:
+    """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
+    the split, one trial record per split tried)."""
+    best: tuple[CompressedMemory, float, float] | None = None
+    trials = []
+    for split in reconstruction_shares:
+        memory, js = keep_share(lm, ranked, ratio, split)
+        trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
+        if best is None or js < best[1]:
+            best = memory, js, split
+    assert best is not None, "no reconstruction share to try"
+    return *best, trials
+
+
 def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
                      progress: Callable[[int, int], None] | None = None) -> CompressedMemory:
     """Compress ``skill`` over its whole context (see module docstring), given ``full``, its unpruned
@@ -263,17 +278,12 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        best: tuple[CompressedMemory, float, float] | None = None
-        for split in config.reconstruction_shares:
-            memory, js = keep_share(lm, ranked, ratio, split)
-            trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
-            if best is None or js < best[1]:
-                best = memory, js, split
+        memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares)
+        trials += tried
         if progress:
             progress(4 + step, steps)
-        assert best is not None
-        if best[1] <= config.delta:
-            chosen, chosen_split = best[0], best[2]
+        if js <= config.delta:
+            chosen, chosen_split = memory, split
             break
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "reconstruction_share": chosen_split,
