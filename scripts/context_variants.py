@@ -9,6 +9,9 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   one ranking across layers and heads;
 - ``answers-kept``: every demonstration's answer tokens kept in every head, the rest by the blend
   (label words as anchors, Wang et al. 2023);
+- ``value-norm``: both signals' scores weighted by each token's value norm in its head before ranking
+  (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
+  score is not all you need"), the default's splits;
 - ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -19,6 +22,8 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from _experiment import cases, emit, parser
@@ -44,7 +49,7 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     return mask
 
 
-VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # each-split: only when asked
+VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # value-norm, each-split: when asked
 BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these variants were compared
 
 
@@ -59,6 +64,13 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         memory = kvzip_memory(lm, ranked.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
         return memory, validation_js(lm, ranked, memory), split
 
+    def value_weighted(split: float):
+        norms = [v.float().norm(dim=-1) for v in ranked.full.values]  # per layer (kv_heads, T)
+        weighted = dataclasses.replace(ranked, reconstruction=[s * n for s, n in zip(ranked.reconstruction, norms, strict=True)],
+                                       held_out=[s * n for s, n in zip(ranked.held_out, norms, strict=True)])
+        memory = kvzip_memory(lm, ranked.full, weighted.scores(split), share, layer_budgets=True, head_budgets=True)
+        return memory, validation_js(lm, ranked, memory), split
+
     def best(runs):
         return min(runs, key=lambda run: run[1])
 
@@ -69,6 +81,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "wider-splits": lambda: best(list(tried.values())),
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
+        "value-norm": lambda: best([value_weighted(s) for s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
     if "each-split" in which:
