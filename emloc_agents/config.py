@@ -40,6 +40,10 @@ class EMLoCConfig(BaseModel):
         (0.3, 0.5, 0.7, 0.85, 1.0), min_length=1, description="compression='context': shares of the kept slots "
         "ranked by reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), "
         "tried at each keep ratio; the one whose held-out answers move least (JS) is kept.")
+    merge_evicted: bool = Field(
+        False, description="compression='context': fold each evicted token's value into the kept token of its "
+        "head with the most similar key, weighted by the held-out answers' attention (engine/merge.py); the JS "
+        "check reads the merged memory. Same size and format.")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."
@@ -149,6 +153,8 @@ class EMLoCConfig(BaseModel):
         if self.compression == "context" and (changed := self.chunk_knobs_changed):
             raise ValueError(f"knobs of the chunk-wise loop ({', '.join(changed)}) need compression='chunks'; "
                              "compression='context' ranks the whole context at once")
+        if self.merge_evicted and self.compression == "chunks":
+            raise ValueError("merge_evicted needs compression='context' (or 'auto' on a text skill)")
         return self
 
     def resolved_compression(self, images: bool) -> Literal["chunks", "context"]:

@@ -12,6 +12,9 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
 - ``value-norm``: both signals' scores weighted by each token's value norm in its head before ranking
   (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
   score is not all you need"), the default's splits;
+- ``merge-values``: the ``wider-splits`` memory with every evicted token's value merged into the kept
+  token of its head with the most similar key, weighted by the held-out answers' attention (keys,
+  positions and sizes unchanged; KV merging in the spirit of CaM, Zhang et al. 2024);
 - ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -49,7 +52,7 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     return mask
 
 
-VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # value-norm, each-split: when asked
+VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # the others: when asked
 BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these variants were compared
 
 
@@ -71,6 +74,33 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         memory = kvzip_memory(lm, ranked.full, weighted.scores(split), share, layer_budgets=True, head_budgets=True)
         return memory, validation_js(lm, ranked, memory), split
 
+    def merge_values(run):
+        memory, _, split = run
+        values = []
+        for layer, (mk, mv, mp) in enumerate(zip(memory.keys, memory.values, memory.positions, strict=True)):
+            fk, fv = ranked.full.keys[layer].float(), ranked.full.values[layer].float()
+            if mk.shape[-2] == fk.shape[-2]:  # kept whole (a sliding-window layer)
+                values.append(mv)
+                continue
+            weight = ranked.held_out[layer].float() + 1e-6
+            out = mv.float().clone()
+            for h in range(mk.shape[0]):
+                slots = (mp[h] >= 0).nonzero().squeeze(1)
+                kept = mp[h, slots].long()
+                evicted = torch.ones(fk.shape[1], dtype=torch.bool)
+                evicted[kept] = False
+                sim = torch.nn.functional.normalize(fk[h, evicted], dim=-1) @ torch.nn.functional.normalize(
+                    mk[h, slots].float(), dim=-1).T
+                nearest = sim.argmax(1)
+                num = weight[h, kept, None] * out[h, slots]
+                den = weight[h, kept].clone()
+                num.index_add_(0, nearest, weight[h, evicted, None] * fv[h, evicted])
+                den.index_add_(0, nearest, weight[h, evicted])
+                out[h, slots] = num / den[:, None]
+            values.append(out.to(mv.dtype))
+        merged = dataclasses.replace(memory, values=values)
+        return merged, validation_js(lm, ranked, merged), split
+
     def best(runs):
         return min(runs, key=lambda run: run[1])
 
@@ -81,6 +111,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "wider-splits": lambda: best(list(tried.values())),
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
+        "merge-values": lambda: merge_values(best(list(tried.values()))),
         "value-norm": lambda: best([value_weighted(s) for s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}

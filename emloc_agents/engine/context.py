@@ -16,7 +16,8 @@ Both the share kept and the split are EMLoC's adaptive choice, made once for the
 answers of a validation set of demonstrations (``check_set``, never used for scoring): per keep ratio,
 smallest first, the split of ``reconstruction_shares`` whose held-out answers move least (mean
 Jensen-Shannon over the answer rows); the first ratio where that stays within ``delta`` is kept, the
-whole context if none does.
+whole context if none does. With ``merge_evicted`` each trial's evicted values are merged into the
+kept tokens (engine/merge.py) before its check, so the check reads the memory that is kept.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..skills import Skill
 from .cache import MemoryCache
 from .forward import ModelHandle, clock, lm_logits, run
 from .memory import CompressedMemory
+from .merge import merge_evicted
 from .prompt import Segment
 from .reconstruct import kvzip_memory, max_attention, whole_context_scores
 from .replay import js_divergence
@@ -240,25 +242,27 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
 
 
 def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float,
-               reconstruction_share: float = 0.5) -> tuple[CompressedMemory, float]:
-    """The context keeping its best-ranked share ``ratio``, and the mean JS of the checked held-out
-    answers on it against the full context."""
+               reconstruction_share: float = 0.5, merge: bool = False) -> tuple[CompressedMemory, float]:
+    """The context keeping its best-ranked share ``ratio`` (with ``merge``, the evicted values merged into
+    it: engine/merge.py), and the mean JS of the checked held-out answers on it against the full context."""
     memory = kvzip_memory(lm, ranked.full, ranked.scores(reconstruction_share), ratio, layer_budgets=True,
                           head_budgets=True)
+    if merge:
+        memory = merge_evicted(ranked.full, memory, ranked.held_out)
     got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
                            keep_log_probs=set(ranked.checked))
     js = torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked])
     return memory, float(js.mean())
 
 
-def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float,
-               reconstruction_shares: Sequence[float]) -> tuple[CompressedMemory, float, float, list[dict]]:
+def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
+               merge: bool = False) -> tuple[CompressedMemory, float, float, list[dict]]:
     """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
     the split, one trial record per split tried)."""
     best: tuple[CompressedMemory, float, float] | None = None
     trials = []
     for split in reconstruction_shares:
-        memory, js = keep_share(lm, ranked, ratio, split)
+        memory, js = keep_share(lm, ranked, ratio, split, merge)
         trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
         if best is None or js < best[1]:
             best = memory, js, split
@@ -278,7 +282,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares)
+        memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares, config.merge_evicted)
         trials += tried
         if progress:
             progress(4 + step, steps)
@@ -287,6 +291,7 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: C
             break
     stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "reconstruction_share": chosen_split,
+             "merged": config.merge_evicted and chosen_split is not None,
              "prefill_s": ranked.prefill_s,
              "reconstruct_s": ranked.reconstruct_s, "held_out_s": ranked.held_out_s,
              "check_s": clock(lm.device) - t_check, "compress_s": time.perf_counter() - t0}
