@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_agents import EMLoCConfig, compress
-from emloc_agents.bench.metrics import fidelity
+from emloc_agents.bench.metrics import fidelity, wilson_ci
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.skills import Skill
 from emloc_agents.tasks import Example, Task
@@ -72,3 +72,31 @@ def emit(path: Path, row: dict) -> None:
     print(json.dumps(row), flush=True)
     with path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def table(path: Path, by: str = "method") -> None:
+    """Markdown tables of a results file: per task, method (or ``by``: another field) and share, accuracy and agreement pooled over
+    seeds with 95 % Wilson intervals (per-seed values in brackets)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for model, task in sorted({(r["model"], r["task"]) for r in rows}):
+        sel = [r for r in rows if (r["model"], r["task"]) == (model, task)]
+        seeds = sorted({r["seed"] for r in sel})
+        full = {r["seed"]: r["full_icl_accuracy"] for r in sel}
+        print(f"\n**{model}, {task}, seeds {', '.join(map(str, seeds))}, n = {sel[0]['n']} per seed** "
+              f"(full ICL accuracy {sum(full.values()) / len(full):.3f}: {' / '.join(f'{full[s]:.2f}' for s in seeds)})\n")
+        print(f"| {by} | share | held-out JS | accuracy [95 %] (per seed) | agreement [95 %] (per seed) |")
+        print("|---|---|---|---|---|")
+        for share in sorted({r["share"] for r in sel}):
+            methods = sorted({r[by] for r in sel}, key=lambda m: (not m.startswith("context"), m))
+            for method in methods:
+                got = sorted((r for r in sel if r["share"] == share and r[by] == method), key=lambda r: r["seed"])
+                if not got:
+                    continue
+                n = sum(r["n"] for r in got)
+                cells = []
+                for key in ("accuracy", "agreement"):
+                    k = round(sum(r[key] * r["n"] for r in got))
+                    lo, hi = wilson_ci(k, n)
+                    cells.append(f"{k / n:.3f} [{lo:.2f}, {hi:.2f}] ({' / '.join(f'{r[key]:.2f}' for r in got)})")
+                js = " / ".join(f"{r['js']:.4f}" for r in got) if got[0]["js"] is not None else "–"
+                print(f"| {method} | {share:.2f} | {js} | {cells[0]} | {cells[1]} |")

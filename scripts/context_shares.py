@@ -13,46 +13,16 @@ Appends one JSON line per (task, seed, method, share) to ``--out``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
-from _experiment import cases, emit, parser
+from _experiment import cases, emit, parser, table
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.methods import fewer_shots
-from emloc_agents.bench.metrics import wilson_ci
 from emloc_agents.engine.context import keep_share, rank_context
 from emloc_agents.engine.reconstruct import kvzip_memory
-
-
-def table(path: Path) -> None:
-    """Markdown tables of a results file: per task, method and share, accuracy and agreement pooled over
-    seeds with 95 % Wilson intervals (per-seed values in brackets)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for model, task in sorted({(r["model"], r["task"]) for r in rows}):
-        sel = [r for r in rows if (r["model"], r["task"]) == (model, task)]
-        seeds = sorted({r["seed"] for r in sel})
-        full = {r["seed"]: r["full_icl_accuracy"] for r in sel}
-        print(f"\n**{model}, {task}, seeds {', '.join(map(str, seeds))}, n = {sel[0]['n']} per seed** "
-              f"(full ICL accuracy {sum(full.values()) / len(full):.3f}: {' / '.join(f'{full[s]:.2f}' for s in seeds)})\n")
-        print("| method | share | held-out JS | accuracy [95 %] (per seed) | agreement [95 %] (per seed) |")
-        print("|---|---|---|---|---|")
-        for share in sorted({r["share"] for r in sel}):
-            methods = sorted({r["method"] for r in sel}, key=lambda m: (not m.startswith("context"), m))
-            for method in methods:
-                got = sorted((r for r in sel if r["share"] == share and r["method"] == method), key=lambda r: r["seed"])
-                if not got:
-                    continue
-                n = sum(r["n"] for r in got)
-                cells = []
-                for key in ("accuracy", "agreement"):
-                    k = round(sum(r[key] * r["n"] for r in got))
-                    lo, hi = wilson_ci(k, n)
-                    cells.append(f"{k / n:.3f} [{lo:.2f}, {hi:.2f}] ({' / '.join(f'{r[key]:.2f}' for r in got)})")
-                js = " / ".join(f"{r['js']:.4f}" for r in got) if got[0]["js"] is not None else "–"
-                print(f"| {method} | {share:.2f} | {js} | {cells[0]} | {cells[1]} |")
 
 
 def kept_of_full(memory, full) -> float:

@@ -12,9 +12,8 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
 - ``value-norm``: both signals' scores weighted by each token's value norm in its head before ranking
   (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
   score is not all you need"), the default's splits;
-- ``merge-values``: the ``wider-splits`` memory with every evicted token's value merged into the kept
-  token of its head with the most similar key, weighted by the held-out answers' attention (keys,
-  positions and sizes unchanged; KV merging in the spirit of CaM, Zhang et al. 2024);
+- ``merge-values``: the ``wider-splits`` memory with the evicted values merged into the kept tokens
+  (``EMLoCConfig(merge_evicted=True)``, engine/merge.py; here the split is chosen before merging);
 - ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -27,13 +26,15 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
-from _experiment import cases, emit, parser
+from _experiment import cases, emit, parser, table
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context
 from emloc_agents.engine.memory import CompressedMemory
+from emloc_agents.engine.merge import merge_evicted
 from emloc_agents.engine.reconstruct import kvzip_memory
 from emloc_agents.engine.replay import js_divergence
 
@@ -74,32 +75,9 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         memory = kvzip_memory(lm, ranked.full, weighted.scores(split), share, layer_budgets=True, head_budgets=True)
         return memory, validation_js(lm, ranked, memory), split
 
-    def merge_values(run):
-        memory, _, split = run
-        values = []
-        for layer, (mk, mv, mp) in enumerate(zip(memory.keys, memory.values, memory.positions, strict=True)):
-            fk, fv = ranked.full.keys[layer].float(), ranked.full.values[layer].float()
-            if mk.shape[-2] == fk.shape[-2]:  # kept whole (a sliding-window layer)
-                values.append(mv)
-                continue
-            weight = ranked.held_out[layer].float() + 1e-6
-            out = mv.float().clone()
-            for h in range(mk.shape[0]):
-                slots = (mp[h] >= 0).nonzero().squeeze(1)
-                kept = mp[h, slots].long()
-                evicted = torch.ones(fk.shape[1], dtype=torch.bool)
-                evicted[kept] = False
-                sim = torch.nn.functional.normalize(fk[h, evicted], dim=-1) @ torch.nn.functional.normalize(
-                    mk[h, slots].float(), dim=-1).T
-                nearest = sim.argmax(1)
-                num = weight[h, kept, None] * out[h, slots]
-                den = weight[h, kept].clone()
-                num.index_add_(0, nearest, weight[h, evicted, None] * fv[h, evicted])
-                den.index_add_(0, nearest, weight[h, evicted])
-                out[h, slots] = num / den[:, None]
-            values.append(out.to(mv.dtype))
-        merged = dataclasses.replace(memory, values=values)
-        return merged, validation_js(lm, ranked, merged), split
+    def merged(run):
+        memory = merge_evicted(ranked.full, run[0], ranked.held_out)
+        return memory, validation_js(lm, ranked, memory), run[2]
 
     def best(runs):
         return min(runs, key=lambda run: run[1])
@@ -111,7 +89,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "wider-splits": lambda: best(list(tried.values())),
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
-        "merge-values": lambda: merge_values(best(list(tried.values()))),
+        "merge-values": lambda: merged(best(list(tried.values()))),
         "value-norm": lambda: best([value_weighted(s) for s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
@@ -124,7 +102,11 @@ def main() -> None:
     ap = parser(__doc__, shares="0.2")
     ap.add_argument("--splits", default="0.3,1.0", help="the extra splits of wider-splits")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants (comma-separated)")
+    ap.add_argument("--table", type=Path, help="print the tables of a results file and stop")
     args = ap.parse_args()
+    if args.table:
+        table(args.table, by="variant")
+        return
     if not args.task or not args.out:
         ap.error("--task and --out are required")
     lm = load_model(args.model)
