@@ -13,7 +13,8 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
   score is not all you need"), the default's splits;
 - ``merge-values``: the ``wider-splits`` memory with the evicted values merged into the kept tokens
-  (``EMLoCConfig(merge_evicted=True)``, engine/merge.py; here the split is chosen before merging);
+  (engine/merge.py), the split chosen before merging; ``merge-chosen``: the split chosen by the
+  merged memories' JS, as ``EMLoCConfig(merge_evicted=True)`` chooses;
 - ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -75,9 +76,13 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         memory = kvzip_memory(lm, ranked.full, weighted.scores(split), share, layer_budgets=True, head_budgets=True)
         return memory, validation_js(lm, ranked, memory), split
 
-    def merged(run):
-        memory = merge_evicted(ranked.full, run[0], ranked.held_out)
-        return memory, validation_js(lm, ranked, memory), run[2]
+    merges: dict[float, tuple[CompressedMemory, float, float]] = {}
+
+    def merged(run):  # one merged memory per split (merge-values and merge-chosen may pick the same)
+        if run[2] not in merges:
+            memory = merge_evicted(ranked.full, run[0], ranked.held_out)
+            merges[run[2]] = memory, validation_js(lm, ranked, memory), run[2]
+        return merges[run[2]]
 
     def best(runs):
         return min(runs, key=lambda run: run[1])
@@ -90,6 +95,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
         "merge-values": lambda: merged(best(list(tried.values()))),
+        "merge-chosen": lambda: best([merged(run) for run in tried.values() if run[2] in EMLoCConfig().reconstruction_shares]),
         "value-norm": lambda: best([value_weighted(s) for s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
