@@ -161,7 +161,7 @@ def prepare(
         config = EMLoCConfig()
         ranked = ranked_context(lm, skill)
         t0 = time.perf_counter()
-        memory, js, split, _ = best_split(lm, ranked, r_used, config.reconstruction_shares)
+        memory, js, split, _ = best_split(lm, ranked, r_used, config.reconstruction_shares, config.merge_evicted)
         build_s = ranked.prefill_s + ranked.reconstruct_s + ranked.held_out_s + time.perf_counter() - t0
         memory = memory.to(dtype=getattr(torch, config.storage_dtype))
         memory.stats.update(press="emloc-share", js=js, reconstruction_share=split, compress_s=build_s)
