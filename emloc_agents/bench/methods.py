@@ -169,8 +169,9 @@ def prepare(
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     if method == "kvzip-whole":
-        ranked = _RANKED.get("ranked")
-        if _RANKED.get("key") == _ranking_key(lm, skill) and ranked is not None:  # the same scores, made once
+        cached = _RANKED.get("ranked")
+        if _RANKED.get("key") == _ranking_key(lm, skill) and isinstance(cached, RankedContext):  # the same scores, made once
+            ranked = cached
             t0 = time.perf_counter()
             kept = kvzip_memory(lm, ranked.full, ranked.reconstruction, r_used, layer_budgets=True, head_budgets=True)
             kept.stats.update(press="kvzip-whole",
