@@ -1,6 +1,6 @@
-"""Evicted values merged into the kept tokens (``EMLoCConfig(merge_evicted=True)``): after a share of
-the context is chosen, each evicted token's value is folded into the kept token of its head whose key
-is most like its own, weighted by how much attention each got from the held-out answers.
+"""Evicted values merged into the kept tokens (``EMLoCConfig(merge_evicted=True)``, opt-in): once a
+share of the context is selected, each evicted token's value is folded into the kept token of its head
+whose key is most like its own, weighted by how much attention each got from the held-out answers.
 
 Eviction drops what an evicted token would have added to an output; a query that would have looked at
 it looks, through a similar key, at its nearest kept neighbour instead, which now carries a share of
