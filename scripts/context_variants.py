@@ -27,23 +27,16 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from _experiment import cases, emit, parser, table
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context
+from emloc_agents.engine.context import RankedContext, keep_share, rank_context, validation_js
 from emloc_agents.engine.memory import CompressedMemory
-from emloc_agents.engine.merge import merge_evicted
 from emloc_agents.engine.reconstruct import kvzip_memory
-from emloc_agents.engine.replay import js_divergence
-
-
-def validation_js(lm, ranked: RankedContext, memory: CompressedMemory) -> float:
-    got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
-                           keep_log_probs=set(ranked.checked))
-    return float(torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked]).mean())
 
 
 def answer_positions(ranked: RankedContext) -> torch.Tensor:
@@ -69,20 +62,18 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         memory = kvzip_memory(lm, ranked.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
         return memory, validation_js(lm, ranked, memory), split
 
-    def value_weighted(split: float):
+    def value_weighted(splits: Sequence[float]):
         norms = [v.float().norm(dim=-1) for v in ranked.full.values]  # per layer (kv_heads, T)
         weighted = dataclasses.replace(ranked, reconstruction=[s * n for s, n in zip(ranked.reconstruction, norms, strict=True)],
                                        held_out=[s * n for s, n in zip(ranked.held_out, norms, strict=True)])
-        memory = kvzip_memory(lm, ranked.full, weighted.scores(split), share, layer_budgets=True, head_budgets=True)
-        return memory, validation_js(lm, ranked, memory), split
+        return best([(*keep_share(lm, weighted, share, split), split) for split in splits])
 
     merges: dict[float, tuple[CompressedMemory, float, float]] = {}
 
-    def merged(run):  # one merged memory per split (merge-values and merge-chosen may pick the same)
-        if run[2] not in merges:
-            memory = merge_evicted(ranked.full, run[0], ranked.held_out)
-            merges[run[2]] = memory, validation_js(lm, ranked, memory), run[2]
-        return merges[run[2]]
+    def merged(split: float):  # one merged memory per split (merge-values and merge-chosen may pick the same)
+        if split not in merges:
+            merges[split] = (*keep_share(lm, ranked, share, split, merge=True), split)
+        return merges[split]
 
     def best(runs):
         return min(runs, key=lambda run: run[1])
@@ -94,9 +85,9 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "wider-splits": lambda: best(list(tried.values())),
         "layer-uniform": lambda: best([keep(s, layer_budgets=False) for s in engine]),
         "answers-kept": lambda: best([keep(s, protect=answer_positions(ranked)) for s in engine]),
-        "merge-values": lambda: merged(best(list(tried.values()))),
-        "merge-chosen": lambda: best([merged(run) for run in tried.values() if run[2] in EMLoCConfig().reconstruction_shares]),
-        "value-norm": lambda: best([value_weighted(s) for s in EMLoCConfig().reconstruction_shares]),
+        "merge-values": lambda: merged(best(list(tried.values()))[2]),
+        "merge-chosen": lambda: best([merged(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
+        "value-norm": lambda: value_weighted(EMLoCConfig().reconstruction_shares),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
     if "each-split" in which:

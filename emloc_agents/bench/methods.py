@@ -49,7 +49,6 @@ from ..engine import (
 from ..engine.context import RankedContext, best_split, kvzip_whole, rank_context
 from ..engine.presses import Press
 from ..engine.prompt import Renderer
-from ..engine.reconstruct import kvzip_memory
 from ..models.lm import memory_context
 from ..skills import Skill
 from ..store.format import dump_memory
@@ -169,17 +168,12 @@ def prepare(
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
     if method == "kvzip-whole":
-        cached = _RANKED.get("ranked")
-        if _RANKED.get("key") == _ranking_key(lm, skill) and isinstance(cached, RankedContext):  # the same scores, made once
-            ranked = cached
-            t0 = time.perf_counter()
-            kept = kvzip_memory(lm, ranked.full, ranked.reconstruction, r_used, layer_budgets=True, head_budgets=True)
-            kept.stats.update(press="kvzip-whole",
-                              compress_s=ranked.prefill_s + ranked.reconstruct_s + time.perf_counter() - t0)
-            kept = kept.to(dtype=getattr(torch, EMLoCConfig().storage_dtype))
+        cached = _cached_ranking(lm, skill)
+        if cached is not None:  # the same reconstruction scores, made once for this skill
+            kept = kvzip_whole(lm, skill, cached.full, r_used, scores=(cached.reconstruction, cached.reconstruct_s))
         else:
-            full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-            kept = kvzip_whole(lm, skill, full, r_used)
+            kept = kvzip_whole(lm, skill, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32")),
+                               r_used)
         prepared = _from_memory(method, kept)
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
@@ -192,24 +186,26 @@ def prepare(
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-_RANKED: dict[str, object] = {}  # the last skill's ranking: {"key": ..., "ranked": RankedContext}
+_RANKED: list[tuple[tuple, RankedContext]] = []  # the last skill ranked: [(key, ranking)]
 
 
 def _ranking_key(lm, skill: Skill) -> tuple:
     return id(lm), lm.fingerprint(), skill.model_dump_json()
 
 
+def _cached_ranking(lm, skill: Skill) -> RankedContext | None:
+    return _RANKED[0][1] if _RANKED and _RANKED[0][0] == _ranking_key(lm, skill) else None
+
+
 def ranked_context(lm, skill: Skill) -> RankedContext:
     """``skill``'s whole context ranked as the default ranks it (engine/context.py), kept until another
     skill is ranked: the bench prepares one skill's fixed-share methods one after another, so the
     ranking runs once per skill instead of once per share."""
-    key = _ranking_key(lm, skill)
-    if _RANKED.get("key") != key:
-        _RANKED.clear()
+    ranked = _cached_ranking(lm, skill)
+    if ranked is None:
         full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
-        _RANKED.update(key=key, ranked=rank_context(lm, skill, EMLoCConfig(), full))
-    ranked = _RANKED["ranked"]
-    assert isinstance(ranked, RankedContext)
+        ranked = rank_context(lm, skill, EMLoCConfig(), full)
+        _RANKED[:] = [(_ranking_key(lm, skill), ranked)]
     return ranked
 
 

@@ -169,17 +169,21 @@ def rank_blend(*families: Sequence[torch.Tensor], weights: Sequence[float] | Non
 
 
 def kvzip_whole(lm: ModelHandle, skill: Skill, full: CompressedMemory, ratio: float,
-                config: EMLoCConfig | None = None) -> CompressedMemory:
+                config: EMLoCConfig | None = None,
+                scores: tuple[list[torch.Tensor], float] | None = None) -> CompressedMemory:
     """KVzip exactly as kvpress runs it (the bench's ``kvzip-whole``) on ``full``, the skill's unpruned
     memory: the context repeated in spans, every layer, head and token ranked together by
-    reconstruction alone, ``ratio`` kept, 4 sinks."""
+    reconstruction alone, ``ratio`` kept, 4 sinks. ``scores``: (those reconstruction scores, the
+    seconds they took), already made on ``full`` (a ``RankedContext`` holds them)."""
     config = config or EMLoCConfig()
     t0 = time.perf_counter()
-    renderer = lm.renderer(config.prompt_format)
-    ids = renderer.render(skill.instruction, skill.demonstrations).ids
-    scores = whole_context_scores(lm, full, ids, sinks=SINKS, encode=renderer.ids)
-    kept = kvzip_memory(lm, full, scores, ratio, layer_budgets=True, head_budgets=True)
-    kept.stats.update(press="kvzip-whole", compress_s=full.stats.get("compress_s", 0.0) + time.perf_counter() - t0)
+    if scores is None:
+        renderer = lm.renderer(config.prompt_format)
+        ids = renderer.render(skill.instruction, skill.demonstrations).ids
+        scores = whole_context_scores(lm, full, ids, sinks=SINKS, encode=renderer.ids), 0.0
+    kept = kvzip_memory(lm, full, scores[0], ratio, layer_budgets=True, head_budgets=True)
+    kept.stats.update(press="kvzip-whole",
+                      compress_s=full.stats.get("compress_s", 0.0) + scores[1] + time.perf_counter() - t0)
     return kept.to(dtype=getattr(torch, config.storage_dtype))
 
 
@@ -249,10 +253,15 @@ def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float,
                           head_budgets=True)
     if merge:
         memory = merge_evicted(ranked.full, memory, ranked.held_out)
+    return memory, validation_js(lm, ranked, memory)
+
+
+def validation_js(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory) -> float:
+    """Mean JS of the checked (validation) demonstrations' answer rows on ``memory`` against the full
+    context: what the check reads."""
     got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
                            keep_log_probs=set(ranked.checked))
-    js = torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked])
-    return memory, float(js.mean())
+    return float(torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked]).mean())
 
 
 def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
