@@ -19,7 +19,7 @@ from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .chunks import ChunkContext
-from .context import answer_rows, compress_context, prefill_chunk
+from .context import answer_rows, compress_context, prefill_chunk, require_text
 from .facts import ModelFacts
 from .forward import ModelHandle, clock, run
 from .memory import CompressedMemory
@@ -110,8 +110,7 @@ def compress(
     config = config or EMLoCConfig()
     images = skill.has_images or getattr(lm, "vision", None) is not None
     if config.resolved_compression(images) == "context" and press is None and config.prunes:
-        if images:
-            raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
+        require_text(lm, skill)  # before the prefill
         rendered = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations)
         full = compress(lm, skill, config.model_copy(update={
             "compression": "chunks", "keep_ratios": (1.0,), "storage_dtype": "float32",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..config import EMLoCConfig
-from ..skills import Skill
+from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .forward import ModelHandle, clock, lm_logits, run
 from .memory import CompressedMemory
@@ -217,10 +217,18 @@ class RankedContext:
         return blended
 
 
+def require_text(lm: ModelHandle, skill: Skill) -> None:
+    """This mode repeats the context's token ids, which images are not: a clear error for a visual skill
+    or model."""
+    if skill.has_images or getattr(lm, "vision", None) is not None:
+        raise SkillError("compression='context' supports text models and skills only; use compression='chunks'")
+
+
 def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
                  progress: Callable[[int], None] | None = None) -> RankedContext:
     """Score ``full`` (the skill's unpruned memory, float32) by reconstruction and by leave-one-out
     replays, and blend."""
+    require_text(lm, skill)
     prefill_s = float(full.stats.get("compress_s", 0.0))
     renderer = lm.renderer(config.prompt_format)
     rendered = renderer.render(skill.instruction, skill.demonstrations)
