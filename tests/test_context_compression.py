@@ -233,8 +233,9 @@ def test_context_compression_is_for_text() -> None:
         compress(lm, make_skill(4), EMLoCConfig(compression="context"))
     from emloc_agents.bench.methods import prepare
 
-    with pytest.raises(SkillError, match="text models"):  # the bench's fixed-share ranking too
-        prepare(lm, "emloc-share", make_skill(4), ratio=0.3)
+    for method in ("emloc-share", "kvzip-whole"):  # the bench's whole-context methods too
+        with pytest.raises(SkillError, match="text models"):
+            prepare(lm, method, make_skill(4), ratio=0.3)
 
 
 def test_bench_builds_the_whole_context_methods(plain_llama) -> None:

@@ -175,6 +175,7 @@ def kvzip_whole(lm: ModelHandle, skill: Skill, full: CompressedMemory, ratio: fl
     memory: the context repeated in spans, every layer, head and token ranked together by
     reconstruction alone, ``ratio`` kept, 4 sinks. ``scores``: (those reconstruction scores, the
     seconds they took), already made on ``full`` (a ``RankedContext`` holds them)."""
+    require_text(lm, skill)
     config = config or EMLoCConfig()
     t0 = time.perf_counter()
     if scores is None:
