@@ -42,8 +42,9 @@ class EMLoCConfig(BaseModel):
         "tried at each keep ratio; the one whose held-out answers move least (JS) is kept.")
     merge_evicted: bool = Field(
         False, description="compression='context': fold each evicted token's value into the kept token of its "
-        "head with the most similar key, weighted by the held-out answers' attention (engine/merge.py); the JS "
-        "check reads the merged memory. Same size and format.")
+        "head with the most similar key, weighted by the held-out answers' attention, and bias each kept slot's "
+        "attention logit by the attention its group drew (engine/merge.py); the JS check reads the merged "
+        "memory. Same size; one float per kept slot more (store format version 2).")
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."

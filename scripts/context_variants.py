@@ -13,8 +13,15 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
   score is not all you need"), the default's splits;
 - ``merge-values``: the ``wider-splits`` memory with the evicted values merged into the kept tokens
-  (engine/merge.py), the split chosen before merging; ``merge-chosen``: the split chosen by the
-  merged memories' JS, as ``EMLoCConfig(merge_evicted=True)`` chooses;
+  (engine/merge.py, no logit biases: session 12's merge), the split chosen before merging;
+  ``merge-chosen``: the split chosen by those merged memories' JS;
+- ``merge-mass-capped``: ``merge-values`` with a logit bias on each kept slot, log(its group's weight /
+  its own), capped at log(group size) (``merge_evicted(attention_mass=True)``), so that a merged slot
+  draws its group's attention; ``merge-capped-chosen``: the split chosen by those memories' JS, as
+  ``EMLoCConfig(merge_evicted=True)`` chooses;
+- ``every-row``: the held-out signal from the attention of every row of the replayed demonstrations
+  (their questions too, as a test question reads the context), not only the rows predicting
+  answers; the default's splits, lowest JS;
 - ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -34,7 +41,13 @@ import torch
 from _experiment import cases, emit, parser, table
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.engine.context import RankedContext, keep_share, rank_context, validation_js
+from emloc_agents.engine.context import (
+    RankedContext,
+    held_out_answers,
+    keep_share,
+    rank_context,
+    validation_js,
+)
 from emloc_agents.engine.memory import CompressedMemory
 from emloc_agents.engine.reconstruct import kvzip_memory
 
@@ -72,8 +85,18 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
 
     def merged(split: float):  # one merged memory per split (merge-values and merge-chosen may pick the same)
         if split not in merges:
-            merges[split] = (*keep_share(lm, ranked, share, split, merge=True), split)
+            merges[split] = (*keep_share(lm, ranked, share, split, merge=True, attention_mass=False), split)
         return merges[split]
+
+    def mass(split: float):  # merged, with the attention-mass bias
+        return (*keep_share(lm, ranked, share, split, merge=True, attention_mass=True), split)
+
+    def every_row():
+        scoring = [j for j in range(len(ranked.demos)) if j not in ranked.reference]
+        scores = held_out_answers(lm, ranked.full, ranked.demos, ranked.spans, scoring, score=True,
+                                  keep_log_probs=set(), score_every_row=True).scores
+        wide = dataclasses.replace(ranked, held_out=scores)
+        return best([(*keep_share(lm, wide, share, s), s) for s in EMLoCConfig().reconstruction_shares])
 
     def best(runs):
         return min(runs, key=lambda run: run[1])
@@ -88,6 +111,9 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "merge-values": lambda: merged(best(list(tried.values()))[2]),
         "merge-chosen": lambda: best([merged(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
         "value-norm": lambda: value_weighted(EMLoCConfig().reconstruction_shares),
+        "every-row": every_row,
+        "merge-mass-capped": lambda: mass(best(list(tried.values()))[2]),
+        "merge-capped-chosen": lambda: best([mass(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
     if "each-split" in which:

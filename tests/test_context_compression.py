@@ -92,6 +92,21 @@ def test_packed_held_out_replays_equal_one_demonstration_per_forward(arch: str, 
             torch.testing.assert_close(one.log_probs[j], packed.log_probs[j], atol=1e-4, rtol=1e-4)
 
 
+def test_every_row_scores_take_the_max_over_more_rows(plain_llama) -> None:
+    """``score_every_row`` (scripts/context_variants.py's every-row variant): the questions' rows join
+    the answers' in the max, so no score falls and some rise; the log-probs are the same."""
+    lm, skill = plain_llama, make_skill(8)
+    full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    ranked = rank_context(lm, skill, EMLoCConfig(compression="context"), full)
+    which = [0, 2, 5]
+    answers, every = (held_out_answers(lm, full, ranked.demos, ranked.spans, which, score=True, keep_log_probs={2},
+                                       score_every_row=flag) for flag in (False, True))
+    assert answers.scores is not None and every.scores is not None
+    assert all(bool((e >= a - 1e-6).all()) for a, e in zip(answers.scores, every.scores, strict=True))
+    assert any(bool((e > a + 1e-4).any()) for a, e in zip(answers.scores, every.scores, strict=True))
+    torch.testing.assert_close(answers.log_probs[2], every.log_probs[2])
+
+
 def test_held_out_views_hide_each_segments_span_per_head(plain_llama) -> None:
     """Segment s sees every slot except the tokens of its own span and padded slots, in each head's
     own slots; one row for all heads only where the heads hold the same tokens (the unpruned context)."""

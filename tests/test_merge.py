@@ -90,6 +90,7 @@ def test_merge_evicted_changes_values_only_and_the_check_reads_the_merged_memory
     plain = compress(plain_llama, skill, EMLoCConfig(keep_ratios=(0.3,), delta=1.0))
     merged = compress(plain_llama, skill, EMLoCConfig(keep_ratios=(0.3,), delta=1.0, merge_evicted=True))
     assert merged.stats["merged"] and not plain.stats["merged"]
+    assert merged.logit_bias is not None and plain.logit_bias is None
     assert [t["reconstruction_share"] for t in merged.stats["trials"]] == [t["reconstruction_share"] for t in plain.stats["trials"]]
     assert [t["js"] for t in merged.stats["trials"]] != [t["js"] for t in plain.stats["trials"]]
     chosen = merged.stats["reconstruction_share"]
@@ -104,3 +105,57 @@ def test_merge_evicted_needs_the_whole_context_mode() -> None:
     with pytest.raises(ValueError, match="merge_evicted needs compression='context'"):
         EMLoCConfig(compression="chunks", merge_evicted=True)
     assert EMLoCConfig(merge_evicted=True).fingerprint() != EMLoCConfig().fingerprint()
+
+
+def _duplicated(memory: CompressedMemory, slot: int) -> CompressedMemory:
+    """``memory`` with slot ``slot`` of every layer and head stored twice (same key, value, position)."""
+    def twice(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t[:, slot : slot + 1]], dim=1)
+
+    return dataclasses.replace(memory, keys=[twice(k) for k in memory.keys], values=[twice(v) for v in memory.values],
+                               positions=[twice(p) for p in memory.positions])
+
+
+def test_a_logit_bias_of_log_2_is_the_slot_stored_twice(plain_llama) -> None:
+    """What ``attention_mass`` relies on: a slot's bias b weighs it like e^b copies of itself, on every
+    path a memory is read (one forward, a continuation's fork, each decoding step)."""
+    from emloc_agents.engine.decode import generate, score_continuations
+
+    full = compress(plain_llama, make_skill(4), EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
+    slot = 5
+    bias = [torch.zeros(k.shape[:2]) for k in full.keys]
+    for b in bias:
+        b[:, slot] = torch.log(torch.tensor(2.0))
+    biased = dataclasses.replace(full, logit_bias=bias)
+    twice = _duplicated(full, slot)
+    prompt, continuations = [5, 9, 14, 3], [[7], [11, 4, 6]]
+    want = score_continuations(plain_llama, prompt, continuations, twice)
+    assert score_continuations(plain_llama, prompt, continuations, biased) == pytest.approx(want, abs=1e-4)
+    assert score_continuations(plain_llama, prompt, continuations, full) != pytest.approx(want, abs=1e-4)
+    assert generate(plain_llama, prompt, biased, max_new_tokens=6).token_ids == \
+        generate(plain_llama, prompt, twice, max_new_tokens=6).token_ids
+
+
+def test_attention_mass_biases_each_kept_slot_by_its_groups_weight_capped_at_its_size() -> None:
+    full = _memory(layers=2)
+    kept = keep_tokens(full, {0: torch.tensor([[0, 5], [2, 7]])})  # layer 1 kept whole: no bias there
+    weights = [torch.rand(2, 12, generator=torch.Generator().manual_seed(1)), torch.ones(2, 12)]
+    weights[0][0, 0] = 1e-4  # head 0's first kept token: hardly attended, so its weight ratio passes the cap
+    assert merge_evicted(full, kept, weights).logit_bias is None
+    got = merge_evicted(full, kept, weights, attention_mass=True)
+    assert got.logit_bias is not None and got.logit_bias[1] is None
+    capped = 0
+    for h in range(2):
+        held = kept.positions[0][h]
+        w = weights[0][h] + WEIGHT_FLOOR
+        sim = torch.nn.functional.normalize(full.keys[0][h], dim=-1) @ torch.nn.functional.normalize(kept.keys[0][h], dim=-1).T
+        group = sim.argmax(dim=1)
+        group[held] = torch.arange(2)  # a kept token is in its own group
+        for slot in range(2):
+            ratio, size = float(w[group == slot].sum() / w[held[slot]]), int((group == slot).sum())
+            capped += ratio > size
+            assert float(got.logit_bias[0][h, slot]) == pytest.approx(float(torch.tensor(min(ratio, size)).log()), rel=1e-5)
+    assert capped >= 1
+    torch.testing.assert_close(got.values[0], merge_evicted(full, kept, weights).values[0])
+    with pytest.raises(ValueError, match="logit bias"):
+        keep_tokens(got, {0: torch.tensor([[0], [1]])})

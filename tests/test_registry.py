@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from emloc_agents import Demonstration, EMLoCConfig, MemoryRegistry, Skill
 from emloc_agents.registry import UnknownSkillError
@@ -174,3 +175,20 @@ def test_kill_during_compression_leaves_no_entry(tmp_path: Path) -> None:
     reg.get("sentiment")
     assert reg.last_info["sentiment"].source == "compressed"
     assert time.time() - t0 < 60  # waited at most for the dead holder's lock to expire
+
+
+def test_a_merged_memory_keeps_its_logit_biases_through_the_store_and_export(tmp_path: Path, tiny_llama) -> None:
+    config = EMLoCConfig(keep_ratios=(0.3,), delta=1.0, merge_evicted=True)
+    reg = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path / "a", config=config)
+    reg.add(make_skill(8))
+    mem = reg.get("sentiment")
+    assert mem.logit_bias is not None and any(b is not None for b in mem.logit_bias)
+    for other in (MemoryRegistry(model=tiny_llama, cache_dir=tmp_path / "a", config=config),
+                  MemoryRegistry(model=tiny_llama, store=MemoryStore(), config=config)):
+        if other.store is not reg.store and not other.names():
+            other.import_file(reg.export("sentiment", tmp_path / "sentiment.emloc"))
+        again = other.get("sentiment")
+        assert other.last_info["sentiment"].source == "store"
+        assert again.logit_bias is not None
+        for a, b in zip(mem.logit_bias, again.logit_bias, strict=True):
+            assert (a is None and b is None) or torch.equal(a.cpu(), b.cpu())

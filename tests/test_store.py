@@ -130,6 +130,47 @@ def test_read_info_envelope():
     assert len(info["checksum"]["digest"]) == 64
 
 
+def biased_memory() -> CompressedMemory:
+    """make_memory with logit biases on layers 0 and 2 (merged memories, engine/merge.py)."""
+    mem = make_memory()
+    mem.logit_bias = [torch.randn(2, 7), None, torch.randn(2, 12), None]
+    return mem
+
+
+def test_logit_bias_round_trip_and_version():
+    mem = biased_memory()
+    data = dump_memory(mem, {})
+    info = read_info(data)
+    assert info["format_version"] == 2 and info["biased_layers"] == [0, 2]
+    back = load_memory(data, CompressedMemory)
+    assert_same(mem, back)
+    assert back.logit_bias is not None and back.logit_bias[1] is None and back.logit_bias[3] is None
+    assert torch.equal(back.logit_bias[0], mem.logit_bias[0]) and torch.equal(back.logit_bias[2], mem.logit_bias[2])
+    plain = make_memory()  # no biases: version 1, the same bytes as before biases existed
+    assert read_info(dump_memory(plain, {}))["format_version"] == 1 and load_memory(dump_memory(plain, {})).logit_bias is None
+
+
+def test_logit_bias_damage_raises_memory_format_error():
+    data = dump_memory(biased_memory(), {})
+
+    def flip(tensors):
+        tensors["b.2"] = tensors["b.2"].clone()
+        tensors["b.2"][0, 0] += 1.0
+
+    with pytest.raises(MemoryFormatError, match="checksum"):
+        load_memory(rebuild(data, edit_tensors=flip))
+    with pytest.raises(MemoryFormatError, match="unexpected"):
+        load_memory(rebuild(data, edit_info=lambda info: info.update(biased_layers=[0])))
+    with pytest.raises(MemoryFormatError, match="biased_layers"):
+        load_memory(rebuild(data, edit_info=lambda info: info.update(format_version=1)))
+    with pytest.raises(MemoryFormatError, match="logit bias"):
+        load_memory(rebuild(data, edit_tensors=lambda t: t.update({"b.0": t["b.0"][:, :3].contiguous()})))
+    mem = biased_memory()
+    mem.logit_bias = [torch.zeros(2, 5), None, None, None]  # layer 0 holds 7 slots
+    with pytest.raises(ValueError, match="logit bias"):
+        dump_memory(mem, {})
+
+
 def test_dump_refuses_bad_memories():
     mem = make_memory()
     with pytest.raises(ValueError, match="JSON"):
@@ -199,7 +240,8 @@ def _set(key, value):
 @pytest.mark.parametrize(
     ("edit_info", "edit_tensors", "match"),
     [
-        (_set("format_version", 2), None, "format_version"),
+        (_set("format_version", 3), None, "format_version"),
+        (_set("format_version", 2), None, "biased_layers"),
         (_set("format_version", True), None, "format_version"),
         (_set("format", "other"), None, "envelope"),
         (_set("num_layers", 5), None, "layer_lengths"),

@@ -56,6 +56,8 @@ class MemoryCache(Cache):
             (per-head budgets pad the shorter heads); the others are never visible. ``(S, kv_heads,
             M_l)`` in packed forwards: what the rows of segment ``s`` may see (each packed sequence
             its own view of one shared prefix, e.g. a held-out demonstration hidden from its replay).
+        prefix_bias: per layer None or ``(kv_heads, M_l)`` float: added to every attention logit on a
+            prefix slot (``CompressedMemory.logit_bias``); the layer's mask is then a float mask.
     """
 
     def __init__(
@@ -65,9 +67,11 @@ class MemoryCache(Cache):
         prefix_positions: Sequence[torch.Tensor | None],
         windows: Sequence[int | None],
         prefix_valid: Sequence[torch.Tensor | None] | None = None,
+        prefix_bias: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__(layers=[])
         n = len(windows)
+        self.prefix_bias = list(prefix_bias) if prefix_bias is not None else [None] * n
         self.prefix_valid = list(prefix_valid) if prefix_valid is not None else [None] * n
         self.prefix_keys = list(prefix_keys)
         self.prefix_values = list(prefix_values)
@@ -152,11 +156,23 @@ class MemoryCache(Cache):
         full-attention layer, nothing packed, nobody observing (each decoding step; SDPA then runs
         unmasked and builds no mask per layer). Keys never lie after the token being decoded."""
         if (q_len == 1 and self.observer is None and self.new_segments is None and not self.windows[layer_idx]
-                and self.prefix_valid[layer_idx] is None):
+                and self.prefix_valid[layer_idx] is None and self.prefix_bias[layer_idx] is None):
             return None
         return self.positional_mask(layer_idx, q_len, k_len)
 
     def positional_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
+        """The visibility mask (``visible``), as additive float logits where the layer's prefix has a
+        ``prefix_bias`` (0 or the bias where visible, -inf where not)."""
+        mask = self.visible(layer_idx, q_len, k_len)
+        bias = self.prefix_bias[layer_idx]
+        if bias is None:
+            return mask
+        m = self.prefix_length(layer_idx)
+        out = torch.zeros(mask.shape[0], bias.shape[0], *mask.shape[2:], dtype=torch.float32, device=mask.device)
+        out[..., :m] += bias.to(device=mask.device, dtype=torch.float32)[None, :, None, :]
+        return out.masked_fill_(~mask, float("-inf"))
+
+    def visible(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor:
         """Boolean (B, 1, Lq, Lk) mask from original positions, prefix and new tokens alike: a key is
         visible if it is not after the query (and inside the window on sliding-window layers); packed
         new tokens see only their own segment. (B, kv_heads, Lq, Lk) where the prefix has padded

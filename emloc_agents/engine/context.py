@@ -83,7 +83,7 @@ def held_out_cache(lm: ModelHandle, memory: CompressedMemory, spans: Sequence[tu
     # heads, where a per-head mask makes SDPA ~1.7x dearer on the CPU
     valid = [v[:, :1] if v.shape[1] > 1 and bool((v == v[:, :1]).all()) else v for v in valid]
     cache = MemoryCache([k[None] for k in memory.keys], [v[None] for v in memory.values],
-                        [p[0] for p in memory.positions], lm.facts.windows, valid)
+                        [p[0] for p in memory.positions], lm.facts.windows, valid, memory.logit_bias)
     cache.keep_new = False
     return cache
 
@@ -112,10 +112,12 @@ class HeldOut:
 
 def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[Segment],
                      spans: Sequence[tuple[int, int]], which: Sequence[int], score: bool,
-                     keep_log_probs: set[int], pack_tokens: int = PACK_TOKENS) -> HeldOut:
+                     keep_log_probs: set[int], pack_tokens: int = PACK_TOKENS,
+                     score_every_row: bool = False) -> HeldOut:
     """Replay demonstrations ``which`` after ``memory``, each with its own span hidden: packed into
     forwards of about ``pack_tokens`` tokens, every demonstration its own segment at the positions
-    right after the context (the memory is read, never copied per demonstration)."""
+    right after the context (the memory is read, never copied per demonstration). Scores are the
+    attention of the rows that predict answer tokens, or with ``score_every_row`` of every row."""
     f, device, total = lm.facts, lm.device, memory.original_length
     scores = [torch.zeros(f.num_kv_heads, total, device=device) for _ in range(f.num_layers)] if score else None
     log_probs: dict[int, torch.Tensor] = {}
@@ -131,8 +133,9 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
                         rows: torch.Tensor = rows) -> None:
                 if f.sliding[layer]:
                     return
-                m = mask[:, :, rows] if mask.shape[2] > 1 else mask
-                scores[layer] = torch.maximum(scores[layer], max_attention(module, q[:, :, rows], k, m, 0, total))  # type: ignore[index]
+                if not score_every_row:
+                    q, mask = q[:, :, rows], (mask[:, :, rows] if mask.shape[2] > 1 else mask)
+                scores[layer] = torch.maximum(scores[layer], max_attention(module, q, k, mask, 0, total))  # type: ignore[index]
 
             cache.observer = observe
         hidden = run(lm.model, cache, ids, positions, segments=segments)[0]
@@ -254,14 +257,15 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
                          prefill_s, reconstruct_s=t1 - t0, held_out_s=t2 - t1)
 
 
-def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float,
-               reconstruction_share: float = 0.5, merge: bool = False) -> tuple[CompressedMemory, float]:
+def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_share: float = 0.5,
+               merge: bool = False, attention_mass: bool = True) -> tuple[CompressedMemory, float]:
     """The context keeping its best-ranked share ``ratio`` (with ``merge``, the evicted values merged into
-    it: engine/merge.py), and the mean JS of the checked held-out answers on it against the full context."""
+    it, with their attention-mass biases unless ``attention_mass`` is off: engine/merge.py), and the mean
+    JS of the checked held-out answers on it against the full context."""
     memory = kvzip_memory(lm, ranked.full, ranked.scores(reconstruction_share), ratio, layer_budgets=True,
                           head_budgets=True)
     if merge:
-        memory = merge_evicted(ranked.full, memory, ranked.held_out)
+        memory = merge_evicted(ranked.full, memory, ranked.held_out, attention_mass=attention_mass)
     return memory, validation_js(lm, ranked, memory)
 
 

@@ -29,7 +29,7 @@ def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[Memo
     keys = [k[None] for k in memory.keys]
     values = [v[None] for v in memory.values]
     pos = [p[0] for p in memory.positions]
-    cache = MemoryCache(keys, values, pos, f.windows, memory.valid_masks)
+    cache = MemoryCache(keys, values, pos, f.windows, memory.valid_masks, memory.logit_bias)
     cache.keep_new = False
     cache.rope_delta = memory.position_offset - memory.original_length  # type: ignore[attr-defined]  # M-RoPE
     return cache, memory.original_length
@@ -171,7 +171,7 @@ def _fork(cache: MemoryCache) -> MemoryCache:
     """A cache whose prefix is everything ``cache`` holds now (the prompt included)."""
     n = len(cache.windows)
     assert cache.new_positions is not None
-    keys, values, pos, valid = [], [], [], []
+    keys, values, pos, valid, bias = [], [], [], [], []
     for i in range(n):
         keys.append(cache.keys[i])
         values.append(cache.values[i])
@@ -179,7 +179,9 @@ def _fork(cache: MemoryCache) -> MemoryCache:
         new = cache.new_positions[0]
         pos.append(new if pp is None else torch.cat([pp, new]))
         valid.append(join_valid([(cache.prefix_valid[i], cache.prefix_length(i)), (None, new.shape[0])]))
-    sub = MemoryCache(keys, values, pos, cache.windows, valid)
+        b = cache.prefix_bias[i]
+        bias.append(None if b is None else torch.cat([b, b.new_zeros(b.shape[0], new.shape[0])], dim=1))
+    sub = MemoryCache(keys, values, pos, cache.windows, valid, bias)
     sub.keep_new = False
     sub.rope_delta = getattr(cache, "rope_delta", 0)  # type: ignore[attr-defined]
     return sub

@@ -18,7 +18,9 @@ class CompressedMemory:
     of a layer has the same number of slots but may keep different tokens, so ``positions[l]`` is
     ``(kv_heads, layer_lengths[l])``. Heads that keep fewer tokens than the layer's longest (per-head
     budgets) fill their spare slots with position ``PAD`` (-1): never visible to a query
-    (``valid_masks``). A query continues at ``original_length`` (the uncompressed length), never at
+    (``valid_masks``). ``logit_bias`` (optional, per layer ``(kv_heads, slots)``) is added to every
+    query's attention logit on a slot: a kept token that stands for several merged ones
+    (engine/merge.py) draws the attention they drew together. A query continues at ``original_length`` (the uncompressed length), never at
     the compressed one. The memory is never mutated by a query.
     """
 
@@ -31,6 +33,7 @@ class CompressedMemory:
     next_position: int | None = None  # first free RoPE index (differs from original_length for M-RoPE)
     header: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    logit_bias: list[torch.Tensor | None] | None = None  # per layer None or (kv_heads, slots) float32
     _valid: list[torch.Tensor | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -88,7 +91,7 @@ class CompressedMemory:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CompressedMemory:
         """A copy with keys/values in ``dtype`` and every tensor on ``device`` (None: unchanged); the
         same object when nothing changes (moving a memory to its model's device costs one copy, once)."""
-        tensors = (*self.keys, *self.values, *self.positions)
+        tensors = (*self.keys, *self.values, *self.positions, *(b for b in self.logit_bias or () if b is not None))
         same_dtype = dtype is None or all(t.dtype == dtype for t in (*self.keys, *self.values))
         same_device = device is None or all(t.device == torch.device(device) for t in tensors)
         if same_dtype and same_device:
@@ -103,6 +106,8 @@ class CompressedMemory:
             next_position=self.next_position,
             header=dict(self.header),
             stats=dict(self.stats),
+            logit_bias=None if self.logit_bias is None
+            else [None if b is None else b.to(device=device) for b in self.logit_bias],
         )
 
     def describe(self) -> str:

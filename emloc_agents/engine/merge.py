@@ -21,20 +21,31 @@ from .memory import CompressedMemory
 WEIGHT_FLOOR = 1e-6  # a token no held-out answer attended still counts a little (no empty means)
 
 
-def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Sequence[torch.Tensor]) -> CompressedMemory:
+def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Sequence[torch.Tensor],
+                  attention_mass: bool = False) -> CompressedMemory:
     """``kept`` (tokens of ``full``, the unpruned memory) with the values of the tokens it evicted
     merged into its own: per layer and KV head, each evicted token joins the kept token whose key has
     the highest cosine similarity to its own, and every kept value becomes the ``weights``-weighted
     mean (per layer ``(kv_heads, T)``, e.g. the held-out answers' attention) of itself and the tokens
-    that joined it. Layers kept whole are returned as they are."""
-    values = []
+    that joined it. Layers kept whole are returned as they are.
+
+    With ``attention_mass`` each kept slot also gets a logit bias (``CompressedMemory.logit_bias``) of
+    log(its group's weight / its own weight), so that a query shaped like the held-out answers gives
+    the slot the attention its whole group drew (proportional attention, as in token merging), capped
+    at log(group size): the group's attention were each member scored like the kept key. Without the
+    cap a kept token the answers hardly attended (one reconstruction chose) but whose group they did
+    gets a bias large enough to draw every query (measured: docs/benchmarks.md, "Session 13")."""
+    values: list[torch.Tensor] = []
+    biases: list[torch.Tensor | None] = []
     for layer, (k, v, pos) in enumerate(zip(kept.keys, kept.values, kept.positions, strict=True)):
         fk, fv = full.keys[layer], full.values[layer]
         if k.shape[-2] == fk.shape[-2]:  # nothing evicted (the unpruned share, a sliding-window layer)
             values.append(v)
+            biases.append(None)
             continue
         weight = weights[layer].to(device=v.device, dtype=torch.float32) + WEIGHT_FLOOR
         out = v.float().clone()
+        bias = torch.zeros(k.shape[:2], dtype=torch.float32, device=v.device)
         for h in range(k.shape[0]):
             slots = (pos[h] >= 0).nonzero().squeeze(1)
             held = pos[h, slots].long()
@@ -49,5 +60,8 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
             summed = (weight[h, held, None] * out[h, slots]).index_add_(
                 0, nearest, weight[h, evicted, None] * fv[h, evicted].float())
             out[h, slots] = summed / total[:, None]
+            size = torch.ones_like(total).index_add_(0, nearest, torch.ones_like(nearest, dtype=total.dtype))
+            bias[h, slots] = torch.minimum(total / weight[h, held], size).log()
         values.append(out.to(v.dtype))
-    return dataclasses.replace(kept, values=values)
+        biases.append(bias)
+    return dataclasses.replace(kept, values=values, logit_bias=biases if attention_mass else None)

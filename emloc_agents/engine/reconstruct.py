@@ -156,7 +156,9 @@ def kvzip_memory(lm: ModelHandle, memory: CompressedMemory, scores: list[torch.T
 
 def keep_tokens(memory: CompressedMemory, kept: dict[int, torch.Tensor]) -> CompressedMemory:
     """``memory`` with layer ``i`` reduced to the (kv_heads, k) token indices ``kept[i]`` (-1: a padded
-    slot); layers not in ``kept`` stay whole."""
+    slot); layers not in ``kept`` stay whole. ``memory`` has no logit biases (a merged memory is final)."""
+    if memory.logit_bias is not None:
+        raise ValueError("keep_tokens selects from a memory without logit biases (before merging)")
     keys, values, positions = [], [], []
     for i, (key, val, pos) in enumerate(zip(memory.keys, memory.values, memory.positions, strict=True)):
         if i in kept:

@@ -55,6 +55,8 @@ def _emloc_attention(
     mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
         mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
+    if mask is not None and mask.is_floating_point():  # a memory with logit biases: SDPA adds it
+        mask = mask.to(query.dtype)
     if cache.observer is not None:
         assert mask is not None  # a cache with an observer always builds its mask
         cache.observer(module, layer, query, key, mask)

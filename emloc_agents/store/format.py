@@ -2,7 +2,8 @@
 
 Why safetensors: loading must never execute code (no pickle, no ``torch.load``), and the file should
 be readable by other tools. Tensors are ``k.{l}``, ``v.{l}``, ``p.{l}`` per layer, in the dtype they
-have. The safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON envelope: format
+have, and ``b.{l}`` (float32 logit biases, format version 2) for the layers listed in the envelope's
+``biased_layers``: a memory without biases is written as version 1, byte for byte as before. The safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON envelope: format
 version, the caller's header (model fingerprint, config, skill hash ... passed through opaquely),
 the memory's scalars, and a sha256 over the tensors so corruption is detected instead of silently
 producing a wrong answer. Every failure to load raises ``MemoryFormatError``.
@@ -39,7 +40,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "emloc-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a memory without logit biases; one with them is version 2 (``b.{l}`` tensors)
+READ_VERSIONS = (1, 2)
 METADATA_KEY = "emloc"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -61,6 +63,7 @@ class MemoryLike(Protocol):
     next_position: int | None
     header: dict[str, Any]
     stats: dict[str, Any]
+    logit_bias: list[torch.Tensor | None] | None
 
 
 @dataclass
@@ -76,6 +79,7 @@ class MemoryRecord:
     next_position: int | None = None
     header: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    logit_bias: list[torch.Tensor | None] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -89,14 +93,15 @@ class MemoryRecord:
 T = TypeVar("T")
 
 
-def _tensor_names(num_layers: int) -> list[str]:
-    return [f"{kind}.{layer}" for layer in range(num_layers) for kind in ("k", "v", "p")]
+def _tensor_names(num_layers: int, biased: list[int] = []) -> list[str]:  # noqa: B006 (never mutated)
+    return ([f"{kind}.{layer}" for layer in range(num_layers) for kind in ("k", "v", "p")]
+            + [f"b.{layer}" for layer in biased])
 
 
-def _checksum(tensors: dict[str, torch.Tensor], num_layers: int) -> str:
-    """sha256 over name, dtype, shape and raw bytes of every tensor, in layer order."""
+def _checksum(tensors: dict[str, torch.Tensor], num_layers: int, biased: list[int] = []) -> str:  # noqa: B006
+    """sha256 over name, dtype, shape and raw bytes of every tensor, in layer order (biases last)."""
     h = hashlib.sha256()
-    for name in _tensor_names(num_layers):
+    for name in _tensor_names(num_layers, biased):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
@@ -124,6 +129,13 @@ def _check_layer(layer: int, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, 
         raise ValueError(f"layer {layer}: positions {tuple(p.shape)} do not match keys {tuple(k.shape)}")
 
 
+def _check_bias(layer: int, b: torch.Tensor, k: torch.Tensor) -> None:
+    """A layer's logit bias: one float per key slot and head, (kv_heads, slots) like the keys."""
+    if not b.is_floating_point() or tuple(b.shape) != tuple(k.shape[:-1]):
+        raise ValueError(f"layer {layer}: logit bias {b.dtype} {tuple(b.shape)} must be float, shaped like "
+                         f"keys {tuple(k.shape[:-1])}")
+
+
 def dump_memory(mem: MemoryLike, header: dict[str, Any] | None = None) -> bytes:
     """Serialise ``mem``; ``header`` (JSON-able) is merged over ``mem.header`` and stored verbatim."""
     n = len(mem.keys)
@@ -136,9 +148,19 @@ def dump_memory(mem: MemoryLike, header: dict[str, Any] | None = None) -> bytes:
         for kind, t in (("k", k), ("v", v), ("p", p)):
             # Own, contiguous CPU copies: safetensors refuses views and shared storage.
             tensors[f"{kind}.{layer}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    bias = getattr(mem, "logit_bias", None) or [None] * n
+    if len(bias) != n:
+        raise ValueError("logit_bias must have one entry (or None) per layer")
+    biased = [layer for layer in range(n) if bias[layer] is not None]
+    for layer in biased:
+        b = bias[layer]
+        assert b is not None
+        _check_bias(layer, b, mem.keys[layer])
+        tensors[f"b.{layer}"] = b.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
     envelope = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if biased else FORMAT_VERSION,
+        **({"biased_layers": biased} if biased else {}),
         "header": {**mem.header, **(header or {})},
         "num_layers": n,
         "layer_lengths": [int(k.shape[-2]) for k in mem.keys],
@@ -148,7 +170,7 @@ def dump_memory(mem: MemoryLike, header: dict[str, Any] | None = None) -> bytes:
         "next_position": None if mem.next_position is None else int(mem.next_position),
         "stats": dict(mem.stats),
         "created": time.time(),
-        "checksum": {"algorithm": "sha256", "digest": _checksum(tensors, n)},
+        "checksum": {"algorithm": "sha256", "digest": _checksum(tensors, n, biased)},
     }
     try:
         text = json.dumps(envelope, allow_nan=False, sort_keys=True)
@@ -184,8 +206,8 @@ def read_info(data: bytes) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         raise _fail("metadata is not an emloc memory envelope")
     version = info.get("format_version")
-    if version != FORMAT_VERSION or not _is_int(version):
-        raise _fail(f"unsupported format_version {version!r} (this build reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS or not _is_int(version):
+        raise _fail(f"unsupported format_version {version!r} (this build reads {', '.join(map(str, READ_VERSIONS))})")
     _check_envelope(info)
     return info
 
@@ -208,6 +230,10 @@ def _check_envelope(info: dict[str, Any]) -> None:
         raise _fail("bad render_mode")
     if not isinstance(info.get("header"), dict) or not isinstance(info.get("stats"), dict):
         raise _fail("header and stats must be objects")
+    biased = info.get("biased_layers", [])
+    if (not isinstance(biased, list) or not all(_is_int(x) and 0 <= x < n for x in biased)
+            or biased != sorted(set(biased)) or bool(biased) != (info["format_version"] == 2)):
+        raise _fail("biased_layers must be increasing layer indices, present in version 2 only")
     checksum = info.get("checksum")
     if (
         not isinstance(checksum, dict)
@@ -231,8 +257,8 @@ def load_memory(data: bytes, factory: Callable[..., Any] = MemoryRecord) -> Any:
         tensors = st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise _fail(f"safetensors payload unreadable ({exc})") from exc
-    n = info["num_layers"]
-    expected = set(_tensor_names(n))
+    n, biased = info["num_layers"], info.get("biased_layers", [])
+    expected = set(_tensor_names(n, biased))
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise _fail(f"layer count mismatch (missing {missing[:6]}, unexpected {extra[:6]})")
@@ -247,7 +273,12 @@ def load_memory(data: bytes, factory: Callable[..., Any] = MemoryRecord) -> Any:
             )
         except ValueError as exc:
             raise _fail(str(exc)) from exc
-    if not hmac.compare_digest(_checksum(tensors, n), info["checksum"]["digest"]):
+    for layer in biased:
+        try:
+            _check_bias(layer, tensors[f"b.{layer}"], tensors[f"k.{layer}"])
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    if not hmac.compare_digest(_checksum(tensors, n, biased), info["checksum"]["digest"]):
         raise _fail("checksum mismatch (tensor bytes are corrupt)")
     return factory(
         keys=[tensors[f"k.{layer}"] for layer in range(n)],
@@ -259,4 +290,5 @@ def load_memory(data: bytes, factory: Callable[..., Any] = MemoryRecord) -> Any:
         next_position=info["next_position"],
         header=dict(info["header"]),
         stats=dict(info["stats"]),
+        logit_bias=[tensors.get(f"b.{layer}") for layer in range(n)] if biased else None,
     )
