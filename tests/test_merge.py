@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from emloc_agents import EMLoCConfig, compress
+from emloc_agents.engine.context import held_out_answers, rank_context
 from emloc_agents.engine.memory import PAD, CompressedMemory
 from emloc_agents.engine.merge import WEIGHT_FLOOR, merge_evicted
 from emloc_agents.engine.reconstruct import keep_tokens
@@ -134,6 +135,9 @@ def test_a_logit_bias_of_log_2_is_the_slot_stored_twice(plain_llama) -> None:
     assert score_continuations(plain_llama, prompt, continuations, full) != pytest.approx(want, abs=1e-4)
     assert generate(plain_llama, prompt, biased, max_new_tokens=6).token_ids == \
         generate(plain_llama, prompt, twice, max_new_tokens=6).token_ids
+    ranked = rank_context(plain_llama, make_skill(4), EMLoCConfig(compression="context"), full)
+    with pytest.raises(ValueError, match="without logit biases"):  # scores read float masks as booleans
+        held_out_answers(plain_llama, biased, ranked.demos, ranked.spans, [0], score=True, keep_log_probs=set())
 
 
 def test_attention_mass_biases_each_kept_slot_by_its_groups_weight_capped_at_its_size() -> None:

@@ -119,6 +119,8 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
     right after the context (the memory is read, never copied per demonstration). Scores are the
     attention of the rows that predict answer tokens, or with ``score_every_row`` of every row."""
     f, device, total = lm.facts, lm.device, memory.original_length
+    if score and memory.logit_bias is not None:
+        raise ValueError("attention scores are read on a memory without logit biases (the unpruned context)")
     scores = [torch.zeros(f.num_kv_heads, total, device=device) for _ in range(f.num_layers)] if score else None
     log_probs: dict[int, torch.Tensor] = {}
     which = [j for j in which if any(demos[j].answer[1:])]  # a demonstration with no answer rows scores nothing

@@ -20,8 +20,9 @@ class CompressedMemory:
     budgets) fill their spare slots with position ``PAD`` (-1): never visible to a query
     (``valid_masks``). ``logit_bias`` (optional, per layer ``(kv_heads, slots)``) is added to every
     query's attention logit on a slot: a kept token that stands for several merged ones
-    (engine/merge.py) draws the attention they drew together. A query continues at ``original_length`` (the uncompressed length), never at
-    the compressed one. The memory is never mutated by a query.
+    (engine/merge.py) draws the attention they drew together. A query continues at
+    ``original_length`` (the uncompressed length), never at the compressed one. The memory is never
+    mutated by a query.
     """
 
     keys: list[torch.Tensor]

@@ -3,8 +3,8 @@
 Why safetensors: loading must never execute code (no pickle, no ``torch.load``), and the file should
 be readable by other tools. Tensors are ``k.{l}``, ``v.{l}``, ``p.{l}`` per layer, in the dtype they
 have, and ``b.{l}`` (float32 logit biases, format version 2) for the layers listed in the envelope's
-``biased_layers``: a memory without biases is written as version 1, byte for byte as before. The safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON envelope: format
-version, the caller's header (model fingerprint, config, skill hash ... passed through opaquely),
+``biased_layers``; a memory without biases is written as version 1, byte for byte as before. The
+safetensors ``metadata`` holds a single key ``"emloc"`` with a JSON envelope: format version, the caller's header (model fingerprint, config, skill hash ... passed through opaquely),
 the memory's scalars, and a sha256 over the tensors so corruption is detected instead of silently
 producing a wrong answer. Every failure to load raises ``MemoryFormatError``.
 
@@ -20,7 +20,7 @@ import hmac
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, overload
 
@@ -93,12 +93,12 @@ class MemoryRecord:
 T = TypeVar("T")
 
 
-def _tensor_names(num_layers: int, biased: list[int] = []) -> list[str]:  # noqa: B006 (never mutated)
+def _tensor_names(num_layers: int, biased: Sequence[int] = ()) -> list[str]:
     return ([f"{kind}.{layer}" for layer in range(num_layers) for kind in ("k", "v", "p")]
             + [f"b.{layer}" for layer in biased])
 
 
-def _checksum(tensors: dict[str, torch.Tensor], num_layers: int, biased: list[int] = []) -> str:  # noqa: B006
+def _checksum(tensors: dict[str, torch.Tensor], num_layers: int, biased: Sequence[int] = ()) -> str:
     """sha256 over name, dtype, shape and raw bytes of every tensor, in layer order (biases last)."""
     h = hashlib.sha256()
     for name in _tensor_names(num_layers, biased):
@@ -207,7 +207,7 @@ def read_info(data: bytes) -> dict[str, Any]:
         raise _fail("metadata is not an emloc memory envelope")
     version = info.get("format_version")
     if version not in READ_VERSIONS or not _is_int(version):
-        raise _fail(f"unsupported format_version {version!r} (this build reads {', '.join(map(str, READ_VERSIONS))})")
+        raise _fail(f"unsupported format_version {version!r} (this build reads {READ_VERSIONS})")
     _check_envelope(info)
     return info
 
