@@ -41,11 +41,11 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
         fk, fv = full.keys[layer], full.values[layer]
         if k.shape[-2] == fk.shape[-2]:  # nothing evicted (the unpruned share, a sliding-window layer)
             values.append(v)
-            biases.append(None)
+            biases.append(None)  # no merged slot: nothing to bias
             continue
         weight = weights[layer].to(device=v.device, dtype=torch.float32) + WEIGHT_FLOOR
         out = v.float().clone()
-        bias = torch.zeros(k.shape[:2], dtype=torch.float32, device=v.device)
+        bias = torch.zeros(k.shape[:2], dtype=torch.float32, device=v.device) if attention_mass else None
         for h in range(k.shape[0]):
             slots = (pos[h] >= 0).nonzero().squeeze(1)
             held = pos[h, slots].long()
@@ -60,8 +60,9 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
             summed = (weight[h, held, None] * out[h, slots]).index_add_(
                 0, nearest, weight[h, evicted, None] * fv[h, evicted].float())
             out[h, slots] = summed / total[:, None]
-            size = torch.ones_like(total).index_add_(0, nearest, torch.ones_like(nearest, dtype=total.dtype))
-            bias[h, slots] = torch.minimum(total / weight[h, held], size).log()
+            if bias is not None:
+                size = torch.ones_like(total).index_add_(0, nearest, torch.ones_like(nearest, dtype=total.dtype))
+                bias[h, slots] = torch.minimum(total / weight[h, held], size).log()
         values.append(out.to(v.dtype))
         biases.append(bias)
     return dataclasses.replace(kept, values=values, logit_bias=biases if attention_mass else None)
