@@ -287,3 +287,26 @@ def test_bench_emloc_share_is_the_default_forced_to_a_share(plain_llama) -> None
         assert torch.equal(a, b)
     for a, b in zip(alone.keys, from_ranking.keys, strict=True):
         assert torch.equal(a, b)
+
+
+def test_bench_emloc_share_merged_is_the_knob_forced_to_a_share(plain_llama) -> None:
+    """``emloc-share-merged`` is ``compress`` with ``merge_evicted=True`` forced to the share: the
+    same split, slots, values and biases, read from the ranking ``emloc-share`` already made."""
+    from emloc_agents.bench import methods
+
+    skill = make_skill(8)
+    methods._RANKED.clear()
+    plain = methods.prepare(plain_llama, "emloc-share", skill, ratio=0.3).memory
+    got = methods.prepare(plain_llama, "emloc-share-merged", skill, ratio=0.3)
+    forced = compress(plain_llama, skill, EMLoCConfig(compression="context", keep_ratios=(0.3,), delta=1.0,
+                                                      merge_evicted=True))
+    assert got.memory is not None and plain is not None and got.memory.stats["press"] == "emloc-share-merged"
+    assert got.memory.logit_bias is not None and forced.logit_bias is not None
+    assert got.memory.stats["reconstruction_share"] == forced.stats["reconstruction_share"]
+    for a, b in zip(got.memory.positions, forced.positions, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(got.memory.values, forced.values, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(got.memory.logit_bias, forced.logit_bias, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=0, atol=1e-6)  # summation order: an ulp
+    assert any(not torch.equal(a, b) for a, b in zip(got.memory.values, plain.values, strict=True))

@@ -14,7 +14,9 @@
 - ``emloc-share``: the default's whole-context ranking at a fixed share (the ``--ratio``; the split
   with the lowest held-out JS there, no δ check): the default's point on a fidelity curve. The
   ranking runs once per skill and serves every share (and ``kvzip-whole``, whose reconstruction
-  scores it contains).
+  scores it contains). ``emloc-share-merged``: the same with ``merge_evicted=True`` (evicted slots
+  merged into kept ones, each with its group's attention as a logit bias; the split chosen by the
+  biased memories' JS), so the curve shows what the knob buys at each share.
 - ``uniform``, ``snapkv``, ``streaming-llm``, ``random``, ``kvzip``: fixed-ratio presses. Their ratio
   is the explicit ``ratio`` if given, else the kept ratio EMLoC reached for the same task/shots/seed
   earlier in the same run (the runner builds ``emloc`` before them), else ``DEFAULT_RATIO``.
@@ -55,7 +57,7 @@ from ..store.format import dump_memory
 
 METHODS: tuple[str, ...] = (
     "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "emloc-share",
-    "uniform", "snapkv", "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
+    "emloc-share-merged", "uniform", "snapkv", "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
 )
 EMLOC_METHODS = ("emloc", "emloc-chunks", "emloc-heads", "emloc-context")  # adaptive: the first one run sets the others' ratio
 FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
@@ -63,7 +65,7 @@ FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
     "kvzip-global": partial(KVzipPress, layer_budgets=True, head_budgets=True, sinks=4),
 }
-FIXED_RATIO_METHODS = ("emloc-share", *FIXED_RATIO_PRESSES, "kvzip-whole", "fewer-shots")  # the methods a --ratio sets
+FIXED_RATIO_METHODS = ("emloc-share", "emloc-share-merged", *FIXED_RATIO_PRESSES, "kvzip-whole", "fewer-shots")  # the methods a --ratio sets
 DEFAULT_RATIO = 0.2
 
 
@@ -156,14 +158,14 @@ def prepare(
         prepared.kept_ratio = prepared.original_tokens / full if prepared.original_tokens else None
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
-    if method == "emloc-share":
-        config = EMLoCConfig()
+    if method in ("emloc-share", "emloc-share-merged"):
+        config = EMLoCConfig(merge_evicted=method == "emloc-share-merged")
         ranked = ranked_context(lm, skill)
         t0 = time.perf_counter()
         memory, js, split, _ = best_split(lm, ranked, r_used, config.reconstruction_shares, config.merge_evicted)
         build_s = ranked.prefill_s + ranked.reconstruct_s + ranked.held_out_s + time.perf_counter() - t0
         memory = memory.to(dtype=getattr(torch, config.storage_dtype))
-        memory.stats.update(press="emloc-share", js=js, reconstruction_share=split, compress_s=build_s)
+        memory.stats.update(press=method, js=js, reconstruction_share=split, compress_s=build_s)
         prepared = _from_memory(method, memory)
         prepared.press_ratio, prepared.ratio_source = r_used, source
         return prepared
