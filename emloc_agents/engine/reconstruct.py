@@ -24,14 +24,16 @@ REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
 ATTENTION_BLOCK = 1 << 24  # float32 probabilities materialised at once (64 MB): query rows go in blocks
+CPU_ATTENTION_BLOCK = 1 << 20  # 4 MB on the CPU, where a block that stays in cache made the scores 1.2x
+# faster (SmolLM2 TREC-128: reconstruction 41.6 -> 34.9 s, the same decisions; docs/benchmarks.md)
 
 
 def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, lo: int, hi: int,
-                  hidden: torch.Tensor | None = None, block: int = ATTENTION_BLOCK) -> torch.Tensor:
+                  hidden: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
     """Largest attention probability that any query row (and query head of a KV group) pays each
     key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities,
     in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
-    memory). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
+    memory and the speed; ``block`` elements at once, by default smaller on the CPU). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
     sinks + chunk + repeat); keys no head sees are dropped before the product, not masked after it
     (for a span of a whole context: everything outside the span but its sinks)."""
     _, hq, rows, d = q.shape
@@ -50,6 +52,8 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
             shown = ~hidden.repeat_interleave(group, dim=0)[:, None, :]
     keys = k[0].float().repeat_interleave(group, dim=0)  # (Hq, Lk, d)
     visible = mask[0].expand(hq, -1, -1)  # (1 | Hq, Lq | 1, Lk): per query head where slots are padded
+    if block is None:
+        block = CPU_ATTENTION_BLOCK if q.device.type == "cpu" else ATTENTION_BLOCK
     step = max(1, block // (hq * keys.shape[1]))
     best = None
     for r0 in range(0, rows, step):
