@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,10 @@ class Case:
 
     def row(self, preds: list[str | None], **fields: Any) -> dict[str, Any]:
         """One result: the case, ``fields``, and the predictions' accuracy and agreement with full ICL."""
+        flips = Counter(f"{a}->{b}" for a, b in zip(self.full, preds, strict=True) if a != b)  # full ICL's -> the memory's
         return {"model": self.model, "task": self.task_name, "shots": self.shots, "seed": self.seed,
-                "n": len(self.items), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full)}
+                "n": len(self.items), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full),
+                "flips": dict(flips.most_common())}
 
 
 def cases(lm: Any, args: argparse.Namespace) -> Iterator[Case]:

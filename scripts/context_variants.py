@@ -91,6 +91,9 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
     def mass(split: float):  # merged, with the attention-mass bias
         return (*keep_share(lm, ranked, share, split, merge=True, attention_mass=True), split)
 
+    def local(split: float):  # merged within each demonstration, with the bias
+        return (*keep_share(lm, ranked, share, split, merge=True, attention_mass=True, local=True), split)
+
     def every_row():
         scoring = [j for j in range(len(ranked.demos)) if j not in ranked.reference]
         scores = held_out_answers(lm, ranked.full, ranked.demos, ranked.spans, scoring, score=True,
@@ -114,6 +117,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "every-row": every_row,
         "merge-mass-capped": lambda: mass(best(list(tried.values()))[2]),
         "merge-capped-chosen": lambda: best([mass(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
+        "merge-local-chosen": lambda: best([local(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
     }
     out = {name: made[name]() for name in which if name != "each-split"}
     if "each-split" in which:

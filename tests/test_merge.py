@@ -29,8 +29,10 @@ def _memory(layers: int = 2, heads: int = 2, tokens: int = 12, dim: int = 8, see
         original_length=tokens, sliding=[False] * layers)
 
 
-def _reference(full: CompressedMemory, kept: CompressedMemory, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The merge written out token by token."""
+def _reference(full: CompressedMemory, kept: CompressedMemory, weights: list[torch.Tensor],
+               segments: list[int] | None = None) -> list[torch.Tensor]:
+    """The merge written out token by token (with ``segments``: among kept tokens of the same segment
+    when there are any)."""
     out = []
     for layer, (k, v, pos) in enumerate(zip(kept.keys, kept.values, kept.positions, strict=True)):
         merged = v.clone()
@@ -42,8 +44,9 @@ def _reference(full: CompressedMemory, kept: CompressedMemory, weights: list[tor
             for i in range(full.original_length):
                 if i in held:
                     continue
+                near = [j for j in held if segments is not None and segments[j] == segments[i]] or held
                 sim = {j: float(torch.nn.functional.cosine_similarity(full.keys[layer][h, i], full.keys[layer][h, j], dim=0))
-                       for j in held}
+                       for j in near}
                 j = max(sim, key=sim.__getitem__)
                 sums[j] = sums[j] + w[i] * full.values[layer][h, i]
                 totals[j] += float(w[i])
@@ -67,6 +70,20 @@ def test_merged_values_are_the_weighted_means_of_their_nearest_keys() -> None:
     for a, b in zip(got.keys + got.positions, kept.keys + kept.positions, strict=True):
         assert a is b
     assert torch.equal(got.values[0][1, 3], kept.values[0][1, 3])  # a padded slot is never written
+
+
+def test_a_segment_merges_into_its_own_kept_tokens_first() -> None:
+    """With ``segments`` (a demonstration's index per token) an evicted token joins the nearest kept
+    token of its own demonstration; a demonstration that kept nothing in a head joins the nearest of all."""
+    full = _memory()
+    kept = keep_tokens(full, {0: torch.tensor([[0, 3, 7, 10], [1, 4, 8, -1]]), 1: torch.tensor([[0, 2, 5, 11], [0, 6, 9, 11]])})
+    weights = [torch.rand(2, 12, generator=torch.Generator().manual_seed(layer)) for layer in range(2)]
+    segments = [-1, -1, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]  # layer 0, head 0 kept nothing of demonstration 2
+    got = merge_evicted(full, kept, weights, segments=torch.tensor(segments))
+    for a, b in zip(got.values, _reference(full, kept, weights, segments), strict=True):
+        torch.testing.assert_close(a, b)
+    anywhere = merge_evicted(full, kept, weights)
+    assert any(not torch.allclose(a, b) for a, b in zip(got.values, anywhere.values, strict=True))
 
 
 def test_a_heavily_attended_kept_token_barely_moves_and_a_whole_layer_is_untouched() -> None:

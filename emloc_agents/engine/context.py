@@ -213,6 +213,13 @@ class RankedContext:
     def checked(self) -> list[int]:
         return sorted(self.reference)
 
+    def segments(self) -> torch.Tensor:
+        """(T,) each token's demonstration index, -1 outside every demonstration (the prefix)."""
+        seg = torch.full((self.full.original_length,), -1, dtype=torch.long)
+        for j, (lo, hi) in enumerate(self.spans):
+            seg[lo:hi] = j
+        return seg
+
     def scores(self, reconstruction_share: float) -> list[torch.Tensor]:
         """Per layer (kv_heads, T): the blend giving reconstruction ``reconstruction_share`` of the kept
         slots, +inf where protected."""
@@ -260,14 +267,15 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
 
 
 def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_share: float = 0.5,
-               merge: bool = False, attention_mass: bool = True) -> tuple[CompressedMemory, float]:
+               merge: bool = False, attention_mass: bool = True, local: bool = False) -> tuple[CompressedMemory, float]:
     """The context keeping its best-ranked share ``ratio`` (with ``merge``, the evicted values merged into
     it, with their attention-mass biases unless ``attention_mass`` is off: engine/merge.py), and the mean
     JS of the checked held-out answers on it against the full context."""
     memory = kvzip_memory(lm, ranked.full, ranked.scores(reconstruction_share), ratio, layer_budgets=True,
                           head_budgets=True)
     if merge:
-        memory = merge_evicted(ranked.full, memory, ranked.held_out, attention_mass=attention_mass)
+        memory = merge_evicted(ranked.full, memory, ranked.held_out, attention_mass=attention_mass,
+                               segments=ranked.segments() if local else None)
     return memory, validation_js(lm, ranked, memory)
 
 

@@ -22,7 +22,7 @@ WEIGHT_FLOOR = 1e-6  # a token no held-out answer attended still counts a little
 
 
 def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Sequence[torch.Tensor],
-                  attention_mass: bool = False) -> CompressedMemory:
+                  attention_mass: bool = False, segments: torch.Tensor | None = None) -> CompressedMemory:
     """``kept`` (tokens of ``full``, the unpruned memory) with the values of the tokens it evicted
     merged into its own: per layer and KV head, each evicted token joins the kept token whose key has
     the highest cosine similarity to its own, and every kept value becomes the ``weights``-weighted
@@ -34,7 +34,10 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
     the slot the attention its whole group drew (proportional attention, as in token merging), capped
     at log(group size): the group's attention were each member scored like the kept key. Without the
     cap a kept token the answers hardly attended (one reconstruction chose) but whose group they did
-    gets a bias large enough to draw every query (measured: docs/benchmarks.md, "Session 13")."""
+    gets a bias large enough to draw every query (measured: docs/benchmarks.md, "Session 13").
+
+    ``segments`` (T,) ids (a demonstration's index, say): an evicted token joins only kept tokens of
+    its own segment, the nearest of all where its segment kept none in that head."""
     values: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
     for layer, (k, v, pos) in enumerate(zip(kept.keys, kept.values, kept.positions, strict=True)):
@@ -55,7 +58,13 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
                 continue
             sim = (torch.nn.functional.normalize(fk[h, evicted].float(), dim=-1)
                    @ torch.nn.functional.normalize(k[h, slots].float(), dim=-1).T)
-            nearest = sim.argmax(dim=1)
+            if segments is not None:
+                seg = segments.to(v.device)
+                same = seg[evicted][:, None] == seg[held][None, :]
+                local = sim.masked_fill(~same, float("-inf"))
+                nearest = torch.where(same.any(dim=1), local.argmax(dim=1), sim.argmax(dim=1))
+            else:
+                nearest = sim.argmax(dim=1)
             total = weight[h, held].clone().index_add_(0, nearest, weight[h, evicted])
             summed = (weight[h, held, None] * out[h, slots]).index_add_(
                 0, nearest, weight[h, evicted, None] * fv[h, evicted].float())
