@@ -19,6 +19,8 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   its own), capped at log(group size) (``merge_evicted(attention_mass=True)``), so that a merged slot
   draws its group's attention; ``merge-capped-chosen``: the split chosen by those memories' JS, as
   ``EMLoCConfig(merge_evicted=True)`` chooses;
+- ``merge-local-chosen``: ``merge-capped-chosen`` with each evicted token merged into the kept tokens
+  of its own demonstration first (``merge_evicted(segments=...)``), against merges across demonstrations;
 - ``every-row``: the held-out signal from the attention of every row of the replayed demonstrations
   (their questions too, as a test question reads the context), not only the rows predicting
   answers; the default's splits, lowest JS;

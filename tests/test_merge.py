@@ -153,6 +153,10 @@ def test_a_logit_bias_of_log_2_is_the_slot_stored_twice(plain_llama) -> None:
     assert generate(plain_llama, prompt, biased, max_new_tokens=6).token_ids == \
         generate(plain_llama, prompt, twice, max_new_tokens=6).token_ids
     ranked = rank_context(plain_llama, make_skill(4), EMLoCConfig(compression="context"), full)
+    segments = ranked.segments()  # each demonstration's tokens carry its index, the prefix -1
+    assert segments.shape == (full.original_length,) and int(segments[0]) == -1
+    for j, (lo, hi) in enumerate(ranked.spans):
+        assert bool((segments[lo:hi] == j).all())
     with pytest.raises(ValueError, match="without logit biases"):  # scores read float masks as booleans
         held_out_answers(plain_llama, biased, ranked.demos, ranked.spans, [0], score=True, keep_log_probs=set())
 

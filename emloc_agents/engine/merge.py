@@ -37,7 +37,8 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
     gets a bias large enough to draw every query (measured: docs/benchmarks.md, "Session 13").
 
     ``segments`` (T,) ids (a demonstration's index, say): an evicted token joins only kept tokens of
-    its own segment, the nearest of all where its segment kept none in that head."""
+    its own segment, the nearest of all where its segment kept none in that head (measured worse than
+    merging across demonstrations on SmolLM2 SST-2: docs/benchmarks.md, "Session 14")."""
     values: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
     for layer, (k, v, pos) in enumerate(zip(kept.keys, kept.values, kept.positions, strict=True)):
