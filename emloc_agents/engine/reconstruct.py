@@ -33,9 +33,10 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     """Largest attention probability that any query row (and query head of a KV group) pays each
     key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities,
     in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
-    memory and the speed; ``block`` elements at once, by default smaller on the CPU). ``hidden`` (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over
-    sinks + chunk + repeat); keys no head sees are dropped before the product, not masked after it
-    (for a span of a whole context: everything outside the span but its sinks)."""
+    memory and the speed; ``block`` elements at once, by default smaller on the CPU). ``hidden``
+    (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over sinks + chunk + repeat);
+    keys no head sees are dropped before the product, not masked after it (for a span of a whole
+    context: everything outside the span but its sinks)."""
     _, hq, rows, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
