@@ -49,6 +49,7 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
             continue
         weight = weights[layer].to(device=v.device, dtype=torch.float32) + WEIGHT_FLOOR
         out = v.float().clone()
+        seg = None if segments is None else segments.to(v.device)  # once per layer, not per head
         bias = torch.zeros(k.shape[:2], dtype=torch.float32, device=v.device) if attention_mass else None
         for h in range(k.shape[0]):
             slots = (pos[h] >= 0).nonzero().squeeze(1)
@@ -59,8 +60,7 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
                 continue
             sim = (torch.nn.functional.normalize(fk[h, evicted].float(), dim=-1)
                    @ torch.nn.functional.normalize(k[h, slots].float(), dim=-1).T)
-            if segments is not None:
-                seg = segments.to(v.device)
+            if seg is not None:
                 same = seg[evicted][:, None] == seg[held][None, :]
                 local = sim.masked_fill(~same, float("-inf"))
                 nearest = torch.where(same.any(dim=1), local.argmax(dim=1), sim.argmax(dim=1))
