@@ -55,3 +55,29 @@ def test_vlm_text_batch_matches_an_untouched_copy() -> None:
         got = model(input_ids=IDS[:, :12] + 10, attention_mask=MASK[:, :12]).logits
         want = untouched(input_ids=IDS[:, :12] + 10, attention_mask=MASK[:, :12]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_kv_head", "float_bias"])
+def test_decoding_step_equals_attention_on_repeated_keys(mask_kind: str) -> None:
+    """A decoding step's query heads go in as rows of their KV head: the same output as SDPA on keys
+    repeated per query head, with the cache's mask (none, shared, per KV head, or float logit biases)
+    widened to the query heads."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from emloc_agents.engine.runtime import _decoding_step
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, n, d = 2, 6, 2, 37, 16
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k, v = torch.randn(b, hkv, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    heads = {"none": 0, "shared": 1, "per_kv_head": hkv, "float_bias": hkv}[mask_kind]
+    mask = None if not heads else torch.rand(b, heads, 1, n, generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True  # every row sees a key
+    if mask_kind == "float_bias":
+        mask = torch.zeros(b, hkv, 1, n).masked_fill_(~mask, float("-inf")) + torch.randn(b, hkv, 1, n, generator=g)
+    wide = None if mask is None else mask.repeat_interleave(hq // mask.shape[1], dim=1)
+    want = sdpa(q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1), attn_mask=wide, scale=0.3)
+    got = _decoding_step(q, k, v, mask, 0.3)
+    assert got.shape == (b, 1, hq, d)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=0, atol=1e-6)
