@@ -45,17 +45,22 @@ def test_reconstruction_scores_equal_eager_attention() -> None:
         torch.testing.assert_close(got[layer], want.float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["random", "causal"])
 @pytest.mark.parametrize("hiding", ["shared", "per-head", "none"])
 @pytest.mark.parametrize("per_head_mask", [False, True])
-def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool, hiding: str) -> None:
+def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool, hiding: str, causal: bool) -> None:
     """Row blocks (a small ``block`` forces many) give exactly the max over rows of the plain softmax
     over the visible keys, with hidden keys left out (dropped before the product: the same numbers as
-    masking them); the row dimension of the mask may broadcast."""
+    masking them); the row dimension of the mask may broadcast. Causal rows (the queries are the last
+    keys, as in a reconstruction forward) leave the keys after a block's last row out of its product,
+    scored keys included, which still score 0."""
     torch.manual_seed(0)
     hq, hkv, rows, lk, d = 4, 2, 7, 11, 8
     q, k = torch.randn(1, hq, rows, d), torch.randn(1, hkv, lk, d)
     mask = torch.rand(1, hq if per_head_mask else 1, rows, lk) > 0.2
     mask[..., 0] = True  # every row sees a key
+    if causal:  # row r is key lk - rows + r: the scored keys 2:9 reach past the first rows' last key
+        mask &= torch.arange(lk)[None, :] <= (lk - rows + torch.arange(rows))[:, None]
     hidden = torch.zeros(hkv, lk, dtype=torch.bool)
     hidden[:, 5:7] = hiding != "none"  # before and inside the scored keys 2:9
     hidden[:, 10] = hiding != "none"  # after them

@@ -56,12 +56,22 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     if block is None:
         block = CPU_ATTENTION_BLOCK if q.device.type == "cpu" else ATTENTION_BLOCK
     step = max(1, block // (hq * keys.shape[1]))
+    keys_t = keys.transpose(1, 2)  # (Hq, d, Lk)
+    some_head = shown.any(0) if shown is not None else None  # (1, Lk)
     best = None
     for r0 in range(0, rows, step):
-        logits = torch.einsum("hqd,hkd->hqk", q[0, :, r0 : r0 + step].float() * scaling, keys)
         vis = visible[:, r0 : r0 + step] if visible.shape[1] == rows else visible
+        # keys after the last one a row of this block sees (causal over the new tokens at the end of the
+        # keys) are left out of the product, not masked after it: the same probabilities, less work
+        seen = vis[:1].any(1) if vis.stride(0) == 0 else vis.any(1).any(0, keepdim=True)  # (1, Lk)
+        if some_head is not None:
+            seen = seen & some_head
+        last = seen[0].nonzero()
+        upto = max(hi, int(last[-1]) + 1 if len(last) else 0)
+        logits = torch.bmm(q[0, :, r0 : r0 + step].float() * scaling, keys_t[:, :, :upto])
+        vis = vis[..., :upto]
         if shown is not None:
-            vis = vis & shown
+            vis = vis & shown[..., :upto]
         probs = torch.softmax(logits.masked_fill_(~vis, float("-inf")), dim=-1)[..., lo:hi].amax(dim=1)  # (Hq, n)
         best = probs if best is None else torch.maximum(best, probs)
     assert best is not None, "no query rows"
