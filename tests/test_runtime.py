@@ -81,3 +81,44 @@ def test_decoding_step_equals_attention_on_repeated_keys(mask_kind: str) -> None
     got = _decoding_step(q, k, v, mask, 0.3)
     assert got.shape == (b, 1, hq, d)
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=0, atol=1e-6)
+
+
+def test_a_plain_causal_prefill_runs_without_a_mask() -> None:
+    """The first forward of consecutive positions with nothing in front is plain causal: the cache
+    builds no mask (SDPA runs causal, as fast as transformers' own prefill) and the hidden states equal
+    the masked forward's. Anything else keeps its mask: a prefix, a second forward, a gap in the
+    positions, packed segments."""
+    from emloc_agents.engine.cache import MemoryCache
+    from emloc_agents.engine.forward import run
+
+    model, tok = tiny_model("llama")
+    lm = LanguageModel(model, tok, "tiny-llama")
+    f = lm.facts
+    ids = torch.arange(5, 25)[None]
+
+    def fresh() -> MemoryCache:
+        return MemoryCache([None] * f.num_layers, [None] * f.num_layers, [None] * f.num_layers, f.windows)
+
+    cache = fresh()
+    cache.begin(torch.arange(20)[None])
+    assert cache.plain_causal and cache.attention_mask(0, 20, 20) is None
+    d = f.head_dim
+    prefixed = MemoryCache([torch.zeros(1, f.num_kv_heads, 3, d)] * f.num_layers,
+                           [torch.zeros(1, f.num_kv_heads, 3, d)] * f.num_layers, [torch.arange(3)] * f.num_layers,
+                           f.windows)
+    prefixed.begin(3 + torch.arange(20)[None])  # a prefix in front of the queries: not plain causal
+    assert prefixed.plain_causal and prefixed.attention_mask(0, 20, 23) is not None
+    cache.begin(20 + torch.arange(3)[None])  # a second forward sees the first
+    assert not cache.plain_causal and cache.attention_mask(0, 3, 23) is not None
+    gap = fresh()
+    gap.begin(torch.tensor([[0, 1, 2, 4]]))
+    assert not gap.plain_causal and gap.attention_mask(0, 4, 4) is not None
+    packed = fresh()
+    packed.begin(torch.arange(4)[None], segments=torch.tensor([[0, 0, 1, 1]]))
+    assert not packed.plain_causal and packed.attention_mask(0, 4, 4) is not None
+
+    plain = run(lm.model, fresh(), ids, torch.arange(20)[None])
+    masked_cache = fresh()
+    masked_cache.attention_mask = masked_cache.positional_mask  # type: ignore[method-assign]
+    masked = run(lm.model, masked_cache, ids, torch.arange(20)[None])
+    torch.testing.assert_close(plain, masked, rtol=0, atol=1e-6)

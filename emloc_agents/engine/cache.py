@@ -85,6 +85,7 @@ class MemoryCache(Cache):
         self.new_positions: torch.Tensor | None = None  # (B, N) of all new tokens so far
         self.new_segments: torch.Tensor | None = None  # (B, N) packed sequences: a token sees its own only
         self.query_positions: torch.Tensor | None = None  # (B, Lq) of the running forward
+        self.plain_causal = False  # the running forward is the first, of consecutive positions, unpacked
         self.query_segments: torch.Tensor | None = None
         # hooks used by the compression search (see runtime.py)
         self.observer: Observer | None = None
@@ -101,6 +102,10 @@ class MemoryCache(Cache):
         segment (the replay of several demonstrations at the same positions, without a batch copy
         of the prefix per demonstration)."""
         self.query_positions, self.query_segments = positions, segments
+        # the first forward of one unpacked run of consecutive positions: where no prefix is in front,
+        # its mask is plain causal, which SDPA computes without a mask (half the work on the CPU)
+        self.plain_causal = (self.new_positions is None and segments is None
+                             and bool((positions.diff(dim=-1) == 1).all()))
         if self.new_positions is None:
             self.new_positions, self.new_segments = positions, segments
         else:
@@ -152,11 +157,15 @@ class MemoryCache(Cache):
         return 0 if pk is None else int(pk.shape[-2])
 
     def attention_mask(self, layer_idx: int, q_len: int, k_len: int) -> torch.Tensor | None:
-        """The mask of ``positional_mask``, or None where every key is visible: one new token on a
-        full-attention layer, nothing packed, nobody observing (each decoding step; SDPA then runs
-        unmasked and builds no mask per layer). Keys never lie after the token being decoded."""
-        if (q_len == 1 and self.observer is None and self.new_segments is None and not self.windows[layer_idx]
-                and self.prefix_valid[layer_idx] is None and self.prefix_bias[layer_idx] is None):
+        """The mask of ``positional_mask``, or None where it is plain causal (the attention function
+        then runs SDPA unmasked, causal when there is more than one query): one new token on a
+        full-attention layer, nothing packed, nobody observing (each decoding step: keys never lie
+        after the token being decoded), or the first forward of consecutive positions with no prefix
+        on that layer (a prefill: each token sees the ones before it)."""
+        if (self.observer is not None or self.new_segments is not None or self.windows[layer_idx]
+                or self.prefix_valid[layer_idx] is not None or self.prefix_bias[layer_idx] is not None):
+            return self.positional_mask(layer_idx, q_len, k_len)
+        if q_len == 1 or (self.plain_causal and q_len == k_len and self.prefix_length(layer_idx) == 0):
             return None
         return self.positional_mask(layer_idx, q_len, k_len)
 

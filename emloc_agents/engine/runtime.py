@@ -63,7 +63,8 @@ def _emloc_attention(
     if cache.observer is not None:
         assert mask is not None  # a cache with an observer always builds its mask
         cache.observer(module, layer, query, key, mask)
-    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+    # no mask: a decoding step or a plain causal prefill (``MemoryCache.attention_mask``)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=mask is None, **kwargs)
 
 
 def _decoding_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
