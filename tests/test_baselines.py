@@ -52,8 +52,8 @@ def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool, h
     """Row blocks (a small ``block`` forces many) give exactly the max over rows of the plain softmax
     over the visible keys, with hidden keys left out (dropped before the product: the same numbers as
     masking them); the row dimension of the mask may broadcast. Causal rows (the queries are the last
-    keys, as in a reconstruction forward) leave the keys after a block's last row out of its product,
-    scored keys included, which still score 0."""
+    keys, as in a reconstruction forward) with ``trim`` leave the keys after a block's last row out of its
+    product, scored keys included, which still score 0."""
     torch.manual_seed(0)
     hq, hkv, rows, lk, d = 4, 2, 7, 11, 8
     q, k = torch.randn(1, hq, rows, d), torch.randn(1, hkv, lk, d)
@@ -67,8 +67,8 @@ def test_max_attention_in_row_blocks_is_the_plain_softmax(per_head_mask: bool, h
     if hiding == "per-head":
         hidden[0, 1] = True  # one head hides a key the other sees
     module = torch.nn.Module()
-    got = [max_attention(module, q, k, mask, 2, 9, None if hiding == "none" else hidden, block=b)
-           for b in (1 << 30, hq * lk, 1)]
+    got = [max_attention(module, q, k, mask, 2, 9, None if hiding == "none" else hidden, block=b, trim=trim)
+           for b in (1 << 30, hq * lk, 1) for trim in (False, True)]
     logits = torch.einsum("hqd,hkd->hqk", q[0], k[0].repeat_interleave(2, dim=0)) * d**-0.5
     visible = mask[0].expand(hq, -1, -1) & ~hidden.repeat_interleave(2, dim=0)[:, None, :]
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)[..., 2:9]

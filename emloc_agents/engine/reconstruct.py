@@ -29,14 +29,17 @@ CPU_ATTENTION_BLOCK = 1 << 20  # 4 MB on the CPU, where a block that stays in ca
 
 
 def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, lo: int, hi: int,
-                  hidden: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+                  hidden: torch.Tensor | None = None, block: int | None = None, trim: bool | None = None
+                  ) -> torch.Tensor:
     """Largest attention probability that any query row (and query head of a KV group) pays each
     key in ``lo:hi`` -> (kv_heads, hi - lo). Recomputed in float32, as SDPA returns no probabilities,
     in blocks of query rows (each row's softmax is its own, so blocks change nothing but the peak
     memory and the speed; ``block`` elements at once, by default smaller on the CPU). ``hidden``
     (kv_heads, Lk) bool: keys left out of the softmax (KVzip normalises over sinks + chunk + repeat);
     keys no head sees are dropped before the product, not masked after it (for a span of a whole
-    context: everything outside the span but its sinks)."""
+    context: everything outside the span but its sinks). With ``trim`` (None: on the CPU, where it costs
+    no device sync) each block of rows also leaves out the keys after the last one it sees: for the
+    causal repeat rows a quarter of the work, the same numbers bit for bit."""
     _, hq, rows, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -58,16 +61,18 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
     step = max(1, block // (hq * keys.shape[1]))
     keys_t = keys.transpose(1, 2)  # (Hq, d, Lk)
     some_head = shown.any(0) if shown is not None else None  # (1, Lk)
+    if trim is None:
+        trim = q.device.type == "cpu"
     best = None
     for r0 in range(0, rows, step):
         vis = visible[:, r0 : r0 + step] if visible.shape[1] == rows else visible
-        # keys after the last one a row of this block sees (causal over the new tokens at the end of the
-        # keys) are left out of the product, not masked after it: the same probabilities, less work
-        seen = vis[:1].any(1) if vis.stride(0) == 0 else vis.any(1).any(0, keepdim=True)  # (1, Lk)
-        if some_head is not None:
-            seen = seen & some_head
-        last = seen[0].nonzero()
-        upto = max(hi, int(last[-1]) + 1 if len(last) else 0)
+        upto = keys_t.shape[-1]
+        if trim:  # keys after the last one a row of this block sees are left out of the product
+            seen = vis[:1].any(1) if vis.stride(0) == 0 else vis.any(1).any(0, keepdim=True)  # (1, Lk)
+            if some_head is not None:
+                seen = seen & some_head
+            last = seen[0].nonzero()
+            upto = max(hi, int(last[-1]) + 1 if len(last) else 0)
         logits = torch.bmm(q[0, :, r0 : r0 + step].float() * scaling, keys_t[:, :, :upto])
         vis = vis[..., :upto]
         if shown is not None:
