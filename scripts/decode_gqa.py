@@ -3,8 +3,11 @@ heads as rows of their KV head (the engine since session 15) against transformer
 left to ``enable_gqa`` without a mask, repeated per query head with one), on a random-weight model of
 a real shape. Decoding speed does not depend on what the memory holds, so the memories are random
 keys and values of the given lengths; both paths run in one process, alternating, on one thread.
+``--dtypes float32,bfloat16`` times the model and memory in each dtype the same way (CPUs with native
+bfloat16 read half the weight bytes per token).
 
     python scripts/decode_gqa.py --shape qwen2-0.5b --lengths 1400,14000 --out results/decode-gqa.json
+    python scripts/decode_gqa.py --dtypes float32,bfloat16 --paths packed --out results/decode-dtypes.json
 """
 
 from __future__ import annotations
@@ -54,27 +57,34 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen2-0.5b")
     ap.add_argument("--lengths", default="1400,14000")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32", help="the model's and the memory's dtypes (a comma list)")
+    ap.add_argument("--paths", default="packed,transformers", help="which decoding steps to time")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lm = random_model(args.shape, default_tokenizer(None), torch.device("cpu"), torch.float32)
-    query = lm.tokenizer(" What is the capital of France?\nType:", add_special_tokens=False)["input_ids"]
+    dtypes = args.dtypes.split(",")
+    models = {dt: random_model(args.shape, default_tokenizer(None), torch.device("cpu"), getattr(torch, dt))
+              for dt in dtypes}
+    query = models[dtypes[0]].tokenizer(" What is the capital of France?\nType:", add_special_tokens=False)["input_ids"]
     packed = runtime._decoding_step
+    paths = {"packed": packed, "transformers": transformers_step}
     rows: dict[str, dict[str, list[float]]] = {}
     for n in (int(x) for x in args.lengths.split(",")):
-        memory = random_memory(lm, n)
-        for _ in range(args.rounds):
-            for name, step in (("packed", packed), ("transformers", transformers_step)):
-                runtime._decoding_step = step  # type: ignore[assignment]
-                try:
-                    ms = 1e3 * engine_decode_per_token(lm, query, memory, repeats=2, tokens=16)
-                finally:
-                    runtime._decoding_step = packed  # type: ignore[assignment]
-                rows.setdefault(str(n), {}).setdefault(name, []).append(ms)
-                print(n, name, round(ms, 1), flush=True)
+        memories = {dt: random_memory(models[dt], n).to(dtype=getattr(torch, dt)) for dt in dtypes}
+        for _ in range(args.rounds):  # every dtype and path once a round: they share the machine's load
+            for dt in dtypes:
+                for name in args.paths.split(","):
+                    runtime._decoding_step = paths[name]  # type: ignore[assignment]
+                    try:
+                        ms = 1e3 * engine_decode_per_token(models[dt], query, memories[dt], repeats=2, tokens=16)
+                    finally:
+                        runtime._decoding_step = packed  # type: ignore[assignment]
+                    key = name if len(dtypes) == 1 else f"{dt}/{name}"
+                    rows.setdefault(str(n), {}).setdefault(key, []).append(ms)
+                    print(n, key, round(ms, 1), flush=True)
     best = {n: {k: min(v) for k, v in r.items()} for n, r in rows.items()}
     lengths = sorted(best, key=int)
-    result = {"machine": machine_info(), "code": code_state(), "shape": args.shape, "dtype": "float32",
+    result = {"machine": machine_info(), "code": code_state(), "shape": args.shape, "dtypes": dtypes,
               "threads": 1, "ms_per_token": rows, "best_ms_per_token": best,
               "longest_over_shortest": {k: best[lengths[-1]][k] / best[lengths[0]][k] for k in best[lengths[0]]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
