@@ -42,12 +42,13 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
+from .config import EMLoCConfig
 from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .registry import MemoryRegistry
 from .tool_format import ToolFormat, parse_reply, tool_format
 
-_REGISTRIES: dict[tuple[str, str | None, str], MemoryRegistry] = {}  # (model, cache dir, device)
+_REGISTRIES: dict[tuple[str, str | None, str, str], MemoryRegistry] = {}  # (model, cache dir, device, dtype)
 _REG_LOCK = threading.Lock()
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
                    "server_tool_call", "server_tool_result", "invalid_tool_call"}
@@ -340,6 +341,9 @@ class EMLoCChatModel(BaseChatModel):
     device: str = "auto"
     """Where a model loaded by name runs: "auto" (CUDA when present, else the CPU), "cpu", "cuda",
     "cuda:N" or "mps" (ignored when ``registry`` is given)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of a model loaded by name: "auto" is bfloat16 on CUDA, float32 elsewhere (ignored
+    when ``registry`` is given)."""
     skill: str | None = None
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -385,10 +389,11 @@ class EMLoCChatModel(BaseChatModel):
         cache_dir = self.cache_dir
         if cache_dir is None and self.registry is not None:
             cache_dir = str(self.registry.cache_dir)
-        key = (name, cache_dir, self.device)
+        key = (name, cache_dir, self.device, self.dtype)
         with _REG_LOCK:
             if key not in _REGISTRIES:
-                _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir, device=self.device)
+                _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir, device=self.device,
+                                                  config=EMLoCConfig(dtype=self.dtype))
             return _REGISTRIES[key]
 
     # ---- one call ----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _registry(args: argparse.Namespace, progress: bool = True):
 
     return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
                           device=getattr(args, "device", "auto"),
-                          config=EMLoCConfig(compression=getattr(args, "compression", "auto")))
+                          config=EMLoCConfig(compression=getattr(args, "compression", "auto"),
+                                             dtype=getattr(args, "dtype", "auto")))
 
 
 def demo_skills() -> list[Skill]:
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="memory cache (default ~/.cache/emloc-agents)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on CUDA, float32 elsewhere; bfloat16 is faster on CPUs with native "
+                        "bfloat16 (AVX512-BF16, AMX)")
     p.add_argument("--compression", choices=("auto", "chunks", "context"), default="auto",
                    help="chunks: the paper's chunk-wise loop; context: the whole context ranked at once "
                         "(text skills; closer to full ICL in docs/benchmarks.md); auto: context for text "

@@ -99,9 +99,10 @@ class EMLoCConfig(BaseModel):
         "smallest passing share ('layers', reference), or one share for the whole chunk, spread over layers "
         "and heads by one ranking of the importance scores (kvpress's KVzip allocation), the smallest "
         "candidate whose JS stays within delta ('global'; all candidates in one re-forward).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype of the model while compressing."
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of a model the registry loads by name (load_model's dtype): 'auto' "
+        "is bfloat16 on CUDA and float32 elsewhere; bfloat16 also suits CPUs with native bfloat16 "
+        "(docs/benchmarks.md, session 15).")
     storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the K/V tensors kept in the memory and on disk."
     )

@@ -216,12 +216,15 @@ class MemoryRegistry:
 
     def header(self, skill: Skill) -> dict[str, Any]:
         """Everything that determines the tensors; the key is its hash."""
+        from .models.loader import resolve_dtype
+
         return {
             "format_version": FORMAT_VERSION,
             "render_version": RENDER_VERSION,  # how text becomes tokens (a change alters the tensors)
             "model": self.model_name,
             "model_fingerprint": self.lm.fingerprint(),
-            "config": self.config.model_dump(mode="json"),
+            # the dtype as resolved on the model's device ("auto" on the CPU keys as "float32", as before)
+            "config": {**self.config.model_dump(mode="json"), "dtype": resolve_dtype(self.config.dtype, self.lm.device)},
             "skill_hash": skill.content_hash(),
         }
 

@@ -190,3 +190,27 @@ def test_a_model_spread_over_devices_is_refused_clearly() -> None:
         LanguageModel(model, tok, "tiny-split")
     model.hf_device_map = {"": 0}  # accelerate's map of a model on one device
     LanguageModel(model, tok, "tiny-one")
+
+
+def test_dtype_option_of_registry_chat_model_and_cli(tmp_path) -> None:
+    """``dtype="auto"`` (the default) loads float32 on the CPU and keys memories as float32 did, so
+    memories stored before the option stay valid; bfloat16 loads a bfloat16 model under another key.
+    The chat model and the CLI pass the option to the registry they make."""
+    from emloc_agents.chat_model import EMLoCChatModel
+    from emloc_agents.cli import _registry, build_parser
+
+    skill = make_skill(4)
+    auto = MemoryRegistry("tiny-llama", store=MemoryStore())
+    assert auto.config.dtype == "auto" and auto.lm.dtype == torch.float32
+    assert auto.key(skill) == MemoryRegistry("tiny-llama", store=MemoryStore(), config=EMLoCConfig(dtype="float32")).key(skill)
+    half = MemoryRegistry("tiny-llama", store=MemoryStore(), config=EMLoCConfig(dtype="bfloat16"))
+    assert half.lm.dtype == torch.bfloat16 and half.key(skill) != auto.key(skill)
+    chat = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), dtype="bfloat16")
+    assert chat.get_registry().lm.dtype == torch.bfloat16
+    assert EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path)).get_registry().lm.dtype == torch.float32
+    args = build_parser().parse_args(["--model", "tiny-llama", "--cache-dir", str(tmp_path), "--dtype", "bfloat16",
+                                      "skills", "ls"])
+    assert _registry(args, progress=False).config.dtype == "bfloat16"
+    assert build_parser().parse_args(["skills", "ls"]).dtype == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--dtype", "float64", "skills", "ls"])
