@@ -60,15 +60,16 @@ def max_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, mas
         block = CPU_ATTENTION_BLOCK if q.device.type == "cpu" else ATTENTION_BLOCK
     step = max(1, block // (hq * keys.shape[1]))
     keys_t = keys.transpose(1, 2)  # (Hq, d, Lk)
-    some_head = shown.any(0) if shown is not None else None  # (1, Lk)
     if trim is None:
         trim = q.device.type == "cpu"
+    some_head = shown.any(0) if trim and shown is not None else None  # (1, Lk)
     best = None
     for r0 in range(0, rows, step):
         vis = visible[:, r0 : r0 + step] if visible.shape[1] == rows else visible
         upto = keys_t.shape[-1]
         if trim:  # keys after the last one a row of this block sees are left out of the product
-            seen = vis[:1].any(1) if vis.stride(0) == 0 else vis.any(1).any(0, keepdim=True)  # (1, Lk)
+            own = mask[0, :, r0 : r0 + step] if mask.shape[2] == rows else mask[0]  # not expanded over heads
+            seen = own.any(1).any(0, keepdim=True)  # (1, Lk)
             if some_head is not None:
                 seen = seen & some_head
             last = seen[0].nonzero()

@@ -54,12 +54,12 @@ def _emloc_attention(
     kwargs.pop("is_causal", None)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     mask = cache.attention_mask(layer, query.shape[2], key.shape[2])
+    if mask is not None and mask.is_floating_point():  # a memory with logit biases: SDPA adds it
+        mask = mask.to(query.dtype)
     if query.shape[2] == 1 and cache.observer is None and key.shape[1] < query.shape[1] and not kwargs.get("softcap"):
         return _decoding_step(query, key, value, mask, kwargs.get("scaling")), None
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
         mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
-    if mask is not None and mask.is_floating_point():  # a memory with logit biases: SDPA adds it
-        mask = mask.to(query.dtype)
     if cache.observer is not None:
         assert mask is not None  # a cache with an observer always builds its mask
         cache.observer(module, layer, query, key, mask)
@@ -72,11 +72,10 @@ def _decoding_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """One new token's attention under grouped-query attention: each KV head's query heads go in as
     rows of one SDPA call on that head's keys, so keys are neither repeated per query head nor left to
     SDPA's ``enable_gqa``, which on the CPU took 1.7x as long over 14k keys (4.3 against 2.6 ms a layer
-    for Qwen2-0.5B's 14 heads on 2). The cache's mask, per KV head or shared, broadcasts over the rows."""
+    for Qwen2-0.5B's 14 heads on 2). The cache's mask (float masks already in the query's dtype), per KV head
+    or shared, broadcasts over the rows."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
-    if mask is not None and mask.is_floating_point():  # a memory with logit biases: SDPA adds it
-        mask = mask.to(query.dtype)
     out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, d), key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
