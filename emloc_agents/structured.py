@@ -172,6 +172,21 @@ def tool_grammar(tools: Sequence[dict[str, Any]], required: bool, max_string_cha
         raise StructuredOutputError(f"cannot build the tool grammar: {e}") from e
 
 
+def choice_grammar(options: Sequence[str]) -> str:
+    """Exactly one of ``options`` (a skill's labels), after at most one blank: plain-rendered
+    memories answer after a space. Once an option is complete only the end of the reply may follow
+    (or the rest of a longer option that starts with it)."""
+    from llguidance import LLMatcher
+
+    if not options:
+        raise StructuredOutputError("a choice needs at least one option")
+    alternatives = " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
+    try:
+        return LLMatcher.grammar_from_lark(f'start: " "? ({alternatives})\n')
+    except Exception as e:  # noqa: BLE001
+        raise StructuredOutputError(f"cannot build the answer grammar: {e}") from e
+
+
 def any_json_object_grammar() -> str:
     return json_grammar({"type": "object"})
 

@@ -144,4 +144,5 @@ class Task:
             # single-text tasks: skill tools phrase an agent's raw text like the demonstrations
             input_template=self.input_template.replace("{text}", "{input}") if self.input_template.count("{text}") == 1
             and self.input_template.count("{") == 1 else "",
+            labels=list(self.labels),
         )

@@ -125,11 +125,33 @@ class Reply:
     invalid_tool_calls: list[dict[str, Any]]
 
 
+_CALL_START = re.compile(r'^\{+\s*"name"\s*:')
+
+
+def _loads_call(payload: str) -> Any:
+    """JSON of a call as small models write it: as is; with the doubled braces of Qwen2.5's template
+    example (``{{"name": ..., "arguments": {...}}}``); or with closing braces missing at the end."""
+    candidates = [payload]
+    if payload.startswith("{{"):
+        inner = payload[1:]
+        candidates.append(inner[:-1] if inner.endswith("}}") else inner)
+    error: ValueError | None = None
+    for text in candidates:
+        missing = text.count("{") - text.count("}")
+        for attempt in (text, text + "}" * missing) if 0 < missing <= 2 else (text,):
+            try:
+                return json.loads(attempt)
+            except ValueError as e:
+                error = error or e
+    assert error is not None
+    raise error
+
+
 def _call_from(payload: str, names: Sequence[str] | None) -> tuple[dict[str, Any] | None, str | None]:
     """(call, error) from one JSON payload ``{"name", "arguments"}``; ``names``: only calls of these
     tools count (None: any name)."""
     try:
-        data = json.loads(payload)
+        data = _loads_call(payload)
     except ValueError as e:
         return None, f"not JSON: {e}"
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
@@ -150,7 +172,8 @@ def parse_reply(text: str, tool_names: Sequence[str], fmt: ToolFormat) -> Reply:
     JSON is broken is an invalid call); the json format's bare call (its grammar forces a call when
     the reply opens with "{", so a broken one is an invalid call); else fenced JSON blocks and a
     whole reply that is one JSON object, when they name a bound tool (other JSON stays text: a
-    coding model writes JSON too)."""
+    coding model writes JSON too). Doubled braces and missing closing braces are read as calls
+    (``_loads_call``); a reply that opens like a call (``{"name":``) but is none is an invalid call."""
     text = text.strip()
     if HERMES_OPEN in text:
         calls, invalid = [], []
@@ -165,7 +188,7 @@ def parse_reply(text: str, tool_names: Sequence[str], fmt: ToolFormat) -> Reply:
         call, error = _call_from(text, None if fmt.name == "json" else tool_names)
         if call is not None:
             return Reply("", [call], [])
-        if fmt.name == "json":
+        if fmt.name == "json" or _meant_as_call(text):  # reported as a call, never content
             return Reply("", [], [_invalid(text, error)])
     calls = []
     kept = []  # fenced blocks that are not calls stay in the text
@@ -178,6 +201,16 @@ def parse_reply(text: str, tool_names: Sequence[str], fmt: ToolFormat) -> Reply:
     if calls:
         return Reply(_FENCE.sub(lambda b: b.group(0) if b.group(0) in kept else "", text).strip(), calls, [])
     return Reply(text, [], [])
+
+
+def _meant_as_call(text: str) -> bool:
+    """A reply written as a call that is none: an object with a name and arguments (an unknown
+    tool), or text that opens like a call (``{"name":``) but is not JSON. Other JSON is text."""
+    try:
+        data = _loads_call(text)
+    except ValueError:
+        return bool(_CALL_START.match(text))
+    return isinstance(data, dict) and "name" in data and ("arguments" in data or "parameters" in data)
 
 
 def _invalid(args: str, error: str | None) -> dict[str, Any]:

@@ -16,13 +16,24 @@ if TYPE_CHECKING:
     from .registry import MemoryRegistry
 
 
+AGENT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. When one of your tools fits the user's request, call it once with the "
+    "user's text. When a tool response arrives, answer the user in one short sentence that gives the "
+    "tool's result. When no tool fits, answer the user directly."
+)
+"""A system prompt for ``create_agent`` with skill tools: small tool callers answer after a tool result
+when told to (without it Qwen2.5-Coder-1.5B repeats its call as text; docs/agents.md)."""
+
+
 class SkillInput(BaseModel):
-    input: str = Field(description="The text to handle.")
+    input: str = Field(description="The text to handle, as the user gave it.")
 
 
 def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) -> list[BaseTool]:
     """One tool per registered skill; calling it answers on that skill's memory. The input is
-    phrased like the demonstrations first (``Skill.format_input``), so an agent may pass raw text."""
+    phrased like the demonstrations first (``Skill.format_input``), so an agent may pass raw text.
+    The reply ends where the demonstrations' answers end (one of the skill's labels when it has
+    them), and the description tells an agent what the skill does, answers, and an example."""
     from .chat_model import EMLoCChatModel
 
     chat = chat or EMLoCChatModel(registry=registry)
@@ -38,7 +49,8 @@ def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) ->
 
         tools.append(
             StructuredTool.from_function(
-                func=run, coroutine=arun, name=skill.name, description=skill.summary(), args_schema=SkillInput
+                func=run, coroutine=arun, name=skill.name, description=skill.tool_description(),
+                args_schema=SkillInput,
             )
         )
     return tools

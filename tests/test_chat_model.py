@@ -569,3 +569,24 @@ def test_structured_output_include_raw_and_stream(jchat: EMLoCChatModel) -> None
 def test_structured_output_bad_method(jchat: EMLoCChatModel) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         jchat.with_structured_output(Person, method="xml")
+
+
+def test_profile_is_known_without_loading_the_model(tmp_path) -> None:
+    """create_agent and its middleware read ``profile`` (context size, tools, images)."""
+    from emloc_agents.profile import EMBEDDED_CONTEXT
+
+    chat = EMLoCChatModel(model="qwen2.5-coder-0.5b", cache_dir=str(tmp_path))
+    assert chat.profile is not None and chat.profile["max_input_tokens"] == EMBEDDED_CONTEXT["qwen2.5-coder-0.5b"]
+    assert chat.profile["tool_calling"] and chat.profile["tool_choice"] and not chat.profile["image_inputs"]
+    assert chat.profile["structured_output"] is False  # create_agent(response_format=...) forces a call
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    lazy = EMLoCChatModel(registry=reg)
+    assert reg.loaded_model is None and lazy.profile is not None and lazy.profile["tool_calling"]
+    assert reg.lm.facts.max_positions  # once loaded, the profile reads the model itself
+    loaded = EMLoCChatModel(registry=reg).profile
+    assert loaded is not None and loaded["max_input_tokens"] == reg.lm.facts.max_positions
+    vlm = MemoryRegistry(model="tiny-qwen2-vl", cache_dir=tmp_path)
+    assert vlm.lm.is_vision
+    vision = EMLoCChatModel(registry=vlm).profile
+    assert vision is not None and vision["image_inputs"]
+    assert EMLoCChatModel(profile={"max_input_tokens": 7}).profile == {"max_input_tokens": 7}  # a given one wins

@@ -119,10 +119,28 @@ def test_parse_wrappings_small_models_emit() -> None:
     assert params.tool_calls[0]["args"] == {"a": 1, "b": 2}
     code = 'Here is JSON:\n```json\n{"name": "Ann", "age": 3}\n```'  # JSON that names no bound tool stays text
     assert parse_reply(code, NAMES, hermes).content == code and not parse_reply(code, NAMES, hermes).tool_calls
-    unbound = '{"name": "cat joke", "arguments": {}}'
-    assert parse_reply(unbound, NAMES, hermes).content == unbound
+    data = '{"name": "Ann", "age": 3}'  # a whole reply of JSON data stays text
+    assert parse_reply(data, NAMES, hermes).content == data
+    # a call of a tool that is not bound: reported as an invalid call, never content
+    unbound = parse_reply('{"name": "cat joke", "arguments": {}}', NAMES, hermes)
+    assert unbound.content == "" and not unbound.tool_calls
+    assert "unknown tool 'cat joke'" in unbound.invalid_tool_calls[0]["error"]
     # the json format's grammar forces a call after "{": a broken one is an invalid call, not text
     assert parse_reply('{"name": "add", "argu', NAMES, ToolFormat("json")).invalid_tool_calls
+
+
+def test_parse_calls_written_as_template_examples_and_cut_short() -> None:
+    hermes = ToolFormat("hermes")
+    # Qwen2.5's template shows its call example in doubled braces; models copy them
+    doubled = parse_reply('{{"name": "get_weather", "arguments": {"location": "Oslo"}}}', NAMES, hermes)
+    assert doubled.tool_calls[0]["name"] == "get_weather" and doubled.tool_calls[0]["args"] == {"location": "Oslo"}
+    assert doubled.content == ""
+    cut = parse_reply('{"name": "add", "arguments": {"a": 1, "b": 2}', NAMES, hermes)  # the last brace left out
+    assert cut.tool_calls[0]["args"] == {"a": 1, "b": 2}
+    broken = parse_reply('{"name": "add", "arguments": {"a": 1,, }', NAMES, hermes)
+    assert broken.content == "" and not broken.tool_calls
+    assert broken.invalid_tool_calls[0]["args"].startswith('{"name": "add"')
+    assert broken.invalid_tool_calls[0]["error"].startswith("not JSON")
 
 
 def test_template_messages_keep_calls_and_tool_role(hermes_chat: EMLoCChatModel) -> None:

@@ -39,8 +39,10 @@ def test_as_tools_one_per_skill(tiny_registry: MemoryRegistry) -> None:
     tools = tiny_registry.as_tools(chat)
     assert sorted(t.name for t in tools) == ["sentiment", "topic"]
     by_name = {t.name: t for t in tools}
-    assert by_name["topic"].description == "Classify a news article's topic."
-    assert by_name["sentiment"].description == "Classify the sentiment."
+    assert by_name["topic"].description == (
+        "Classify the topic of the article. Classify a news article's topic. "
+        "Example: 'Article: The central bank raised interest rates again. Topic:' -> 'business'.")
+    assert by_name["sentiment"].description.startswith("Classify the sentiment. Example: 'Review: a dull")
     assert set(by_name["topic"].args) == {"input"}
     q = "Article: the match ended level\nTopic:"
     expected = chat.invoke(q, skill="topic").content
@@ -103,3 +105,53 @@ def test_skill_tools_phrase_raw_input_like_the_demonstrations(tiny_registry: Mem
     tool = {t.name: t for t in tiny_registry.as_tools(chat)}["phrased"]
     expected = chat.invoke("Review: a joyful film\nSentiment:", skill="phrased").content
     assert tool.invoke({"input": "a joyful film"}) == expected
+
+
+def test_a_labelled_skill_answers_exactly_one_label(tmp_path) -> None:
+    """A random-weight model writes anything; on a skill with labels its reply is one of them, from
+    the tool, from invoke and from a stream alike (the caller's stop still applies on top)."""
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    labelled = topic_skill().model_copy(update={"labels": ["business", "sports", "science and technology"]})
+    reg.add(labelled)
+    chat = EMLoCChatModel(registry=reg, max_tokens=16)
+    tool = reg.as_tools(chat)[0]
+    assert "Answers one of: business, sports, science and technology." in tool.description
+    replies = {tool.invoke({"input": f"the match number {i} ended level"}) for i in range(8)}
+    assert replies <= set(labelled.labels), replies
+    msg = chat.invoke("Article: rain again\nTopic:", skill="topic")
+    assert msg.content in labelled.labels and msg.response_metadata["finish_reason"] == "stop"
+    assert "".join(str(c.content) for c in chat.stream("Article: rain again\nTopic:", skill="topic")) == msg.content
+    free = chat.invoke("Article: rain again\nTopic:")  # zero-shot: no skill, no labels
+    assert isinstance(free.content, str)
+
+
+def test_skill_answers_stop_where_the_demonstrated_answers_end(tmp_path) -> None:
+    from emloc_agents.engine.prompt import DEMO_SEPARATOR, answer_stops
+
+    assert answer_stops("plain", ["positive", "negative"]) == ["\n"]
+    assert answer_stops("chat", ["positive"]) == ["\n"]
+    assert answer_stops("plain", ["line one\nline two", "x"]) == [DEMO_SEPARATOR]
+    assert answer_stops("chat", ["line one\nline two"]) == []  # the end-of-turn token ends the answer
+
+    reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
+    reg.add(topic_skill())
+    chat = EMLoCChatModel(registry=reg, max_tokens=48)
+    skill, memory = reg.skill("topic"), reg.get(reg.skill("topic"))
+    assert chat._stops(None, skill, memory) == ["\n"]
+    assert chat._stops(["END"], skill, memory) == ["END"]  # the caller's stop wins
+    assert chat._stops([], skill, memory) == []  # ... an empty one turns the default off
+    assert chat._stops(None, None, None) is None  # zero-shot: no default
+    assert EMLoCChatModel(registry=reg, stop=["##"])._stops(None, skill, memory) == ["##"]
+    reply = chat.invoke("Article: a quiet day\nTopic:", skill="topic")
+    assert "\n" not in str(reply.content)
+
+
+def test_bind_takes_stop(tiny_registry: MemoryRegistry) -> None:
+    chat = EMLoCChatModel(registry=tiny_registry, max_tokens=12)
+    q = "Article: the match ended level\nTopic:"
+    bound = chat.bind(skill="topic", stop=["zzz-never"])
+    assert bound.invoke(q).content == chat.invoke(q, skill="topic", stop=["zzz-never"]).content
+    with pytest.raises(ValueError, match="stop must be"):
+        chat.bind(stop=5)
+    with pytest.raises(TypeError, match="skil"):
+        chat.bind(skil="topic")

@@ -7,6 +7,10 @@ task folder; an unknown name is an error that lists the names known.
 (To compare an existing run, load its ``summary.json`` and call ``emloc_agents.bench.compare``.)
 ``--scaling`` runs the scaling study (``scaling.py``) over ``--shots`` for each ``--task`` with the
 first seed instead of the accuracy study; ``--methods/--limit/--ratio/--scoring/--compare`` do not apply.
+
+``--agents`` runs the agent study (``agents.py``): LangChain's ``create_agent`` on ``--model`` with three
+skills (on ``--skill-model``, default the same model; the first of ``--shots`` and ``--seeds``) and two
+plain tools over the bundled agent requests (``--limit``: the first N); no ``--task``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _methods(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emloc bench", description="Accuracy, fidelity and cost of EMLoC memories vs baselines.")
-    p.add_argument("--task", action="append", required=True, metavar="NAME|DIR",
+    p.add_argument("--task", action="append", default=None, metavar="NAME|DIR",
                    help=f"task name ({', '.join(available_tasks())}) or task folder (repeatable)")
     p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | qwen2.5-coder-0.5b | tiny-llama | DIR")
     p.add_argument("--methods", type=_methods, default="zero-shot,full-icl,emloc",
@@ -75,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: peak RSS, cold/warm time and bytes of EMLoC vs full KV over --shots (first seed)")
     p.add_argument("--compression", choices=("auto", "chunks", "context"), default="auto",
                    help="--scaling: the EMLoC memory's compression (EMLoCConfig.compression)")
+    p.add_argument("--agents", action="store_true",
+                   help="the agent study: create_agent with skill tools on --model over the bundled requests")
+    p.add_argument("--skill-model", default=None, metavar="NAME|DIR",
+                   help="--agents: the model the skills answer on (default: --model)")
     return p
 
 
@@ -83,7 +91,12 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        out = args.out or f"results/{'scaling' if args.scaling else 'bench'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        kind = "agents" if args.agents else "scaling" if args.scaling else "bench"
+        out = args.out or f"results/{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.agents:
+            return _agents(args, out)
+        if not args.task:
+            raise BenchError("the following arguments are required: --task (or --agents)")
         if args.scaling:
             if not args.seeds:
                 raise BenchError("no seeds given")
@@ -105,4 +118,16 @@ def bench_main(argv: list[str] | None = None) -> int:
     print(f"emloc bench: {len(rows)} rows written to {out}/summary.json", file=sys.stderr)
     if args.compare:
         print("\n".join(compare(rows)))
+    return 0
+
+
+def _agents(args: argparse.Namespace, out: str) -> int:
+    from .agents import markdown, run_agents
+
+    if not args.shots or not args.seeds:
+        raise BenchError("--agents needs --shots and --seeds")
+    result = run_agents(args.model, skill_model=args.skill_model, shots=args.shots[0], seed=args.seeds[0],
+                        limit=args.limit, out=out)
+    print(markdown([result]), end="")
+    print(f"emloc bench: {result['summary']['n']} agent requests written to {out}/agents.json", file=sys.stderr)
     return 0

@@ -93,6 +93,16 @@ def choose_mode(tokenizer: Any, requested: str = "auto") -> Mode:
     return "chat" if has_template else "plain"
 
 
+def answer_stops(mode: Mode, outputs: Sequence[str]) -> list[str]:
+    """Where an answer on a skill ends, read from its demonstrations' answers: at a newline when
+    every demonstrated answer is one line, else at the separator that follows each answer in plain
+    text (chat templates end the turn with the end-of-turn token, which ends decoding itself).
+    Without it a small model answers, then goes on writing demonstrations of its own."""
+    if outputs and all("\n" not in o.strip() for o in outputs):
+        return ["\n"]
+    return [DEMO_SEPARATOR] if mode == "plain" else []
+
+
 class Renderer:
     """Turns instruction/demonstrations/queries into token ids for one tokenizer and mode."""
 
