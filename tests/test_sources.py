@@ -171,7 +171,7 @@ def test_embedded_roundtrip_matches_gguf(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_qwen_coder_15b_loads_and_answers() -> None:
+def test_qwen_coder_15b_loads_and_answers(drop_model_after) -> None:
     """The 1.5B's parts are optional: skip, naming the install command, where they are absent."""
     if importlib.util.find_spec(EMBEDDED[QWEN_15B].module) is None:
         pytest.skip(f"{QWEN_15B} is not installed ({EMBEDDED[QWEN_15B].pip_command})")
@@ -179,6 +179,7 @@ def test_qwen_coder_15b_loads_and_answers() -> None:
 
     split = SPLIT_GGUFS[QWEN_15B]
     assert file_sha256(sources.embedded_gguf_path(QWEN_15B)) == split.sha256
+    drop_model_after(QWEN_15B)
     lm = load_model(QWEN_15B)
     config = lm.model.config
     assert (config.model_type, config.num_hidden_layers) == ("qwen2", 28)
