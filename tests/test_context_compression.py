@@ -34,6 +34,26 @@ from .test_engine import DEVICES
 from .test_prompt import QUERIES
 
 
+def assert_same_memory(a, b, atol: float = 1e-4, min_shared: float = 0.95) -> None:
+    """Two code paths' memories of one skill agree: per layer and head nearly the same kept tokens and,
+    where both keep a token, its key, value and bias rows to ``atol``. Not bit for bit: the two paths
+    batch their matmuls differently, and CPU kernels (AVX-512, AMX) round those differently, which may
+    also flip a near-tie in the ranking."""
+    for layer, (pa, pb) in enumerate(zip(a.positions, b.positions, strict=True)):
+        for head in range(pa.shape[0]):
+            rows_a = {int(p): i for i, p in enumerate(pa[head]) if p != PAD}
+            rows_b = {int(p): i for i, p in enumerate(pb[head]) if p != PAD}
+            shared = sorted(rows_a.keys() & rows_b.keys())
+            assert len(shared) >= min_shared * max(len(rows_a), len(rows_b)), (layer, head)
+            ia, ib = [rows_a[p] for p in shared], [rows_b[p] for p in shared]
+            pairs = [(a.keys, b.keys), (a.values, b.values)]
+            if a.logit_bias is not None and b.logit_bias is not None and a.logit_bias[layer] is not None:
+                pairs.append((a.logit_bias, b.logit_bias))
+            for xa, xb in pairs:
+                torch.testing.assert_close(xa[layer][head][ia].float(), xb[layer][head][ib].float(),
+                                           atol=atol, rtol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def plain_llama() -> LanguageModel:
     model, tok = tiny_model("llama", chat_template=False)
@@ -160,7 +180,8 @@ def test_the_split_whose_held_out_answers_move_least_is_kept(plain_llama) -> Non
     assert len({t["js"] for t in trials}) == 4 and best is not trials[0]  # else the test shows nothing
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
     want, js = keep_share(lm, rank_context(lm, skill, config, full), 0.1, best["reconstruction_share"])
-    assert js == pytest.approx(best["js"]) and mem.stats["reconstruction_share"] == best["reconstruction_share"]
+    # the same split, its JS to float32 rounding (batched differently, the last digits move per CPU kernel)
+    assert js == pytest.approx(best["js"], rel=1e-4) and mem.stats["reconstruction_share"] == best["reconstruction_share"]
     for a, b in zip(mem.keys, want.keys, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
 
@@ -280,13 +301,9 @@ def test_bench_emloc_share_is_the_default_forced_to_a_share(plain_llama) -> None
         assert got.memory is not None and got.press_ratio == ratio and got.ratio_source == "--ratio"
         assert got.memory.stats["reconstruction_share"] == forced.stats["reconstruction_share"]
         assert got.kept_ratio == pytest.approx(forced.kept_ratio)
-        for a, b in zip(got.memory.keys, forced.keys, strict=True):
-            assert torch.equal(a, b)
+        assert_same_memory(got.memory, forced)
     assert alone is not None and from_ranking is not None
-    for a, b in zip(alone.positions, from_ranking.positions, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(alone.keys, from_ranking.keys, strict=True):
-        assert torch.equal(a, b)
+    assert_same_memory(alone, from_ranking)
 
 
 def test_bench_emloc_share_merged_is_the_knob_forced_to_a_share(plain_llama) -> None:
@@ -303,10 +320,6 @@ def test_bench_emloc_share_merged_is_the_knob_forced_to_a_share(plain_llama) -> 
     assert got.memory is not None and plain is not None and got.memory.stats["press"] == "emloc-share-merged"
     assert got.memory.logit_bias is not None and forced.logit_bias is not None
     assert got.memory.stats["reconstruction_share"] == forced.stats["reconstruction_share"]
-    for a, b in zip(got.memory.positions, forced.positions, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(got.memory.values, forced.values, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(got.memory.logit_bias, forced.logit_bias, strict=True):
-        assert (a is None and b is None) or torch.allclose(a, b, rtol=0, atol=1e-6)  # summation order: an ulp
-    assert any(not torch.equal(a, b) for a, b in zip(got.memory.values, plain.values, strict=True))
+    assert_same_memory(got.memory, forced)
+    assert any(a.shape != b.shape or not torch.allclose(a, b, atol=1e-2)  # merging changed the values
+               for a, b in zip(got.memory.values, plain.values, strict=True))
