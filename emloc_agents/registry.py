@@ -96,7 +96,8 @@ class MemoryRegistry:
         store: any ``LockingByteStore`` (diskcache, Redis, in-memory); overrides ``cache_dir``.
         config: the EMLoCConfig used to compress (or a dict of its fields).
         max_ram_memories: how many memories to keep decoded in RAM.
-        lock_expire: seconds after which a crashed compressor's lock frees itself.
+        lock_expire: seconds after which a crashed compressor's lock frees itself (a live one renews
+            its lock while it compresses, so a compression may take longer).
         device: where a model named by ``model`` runs (``load_model``'s ``device``: "auto", "cpu",
             "cuda", "cuda:N", "mps"); memories move there once, when they enter the RAM cache.
     """

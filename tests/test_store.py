@@ -35,7 +35,15 @@ from emloc_agents.store import (
     load_memory,
     read_info,
 )
-from tests.test_store_workers import compress_once, hold_lock_forever, open_store
+from emloc_agents.store.base import new_token
+from tests.test_store_workers import (
+    compress_once,
+    enter_after,
+    hold_and_log,
+    hold_lock_forever,
+    hold_past_expiry,
+    open_store,
+)
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -415,7 +423,7 @@ def test_lock_timeout_and_independent_keys(store):
 
 
 def test_lock_expires_and_late_release_does_not_free_new_holder(store, caplog):
-    first = store.lock("k", expire=0.3)
+    first = store.lock("k", expire=0.3, renew=False)  # a holder that stopped renewing
     first.__enter__()
     t0 = time.monotonic()
     second = store.lock("k", expire=30, timeout=5)
@@ -429,6 +437,42 @@ def test_lock_expires_and_late_release_does_not_free_new_holder(store, caplog):
     second.__exit__(None, None, None)
     with store.lock("k", timeout=1):
         pass
+
+
+def _heartbeats() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("lock-heartbeat")]
+
+
+def test_lock_is_renewed_while_held_and_the_renewal_stops_on_release(store):
+    with store.lock("k", expire=0.3):
+        time.sleep(1.0)  # three expiries
+        with pytest.raises(StoreLockTimeout), store.lock("k", timeout=0.2):
+            pass
+        assert len(_heartbeats()) == 1
+    assert _heartbeats() == []
+    with store.lock("k", timeout=1):  # released on exit
+        pass
+    with pytest.raises(RuntimeError), store.lock("k", expire=0.3):  # an error in the body releases too
+        raise RuntimeError
+    assert _heartbeats() == []
+    with store.lock("k", timeout=1):
+        pass
+
+
+def test_extend_renews_only_the_owners_unexpired_lock(store):
+    mine, theirs = new_token(), new_token()
+    assert store._try_acquire("k", mine, 0.3)
+    assert not store._extend("k", theirs, 5)
+    assert store._extend("k", mine, 5)
+    time.sleep(0.5)  # past the first expiry: the renewal holds
+    assert not store._try_acquire("k", theirs, 5)
+    assert store._release("k", mine)
+    assert not store._extend("k", mine, 5)  # released: nothing to renew
+    assert store._try_acquire("k", theirs, 0.2)
+    time.sleep(0.4)
+    assert not store._extend("k", theirs, 5)  # expired: lost, not revived
+    assert store._try_acquire("k", mine, 5)
+    assert store._release("k", mine)
 
 
 def test_lock_rejects_bad_arguments(store):
@@ -465,6 +509,60 @@ def test_cross_process_compress_once(store_kind, store_where, tmp_path):
     store = open_store(kind, where)
     assert store.mget(keys) == [b"memory:" + k.encode() for k in keys]
     store.close()
+
+
+@CROSS_PROCESS
+def test_work_longer_than_the_expiry_is_not_entered_twice(store_kind, store_where, tmp_path):
+    """A 3-second "compression" under a 1-second lock: the heartbeat keeps it, so a second process
+    waiting for the same lock enters only after the first has finished and released it."""
+    log, trying = tmp_path / "log.txt", tmp_path / "trying"
+    ctx = mp.get_context("spawn")
+    first = ctx.Process(target=hold_past_expiry, args=(store_kind, store_where, str(log), str(trying), 3.0))
+    first.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not log.exists():
+            assert first.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = ctx.Process(target=enter_after, args=(store_kind, store_where, str(log), str(trying)))
+        second.start()
+        second.join(120)
+        first.join(60)
+        assert (first.exitcode, second.exitcode) == (0, 0)
+        assert log.read_text().split("\n")[:-1] == ["first in", "first out", "second in"]
+    finally:
+        for p in mp.active_children():
+            p.kill()
+
+
+@CROSS_PROCESS
+def test_a_stalled_holder_that_lost_its_lock_says_so_and_frees_nothing(store_kind, store_where, tmp_path):
+    """A holder frozen past its expiry (SIGSTOP) loses the lock to another process; when it resumes,
+    its heartbeat finds the lock gone and logs it, and its release does not free the new holder."""
+    log, ready = tmp_path / "log.txt", tmp_path / "ready"
+    proc = mp.get_context("spawn").Process(target=hold_and_log, args=(store_kind, store_where, str(log), str(ready), 2.0))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGSTOP)
+        store = open_store(store_kind, store_where)
+        with store.lock("stalled", expire=30, timeout=10):  # taken once the frozen holder's lock expires
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.join(60)
+            assert proc.exitcode == 0
+            with pytest.raises(StoreLockTimeout), store.lock("stalled", timeout=0.2):  # still ours
+                pass
+        store.close()
+        text = log.read_text()
+        assert "was lost while held" in text and "expired before release" in text
+    finally:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.join(10)
 
 
 @CROSS_PROCESS

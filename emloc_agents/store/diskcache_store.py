@@ -9,7 +9,8 @@ Eviction is ours, not diskcache's: its built-in cull deletes the 10 oldest rows 
 cache is over ``size_limit`` (including the row just written when there are few, large entries, as
 memories are), so ``mset`` would silently lose what it stored. We set ``cull_limit=0`` and evict one
 least-recently-used entry at a time, never one written by the same ``mset``. Locks use ``Cache.add`` with ``expire`` in a separate,
-never-evicted cache so LRU eviction cannot silently break mutual exclusion.
+never-evicted cache so LRU eviction cannot silently break mutual exclusion; a holder renews its lock by
+``touch`` with a new expiry, inside a transaction that first checks the owner token.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ class DiskCacheStore(LockingByteStore):
     # -- locks -------------------------------------------------------------------------------------
     def _try_acquire(self, key: str, token: bytes, expire: float) -> bool:
         return bool(self._locks.add(key, token, expire=expire, retry=True))
+
+    def _extend(self, key: str, token: bytes, expire: float) -> bool:
+        # check and renew in one transaction: a lock that expired and was taken meanwhile is not ours
+        with self._locks.transact(retry=True):
+            try:
+                owner = self._locks.get(key, default=None, retry=True)  # None once expired
+            except UnsafeEntryError:
+                owner = None
+            return owner == token and bool(self._locks.touch(key, expire=expire, retry=True))
 
     def _release(self, key: str, token: bytes) -> bool:
         with self._locks.transact(retry=True):

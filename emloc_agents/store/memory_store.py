@@ -46,6 +46,15 @@ class MemoryStore(LockingByteStore):
             self._held[key] = (token, now + expire)
             return True
 
+    def _extend(self, key: str, token: bytes, expire: float) -> bool:
+        now = time.monotonic()
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None or held[0] != token or held[1] <= now:
+                return False
+            self._held[key] = (token, now + expire)
+            return True
+
     def _release(self, key: str, token: bytes) -> bool:
         with self._mutex:
             held = self._held.get(key)

@@ -3,8 +3,9 @@
 redis-py is optional (``pip install 'emloc-agents[redis]'``) and imported only when a store is built.
 Keys are namespaced (``{namespace}:d:{key}`` for data, ``{namespace}:l:{key}`` for locks). Locks are
 redis-py's own ``redis.lock.Lock`` (``SET NX PX`` with our random token, Lua compare-and-delete
-release), so a holder whose lock expired can never free the next holder's lock; the waiting loop,
-timeout and jittered backoff are the shared ones of ``LockingByteStore.lock``.
+release, Lua compare-and-reset-TTL renewal), so a holder whose lock expired can never free or extend
+the next holder's lock; the waiting loop, timeout, jittered backoff and renewal heartbeat are the
+shared ones of ``LockingByteStore.lock``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class RedisStore(LockingByteStore):
     def _try_acquire(self, key: str, token: bytes, expire: float) -> bool:
         lock = self.client.lock(self._lock_prefix + key, timeout=max(expire, 0.001))
         return bool(lock.acquire(blocking=False, token=token))
+
+    def _extend(self, key: str, token: bytes, expire: float) -> bool:
+        # Lock.reacquire: a Lua script resets the TTL to ``timeout`` only if ``token`` still owns the key
+        lock = self.client.lock(self._lock_prefix + key, timeout=max(expire, 0.001), thread_local=False)
+        lock.local.token = token
+        try:
+            lock.reacquire()
+        except self._not_owned:
+            return False
+        return True
 
     def _release(self, key: str, token: bytes) -> bool:
         try:  # Lock.do_release: delete only if ``token`` still owns it
