@@ -6,9 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Every field is in exactly one of these two sets (tests/test_registry.py checks it), and its comment
+# in EMLoCConfig says which. A field whose effect on the tensors is unclear counts as a tensor field.
+TENSOR_FIELDS = frozenset({
+    "compression", "reconstruction_shares", "merge_evicted", "demos_per_chunk", "keep_ratios", "delta",
+    "pool_kernel", "layer_group_size", "search_scope", "protect_prefix", "budget_rounding", "importance_keys",
+    "pool_count_pad", "probe", "importance", "prefill_context", "head_budgets", "allocation", "dtype",
+    "storage_dtype", "prompt_format",
+})
+"""Fields that change a memory's tensors: the registry's key (and ``fingerprint``) hashes these alone."""
+COST_FIELDS = frozenset({"batch_candidates", "lookahead"})
+"""Fields that change only what compressing costs (time, re-forwards): a change reuses stored memories.
+Under ``compression="auto"`` setting one away from its default still selects the chunk-wise loop, and
+the key changes through the resolved mode."""
 
 # knobs of the chunk-wise loop alone: one away from its default asks for that loop (resolved_compression)
 CHUNK_LOOP_KNOBS = frozenset({
@@ -27,6 +41,7 @@ class EMLoCConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # tensors: which algorithm builds the memory (keyed as the mode it resolves to)
     compression: Literal["auto", "chunks", "context"] = Field(
         "auto", description="'chunks': the paper's loop, each chunk prefilled on the memory of the chunks "
         "before and pruned layer by layer as it lands (compression needs only the memory's room). 'context': "
@@ -36,76 +51,98 @@ class EMLoCConfig(BaseModel):
         "'context' for text skills on text models (it answers far closer to full in-context learning, "
         "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
         "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS).")
+    # tensors: the ranking blends tried per keep ratio
     reconstruction_shares: tuple[float, ...] = Field(
         (0.3, 0.5, 0.7, 0.85, 1.0), min_length=1, description="compression='context': shares of the kept slots "
         "ranked by reconstruction (the rest ranked by the held-out answers; 1.0: reconstruction alone, KVzip), "
         "tried at each keep ratio; the one whose held-out answers move least (JS) is kept.")
+    # tensors: folds evicted values into kept slots, adds logit biases
     merge_evicted: bool = Field(
         False, description="compression='context': fold each evicted token's value into the kept token of its "
         "head with the most similar key, weighted by the held-out answers' attention, and bias each kept slot's "
         "attention logit by the attention its group drew (engine/merge.py); the JS check reads the merged "
         "memory. Same size; one float per kept slot more (store format version 2).")
+    # tensors: what each prefill chunk holds and is pruned as
     demos_per_chunk: int = Field(4, ge=1, description="Demonstrations per prefill chunk (reference: 4).")
+    # tensors: the shares a layer may keep
     keep_ratios: tuple[float, ...] = Field(
         (0.1, 0.2, 0.5), description="Candidate shares of a chunk's tokens to keep per layer, tried in order."
     )
+    # tensors: the bound that picks a share
     delta: float = Field(0.005, ge=0.0, description="Jensen-Shannon bound on the replayed answer tokens.")
+    # tensors: smooths the scores that rank tokens
     pool_kernel: int = Field(5, ge=1, description="Average-pooling kernel over token importance.")
+    # tensors: layers decided together take one share
     layer_group_size: int = Field(
         1, ge=1, description="Layers decided together (1 = the reference's layer-by-layer search)."
     )
+    # tensors (unclear): 'answers' and 'exact' JS agree to ~1e-4, enough to flip a check at delta
     search_scope: Literal["answers", "exact"] = Field(
         "answers",
         description="JS checks re-run only the answer rows ('answers', cheap) or the whole replay ('exact', reference).",
     )
+    # cost: batching the larger shares' checks keeps the one-by-one decisions
     batch_candidates: bool = Field(
         True, description="Check the larger keep ratios of a layer that failed the smallest one in one batched re-forward."
     )
+    # cost: speculation depth keeps the layer-by-layer decisions (tests/test_engine.py)
     lookahead: int | None = Field(
         None, ge=1, description="Layers checked speculatively in one batched re-forward at the smallest keep ratio "
         "(same decisions as checking them one by one; 1 = no speculation). None: 4 on the CPU, where each extra "
         "trial row costs compute (8 took 25 % longer on SmolLM2 TREC-128), 8 on a GPU, where each re-forward "
         "costs kernel launches (8 halved the search on a 1.5B shape, H200).",
     )
+    # tensors: whether the prefix can be pruned
     protect_prefix: bool = Field(True, description="Never prune the instruction/system prefix (reference: False, "
                                  "only answer spans are protected).")
+    # tensors: tokens kept per share
     budget_rounding: Literal["ceil", "floor"] = Field(
         "ceil", description="Tokens kept at share r of n: ceil(r*n) (default) or int(r*n) (reference).")
+    # tensors: what attention is renormalised over before ranking
     importance_keys: Literal["chunk", "chunk+replay"] = Field(
         "chunk", description="Keys the answer rows' attention is renormalised over before scoring chunk tokens: the "
         "chunk alone (default) or the chunk plus the replayed demonstration (reference).")
+    # tensors: the pooled scores at a chunk's ends
     pool_count_pad: bool = Field(
         False, description="Average pooling counts the zero padding at the chunk's ends (reference: True).")
+    # tensors: which demonstrations score and check a chunk
     probe: Literal["self", "next"] = Field(
         "self", description="Demonstrations replayed after a chunk to score its tokens and check a candidate: the "
         "chunk's own ('self', reference) or ones it does not contain ('next': the next chunk's; the last chunk "
         "takes the one before). A replayed demonstration can copy its own label from the chunk, so 'self' "
         "can pass a selection that has lost the questions.")
+    # tensors: how tokens are ranked
     importance: Literal["answers", "reconstruction", "answers+reconstruction"] = Field(
         "answers", description="How chunk tokens are ranked before the JS search picks a layer's share: the "
         "attention the replayed answers pay them ('answers', reference), the most attention any query pays "
         "them while the model repeats the chunk (KVzip's, 'reconstruction'), or the two shares summed.")
+    # tensors: what a chunk's keys were computed on
     prefill_context: Literal["memory", "full"] = Field(
         "memory", description="What a chunk is prefilled, replayed and scored on: the memory pruned so far "
         "('memory', reference: compression needs only the memory's room) or every earlier token, unpruned "
         "('full': the chunk's keys are those of full-context ICL; needs the full context's room while "
         "compressing).")
+    # tensors: how a share is spread over heads
     head_budgets: bool = Field(
         False, description="A layer's candidate share is ranked across its KV heads (heads * k tokens, a head "
         "whose attention is spread keeps more than a focused one; kvpress's per-head budgets) instead of k per "
         "head (reference). The memory then pads shorter heads with never-visible slots.")
+    # tensors: how a chunk's budget is searched
     allocation: Literal["layers", "global"] = Field(
         "layers", description="How a chunk's budget is searched: layer by layer from the top, each layer's "
         "smallest passing share ('layers', reference), or one share for the whole chunk, spread over layers "
         "and heads by one ranking of the importance scores (kvpress's KVzip allocation), the smallest "
         "candidate whose JS stays within delta ('global'; all candidates in one re-forward).")
+    # tensors: compute dtype (keyed as resolved on the model's device)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of a model the registry loads by name (load_model's dtype): 'auto' "
         "is bfloat16 on CUDA and float32 elsewhere; bfloat16 also suits CPUs with native bfloat16 "
-        "(docs/benchmarks.md, session 15).")
+        "(docs/benchmarks.md).")
+    # tensors: the stored K/V dtype
     storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the K/V tensors kept in the memory and on disk."
     )
+    # tensors: how demonstrations become tokens
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto",
         description="How demonstrations are rendered: 'plain' input/answer text, 'chat' turns through the chat "
@@ -170,7 +207,18 @@ class EMLoCConfig(BaseModel):
     def prunes(self) -> bool:
         return self.keep_ratios != (1.0,)
 
-    def fingerprint(self) -> str:
-        """Hash of every field that changes the memory's tensors."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+    def tensor_fields(self, images: bool | None = None) -> dict[str, Any]:
+        """The fields that change the memory's tensors (``TENSOR_FIELDS``), as JSON values.
+        ``compression`` is the mode it resolves to where that is known: with ``images`` given (the
+        skill or the model is visual), or when a chunk-loop knob away from its default selects the
+        loop, so "auto" and the mode it picks share one memory."""
+        values = self.model_dump(mode="json", include=set(TENSOR_FIELDS))
+        if images is not None or self.chunk_knobs_changed:
+            values["compression"] = self.resolved_compression(bool(images))
+        return values
+
+    def fingerprint(self, images: bool | None = None) -> str:
+        """Hash of every field that changes the memory's tensors (``tensor_fields``); cost-only fields
+        (``COST_FIELDS``) leave it unchanged."""
+        payload = json.dumps(self.tensor_fields(images), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

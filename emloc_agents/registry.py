@@ -1,8 +1,9 @@
 """MemoryRegistry: named skills -> compressed memories, compressed once, kept in RAM and in a store.
 
 The registry joins the engine (tensors) and a byte store (bytes). A memory's key derives from
-everything that determines its tensors (model fingerprint, EMLoCConfig, skill content, format
-version), so a changed model, config or demonstration can never be served a stale memory. Reads
+everything that determines its tensors (model fingerprint, the EMLoCConfig fields that change tensors,
+skill content, format version), so a changed model, config or demonstration can never be served a
+stale memory, and a knob that changes only the cost of compressing never forces a new one. Reads
 that fail validation (corrupt, truncated, foreign) are logged, deleted and rebuilt.
 """
 
@@ -221,16 +222,20 @@ class MemoryRegistry:
     # ---- memories --------------------------------------------------------------------------
 
     def header(self, skill: Skill) -> dict[str, Any]:
-        """Everything that determines the tensors; the key is its hash."""
+        """Everything that determines the tensors; the key is its hash. Of the config, only the fields
+        that change the tensors (``EMLoCConfig.tensor_fields``): a cost-only knob (``lookahead``,
+        ``batch_candidates``) reuses the stored memory."""
         from .models.loader import resolve_dtype
 
+        images = skill.has_images or getattr(self.lm, "vision", None) is not None
         return {
             "format_version": FORMAT_VERSION,
             "render_version": RENDER_VERSION,  # how text becomes tokens (a change alters the tensors)
             "model": self.model_name,
             "model_fingerprint": self.lm.fingerprint(),
-            # the dtype as resolved on the model's device ("auto" on the CPU keys as "float32", as before)
-            "config": {**self.config.model_dump(mode="json"), "dtype": resolve_dtype(self.config.dtype, self.lm.device)},
+            # the compression mode as resolved for this skill and model; the dtype as resolved on the
+            # model's device ("auto" on the CPU keys as "float32")
+            "config": {**self.config.tensor_fields(images), "dtype": resolve_dtype(self.config.dtype, self.lm.device)},
             "skill_hash": skill.content_hash(),
         }
 

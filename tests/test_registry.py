@@ -6,12 +6,14 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from emloc_agents import Demonstration, EMLoCConfig, MemoryRegistry, Skill
+from emloc_agents.config import COST_FIELDS, TENSOR_FIELDS
 from emloc_agents.registry import UnknownSkillError
 from emloc_agents.store import MemoryStore
 
@@ -78,6 +80,80 @@ def test_key_changes_with_what_determines_the_tensors(registry: MemoryRegistry, 
     red = Skill(name="img", demonstrations=[Demonstration(input="a", output="b", images=[_image("red")])])
     blue = Skill(name="img", demonstrations=[Demonstration(input="a", output="b", images=[_image("blue")])])
     assert red.content_hash() != blue.content_hash()
+
+
+def test_every_config_field_is_a_tensor_field_or_a_cost_field() -> None:
+    """A new EMLoCConfig field must be put in one of the two sets: the key depends on it."""
+    assert set(EMLoCConfig.model_fields) == TENSOR_FIELDS | COST_FIELDS
+    assert not TENSOR_FIELDS & COST_FIELDS
+
+
+@contextmanager
+def no_forward_pass(lm):
+    """Any forward pass of ``lm`` while inside raises (so nothing is compressed)."""
+    from emloc_agents.engine.forward import backbone
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a forward pass ran")
+
+    handle = backbone(lm.model).register_forward_pre_hook(forbid)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_cost_only_knob_reuses_the_memory_and_a_tensor_field_recompresses(tmp_path: Path, tiny_llama) -> None:
+    base = EMLoCConfig(compression="chunks", lookahead=1, batch_candidates=False)
+    first = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path, config=base)
+    first.add(make_skill(8))
+    mem = first.get("sentiment")
+    for cost in ({"lookahead": 8}, {"lookahead": None, "batch_candidates": True}):
+        again = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path, config=base.model_copy(update=cost))
+        assert again.key("sentiment") == first.key("sentiment")
+        with no_forward_pass(tiny_llama):
+            reused = again.get("sentiment")
+        assert again.last_info["sentiment"].source == "store" and again.compressions == 0
+        assert reused.layer_lengths == mem.layer_lengths
+    for tensors in ({"keep_ratios": (0.2, 0.5)}, {"delta": 0.05}):
+        other = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path, config=base.model_copy(update=tensors))
+        assert other.key("sentiment") != first.key("sentiment")
+        other.get("sentiment")
+        assert other.last_info["sentiment"].source == "compressed" and other.compressions == 1
+
+
+def test_auto_keys_as_the_mode_it_resolves_to(tmp_path: Path, tiny_llama) -> None:
+    """"auto" compresses a text skill as "context": one memory for both. Setting a loop knob under "auto"
+    selects the chunk-wise loop, which does change the tensors: a new key."""
+    def key(**fields):
+        return MemoryRegistry(model=tiny_llama, store=MemoryStore(), config=EMLoCConfig(**fields)).key(make_skill(8))
+
+    assert key() == key(compression="context") != key(compression="chunks")
+    assert key(lookahead=2) == key(compression="chunks") == key(compression="chunks", lookahead=2)
+    fingerprint = EMLoCConfig.fingerprint
+    assert fingerprint(EMLoCConfig(lookahead=2)) == fingerprint(EMLoCConfig(compression="chunks", lookahead=3))
+    assert fingerprint(EMLoCConfig(lookahead=2)) != fingerprint(EMLoCConfig())  # the loop, not the whole context
+
+
+def test_a_memory_keyed_the_old_way_is_rebuilt_cleanly(registry: MemoryRegistry, tmp_path: Path, tiny_llama, caplog) -> None:
+    """Memories stored before the key left out cost-only fields: under their old key they are never
+    read; one found under the current key (its header carries the whole config) is refused, deleted
+    and rebuilt, with no error for the caller."""
+    from emloc_agents.store import dump_memory
+
+    mem = registry.get("sentiment")
+    header = registry.header(registry.skill("sentiment"))
+    old = header | {"config": {**registry.config.model_dump(mode="json"), "dtype": header["config"]["dtype"]}}
+    registry.store.mset([(registry._key_of(old), dump_memory(mem, old))])  # an old entry, old key
+    fresh = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    fresh.get("sentiment")
+    assert fresh.last_info["sentiment"].source == "store"  # the current memory, not the old one
+    registry.store.mset([(registry.key("sentiment"), dump_memory(mem, old))])  # old header, current key
+    fresh = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    again = fresh.get("sentiment")
+    assert fresh.last_info["sentiment"].source == "compressed" and again.layer_lengths == mem.layer_lengths
+    assert any("belongs to another model/config/skill" in r.message for r in caplog.records)
+    assert MemoryRegistry(model=tiny_llama, cache_dir=tmp_path).get_with_info("sentiment")[1].source == "store"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
