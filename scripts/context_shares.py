@@ -4,7 +4,7 @@ accuracy, and agreement with full ICL.
 
 ``context`` is what the engine keeps at that share: the reconstruction share (``reconstruction_shares``)
 whose held-out answers move least; ``--each-split`` adds every share it tried. The experiment behind
-that mode's ``delta``, candidate shares and splits (docs/benchmarks.md, "Whole-context ranking").
+that mode's ``delta``, candidate shares and splits (docs/benchmarks.md, "What the default keeps").
 Appends one JSON line per (task, seed, method, share) to ``--out``.
 
     python scripts/context_shares.py --model smollm2-135m --task trec --seeds 0,1,2 --limit 300 \\

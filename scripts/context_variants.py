@@ -2,8 +2,8 @@
 context once (``rank_context``) and changes one thing after it. Per variant the mean JS of the
 validation demonstrations' answers (what the engine's check reads), accuracy and agreement with full ICL.
 
-- ``default``: the session-10 engine's choice at the share (the split of (0.5, 0.7, 0.85) with the
-  lowest JS);
+- ``default``: the choice of the engine with ``reconstruction_shares=(0.5, 0.7, 0.85)`` (before 0.3 and
+  1.0 were added, 2026-11-28) at the share: the split with the lowest JS;
 - ``wider-splits``: the same choice among more splits (``--splits``);
 - ``layer-uniform``: every layer keeps the same number of tokens (ranked across its heads), instead of
   one ranking across layers and heads;
@@ -13,7 +13,7 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   (what a token adds to an output is its attention times its value; Guo et al. 2024, "Attention
   score is not all you need"), the default's splits;
 - ``merge-values``: the ``wider-splits`` memory with the evicted values merged into the kept tokens
-  (engine/merge.py, no logit biases: session 12's merge), the split chosen before merging;
+  (engine/merge.py without the logit biases), the split chosen before merging;
   ``merge-chosen``: the split chosen by those merged memories' JS;
 - ``merge-mass-capped``: ``merge-values`` with a logit bias on each kept slot, log(its group's weight /
   its own), capped at log(group size) (``merge_evicted(attention_mass=True)``), so that a merged slot
@@ -24,7 +24,7 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
 - ``every-row``: the held-out signal from the attention of every row of the replayed demonstrations
   (their questions too, as a test question reads the context), not only the rows predicting
   answers; the default's splits, lowest JS;
-- ``each-split``: one row per split tried (the session-10 set and ``--splits``; variant ``split=ρ``),
+- ``each-split``: one row per split tried (the set (0.5, 0.7, 0.85) and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
 Appends one JSON line per (task, seed, share, variant) to ``--out``.

@@ -1,5 +1,5 @@
 """Decoding on a memory under grouped-query attention: ms per token with a decoding step's query
-heads as rows of their KV head (the engine since session 15) against transformers' SDPA path (keys
+heads as rows of their KV head (the engine's ``runtime._decoding_step``) against transformers' SDPA path (keys
 left to ``enable_gqa`` without a mask, repeated per query head with one), on a random-weight model of
 a real shape. Decoding speed does not depend on what the memory holds, so the memories are random
 keys and values of the given lengths; both paths run in one process, alternating, on one thread.

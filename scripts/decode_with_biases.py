@@ -1,5 +1,5 @@
 """Decoding per token on a merged memory (``merge_evicted=True``) with and without its logit biases: what
-the float masks cost a decoding step (docs/benchmarks.md, "Session 13"). SmolLM2, TREC-128, seed 0, 20 %.
+the float masks cost a decoding step (docs/benchmarks.md, "Decoding and time to first token"). SmolLM2, TREC-128, seed 0, 20 %.
 
     python scripts/decode_with_biases.py
 """

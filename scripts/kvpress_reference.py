@@ -1,5 +1,5 @@
 """KVzip as shipped by NVIDIA kvpress (0.5.5, ``KVzipPress``) on natural-text ICL: the off-the-shelf
-baseline the fidelity issue measures the memory against, scored like scripts/independent_full_icl.py
+baseline the memory is measured against (docs/benchmarks.md, "The chunk-wise loop"), scored like scripts/independent_full_icl.py
 (the same prompt text and label log-likelihood, scripts/plain_icl.py).
 
 kvpress is not a dependency of this package. To run it here:

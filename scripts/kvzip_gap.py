@@ -1,5 +1,5 @@
-"""Where chunk-wise KVzip loses against KVzip over the whole context (docs/benchmarks.md, "Whole-context
-ranking"): {whole-context, chunk-wise} reconstruction scores x {one ranking of the whole context, one
+"""Where chunk-wise KVzip loses against KVzip over the whole context (docs/design.md, "Variants
+measured and dropped"): {whole-context, chunk-wise} reconstruction scores x {one ranking of the whole context, one
 per chunk} allocation, all on the unpruned context's keys, at one share. Appends JSON lines to OUT.
 
     python scripts/kvzip_gap.py smollm2-135m trec 0 0.2 300 results/kvzip-gap.jsonl

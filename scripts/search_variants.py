@@ -1,6 +1,6 @@
 """EMLoC search variants side by side: kept share, accuracy and agreement with full ICL per config.
 
-The experiment behind the search's defaults (docs/benchmarks.md, "Search variants"). Each variant is
+The experiment behind the search's defaults (docs/design.md, "Variants measured and dropped"). Each variant is
 an ``EMLoCConfig`` built from overrides; full ICL (the unpruned memory, exact by test) is scored once
 per task and seed and every variant's label predictions are compared with it on the same items.
 Appends one JSON line per (task, seed, variant) to ``--out`` so an interrupted run keeps its rows.

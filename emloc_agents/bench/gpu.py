@@ -2,16 +2,16 @@
 random-weight models of real shapes, against one plain prefill and transformers' own ``generate``,
 in one results file (``gpu.json``).
 
-Real weights do not reach a lent GPU machine, so the models are random-weight Qwen2 shapes (1.5B,
-7B) with a real tokenizer (``--tokenizer DIR``; default: Qwen2.5's, when its package is installed).
+The models are random-weight Qwen2 shapes (1.5B, 7B) with a real tokenizer (``--tokenizer DIR``;
+default: Qwen2.5's, when its package is installed), so a GPU host needs no model weights.
 Random weights make the JS search's decisions meaningless, so its cost is bracketed: ``delta=1``
 accepts every first candidate (the cheapest search), ``delta=0`` rejects every one (the dearest),
-and the default delta lands wherever random logits put it. The ratios the issue sets as goals:
+and the default delta lands wherever random logits put it. The ratios it reports, with their targets:
 
-- ``compress_over_prefill``: compression / one plain prefill of the same tokens (goal <= 10 on a GPU);
+- ``compress_over_prefill``: compression / one plain prefill of the same tokens (target <= 10 on a GPU);
 - ``chunkwise_over_prefill``: the unpruned chunk-wise prefill alone, the floor under any search;
 - decoding per token on a memory (``delta=1``, about 10 % kept) vs on the full prefix, in our
-  engine and in transformers' ``generate`` (goal: memory <= full, and <= 1.2x ``generate`` on a
+  engine and in transformers' ``generate`` (target: memory <= full, and <= 1.2x ``generate`` on a
   prefix as long as the memory).
 
 Every timing synchronises the device before reading the clock; each is the median of ``--repeats``
@@ -188,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emloc_agents.bench.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--case", type=parse_case, action="append", dest="cases",
-                   help="shape:tokens[:deltas[:lookahead]] (repeatable); default: the issue's 1.5B and 7B "
-                   "shapes at 3.5k and 14k")
+                   help="shape:tokens[:deltas[:lookahead]] (repeatable); default: the 1.5B and 7B "
+                   "shapes at 3.5k and 14k tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: Qwen2.5's from its package)")

@@ -38,8 +38,8 @@ class ModelHandle(Protocol):
 
 # SDPA kernels the engine's forwards may use on CUDA (None: torch's own choice). cuDNN's attention is
 # left out: it builds an execution plan per new shape, and the engine's shapes rarely repeat (every
-# packed replay, every trial's per-layer memory length). The H200 run of session 11 showed trials
-# costing far more than their one small forward (docs/benchmarks.md, "On a GPU"); the A/B is
+# packed replay, every trial's per-layer memory length). An H200 run (2026-11-28) showed trials
+# costing far more than their one small forward (docs/benchmarks.md, "Cost of compression"); the A/B is
 # ``python -m emloc_agents.bench.gpu --cudnn-attention``.
 CUDA_ATTENTION_BACKENDS: list[SDPBackend] | None = [
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,

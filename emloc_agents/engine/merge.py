@@ -34,11 +34,11 @@ def merge_evicted(full: CompressedMemory, kept: CompressedMemory, weights: Seque
     the slot the attention its whole group drew (proportional attention, as in token merging), capped
     at log(group size): the group's attention were each member scored like the kept key. Without the
     cap a kept token the answers hardly attended (one reconstruction chose) but whose group they did
-    gets a bias large enough to draw every query (measured: docs/benchmarks.md, "Session 13").
+    gets a bias large enough to draw every query (measured: docs/design.md, "Variants measured and dropped").
 
     ``segments`` (T,) ids (a demonstration's index, say): an evicted token joins only kept tokens of
     its own segment, the nearest of all where its segment kept none in that head (measured worse than
-    merging across demonstrations on SmolLM2 SST-2: docs/benchmarks.md, "Session 14")."""
+    merging across demonstrations on SmolLM2 SST-2: docs/design.md, "Variants measured and dropped")."""
     values: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
     for layer, (k, v, pos) in enumerate(zip(kept.keys, kept.values, kept.positions, strict=True)):

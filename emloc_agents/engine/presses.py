@@ -267,7 +267,7 @@ class KVzipPress(Press):
     By default every head keeps the same share (one length per head). kvpress's ``KVzipPress`` ranks
     every head's tokens together (per-head budgets, ``head_budgets=True`` here) and was far more
     faithful: 0.93 against 0.28 agreement with full ICL on SmolLM2 TREC-128 (docs/benchmarks.md,
-    "KVzip as kvpress ships it")."""
+    "The chunk-wise loop")."""
 
     ratio: float = 0.2
     layer_budgets: bool = False

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One device call (../.library/device): the CUDA exactness tests, then the GPU check with context mode,
-# all results under $OUT. Run from the repo root with `.whl` (../shared/tools/offline-gpu-wheels) and
-# `.gpu/qwen-tokenizer` carried. Usage: bash scripts/gpu_session.sh [BENCH_SECONDS] [extra bench args...]
+# The GPU check on a CUDA host without network access: the CUDA exactness tests, then
+# `python -m emloc_agents.bench.gpu --context`, all results under $OUT (default: results/gpu). Run from the repo
+# root with the package's wheels in `.whl` (../shared/tools/offline-gpu-wheels) and a Qwen2.5 tokenizer
+# folder in `.gpu/qwen-tokenizer`. Usage: bash scripts/gpu_check.sh [BENCH_SECONDS] [extra bench args...]
 # With CUDNN_AB=1 the same cases run a second time with cuDNN's attention allowed, into $OUT/cudnn
 # (engine.forward.CUDA_ATTENTION_BACKENDS; pass --profile only to the first run's args).
 set -u
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
 limit=${1:-420}; shift || true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
