@@ -10,15 +10,11 @@ requested JSON schema, so they work on small models too.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -40,16 +36,25 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from .config import EMLoCConfig
 from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .engine.prompt import answer_stops
+from .images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImagePolicy,
+    UnsupportedContentError,
+    image_of_block,
+)
 from .registry import MemoryRegistry
 from .skills import Skill
 from .tool_format import ToolFormat, parse_reply, tool_format
 
+STRICT_IMAGES = ImagePolicy()
+"""Messages' images when no local directory is allowed: base64 and data: URLs only."""
 _REGISTRIES: dict[tuple[str, str | None, str, str], MemoryRegistry] = {}  # (model, cache dir, device, dtype)
 _REG_LOCK = threading.Lock()
 _SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
@@ -73,85 +78,17 @@ def check_call_arguments(kwargs: Mapping[str, Any]) -> None:
         )
 
 
-class UnsupportedContentError(ValueError):
-    """A message content block this model cannot take (audio, files, remote URLs, bad images)."""
-
-
 # ---- messages -> turns ------------------------------------------------------------------------
 
 
-def _open_image(data: bytes, what: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UnsupportedContentError(f"{what} is not a readable image: {e}") from e
-    return img
-
-
-def _b64(data: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=False)
-    except (binascii.Error, ValueError) as e:
-        raise UnsupportedContentError(f"{what}: invalid base64 image data") from e
-
-
-def _image_from_url(url: str) -> Any:
-    """A data URL, a file:// URL or a local path -> PIL image; remote URLs are refused."""
-    if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        if not header.startswith("data:image/"):
-            raise UnsupportedContentError(f"unsupported data URL type {header[5:].split(';')[0]!r} (images only)")
-        if ";base64" not in header:
-            raise UnsupportedContentError("image data URLs must be base64-encoded")
-        return _open_image(_b64(data, "image data URL"), "image data URL")
-    if url.startswith(("http://", "https://")):
-        raise UnsupportedContentError(
-            f"remote image URLs cannot be fetched (no network access): {url[:80]}; "
-            "pass the image as base64 or as a local file path"
-        )
-    path = Path(url.removeprefix("file://")).expanduser()
-    if not path.is_file():
-        raise UnsupportedContentError(f"image not found: {url[:200]}")
-    return _open_image(path.read_bytes(), str(path))
-
-
-def _image_of(block: dict[str, Any]) -> Any:
-    kind = block.get("type")
-    if kind == "image_url":
-        ref = block.get("image_url")
-        url = ref.get("url") if isinstance(ref, dict) else ref
-        if not isinstance(url, str):
-            raise UnsupportedContentError("image_url block without a url")
-        return _image_from_url(url)
-    # LangChain v1 standard block, its v0 form (source_type) and the Anthropic form (source)
-    source = block.get("source")
-    if isinstance(source, dict):
-        if source.get("type") == "base64":
-            return _open_image(_b64(source.get("data", ""), "image block"), "image block")
-        if source.get("type") == "url":
-            return _image_from_url(str(source.get("url", "")))
-    if block.get("base64") is not None:
-        return _open_image(_b64(block["base64"], "image block"), "image block")
-    if block.get("source_type") == "base64" and block.get("data") is not None:
-        return _open_image(_b64(block["data"], "image block"), "image block")
-    url = block.get("url") or block.get("path") or (block.get("data") if block.get("source_type") == "url" else None)
-    if isinstance(url, str):
-        return _image_from_url(url)
-    if block.get("file_id") or block.get("source_type") == "id":
-        raise UnsupportedContentError("image file_id references cannot be resolved here; pass base64 or a local path")
-    raise UnsupportedContentError("image block without base64 data, url or path")
-
-
-def content_parts(message: BaseMessage) -> tuple[str, list[Any]]:
-    """The text of a message and its images (PIL). Audio, PDF and other file blocks raise."""
+def content_parts(message: BaseMessage, images: ImagePolicy = STRICT_IMAGES) -> tuple[str, list[Any]]:
+    """The text of a message and its images (PIL, read under ``images``: no local files unless it
+    allows their directory). Audio, PDF and other file blocks raise."""
     content = message.content
     if isinstance(content, str):
         return content, []
     texts: list[str] = []
-    images: list[Any] = []
+    found: list[Any] = []
     for block in content:
         if isinstance(block, str):
             texts.append(block)
@@ -160,14 +97,14 @@ def content_parts(message: BaseMessage) -> tuple[str, list[Any]]:
         if kind == "text":
             texts.append(str(block.get("text", "")))
         elif kind in ("image", "image_url"):
-            images.append(_image_of(block))
+            found.append(image_of_block(block, images))
         elif kind in _SKIPPED_BLOCKS:
             continue  # tool calls are rendered from message.tool_calls; reasoning is not replayed
         elif kind in _REFUSED_BLOCKS:
             raise UnsupportedContentError(f"content blocks of type {kind!r} are not supported (text and images only)")
         else:
             raise UnsupportedContentError(f"unsupported content block type {kind!r} (text and images only)")
-    return "".join(texts), images
+    return "".join(texts), found
 
 
 def _role(message: BaseMessage) -> str:
@@ -184,13 +121,14 @@ def _call_text(call: Mapping[str, Any]) -> str:
     return json.dumps({"name": call["name"], "arguments": call.get("args", {})}, ensure_ascii=False)
 
 
-def to_turns(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+def to_turns(messages: Sequence[BaseMessage], images: ImagePolicy = STRICT_IMAGES) -> list[dict[str, Any]]:
     """LangChain messages -> ``{"role", "content", "images"}`` turns, merging consecutive same-role
-    messages. Tool calls of AI messages are written as the JSON the model is asked to produce."""
+    messages (images read under ``images``). Tool calls of AI messages are written as the JSON the
+    model is asked to produce."""
     turns: list[dict[str, Any]] = []
     for m in messages:
         role = _role(m)
-        text, images = content_parts(m)
+        text, pictures = content_parts(m, images)
         if isinstance(m, AIMessage) and m.tool_calls:
             text = "\n".join([text] * bool(text) + [_call_text(c) for c in m.tool_calls])
         if isinstance(m, ToolMessage):
@@ -198,22 +136,22 @@ def to_turns(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             text = f"Tool result{status} ({m.name or m.tool_call_id}): {text}"
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
-            turns[-1]["images"].extend(images)
+            turns[-1]["images"].extend(pictures)
         else:
-            turns.append({"role": role, "content": text, "images": images})
+            turns.append({"role": role, "content": text, "images": pictures})
     if not turns:
         raise ValueError("no messages to answer")
     return turns
 
 
-def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+def to_template_messages(messages: Sequence[BaseMessage], images: ImagePolicy = STRICT_IMAGES) -> list[dict[str, Any]]:
     """LangChain messages as a tool-aware chat template reads them (``ToolFormat.native``): assistant
     turns keep their ``tool_calls`` and tool results keep the tool role, so the model sees earlier
     calls and results in the format it was trained on. Consecutive plain messages of one role merge."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        text, images = content_parts(m)
-        if images:
+        text, pictures = content_parts(m, images)
+        if pictures:
             raise UnsupportedContentError("images cannot be sent with tools to this model's chat template")
         if isinstance(m, ToolMessage):
             out.append({"role": "tool", "content": text, "name": m.name or ""})
@@ -360,6 +298,14 @@ class EMLoCChatModel(BaseChatModel):
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     seed: int | None = None
     streaming: bool = False
+    allowed_local_image_dirs: list[str] = Field(default_factory=list)
+    """Directories whose image files messages may name by local path or ``file://`` URL (none by
+    default: a message's images are then base64 blocks or ``data:`` URLs). Messages are input from
+    whoever wrote them; without this, a path in one could make the process read any file it can."""
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1)
+    """Largest image a message may carry, in bytes (read from a file or decoded from base64)."""
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    """Largest image a message may carry, in pixels, checked before decoding (decompression bombs)."""
 
     @property
     def _llm_type(self) -> str:
@@ -389,6 +335,15 @@ class EMLoCChatModel(BaseChatModel):
         model = kwargs.get("model")
         params["ls_model_name"] = model if isinstance(model, str) and model else self.model_name_resolved
         return params
+
+    @field_validator("allowed_local_image_dirs")
+    @classmethod
+    def _dirs_exist(cls, dirs: list[str]) -> list[str]:
+        ImagePolicy.allowing(dirs)  # a missing directory fails here, not at the first image
+        return dirs
+
+    def _image_policy(self) -> ImagePolicy:
+        return ImagePolicy.allowing(self.allowed_local_image_dirs, self.max_image_bytes, self.max_image_pixels)
 
     # ---- backends ----------------------------------------------------------------------------
 
@@ -426,7 +381,7 @@ class EMLoCChatModel(BaseChatModel):
             created = info.compressed_tokens if info.source == "compressed" else 0
             instruction = skill.instruction
         lm = registry.lm
-        turns = to_turns(messages)
+        turns = to_turns(messages, self._image_policy())
 
         tools = _tool_specs(kwargs.pop("tools", None) or [])
         tool_choice = kwargs.pop("tool_choice", None)
@@ -469,7 +424,7 @@ class EMLoCChatModel(BaseChatModel):
         if hints:
             turns = _with_system(turns, "\n\n".join(hints))
         if use_template_tools:
-            plain = to_template_messages(messages) if fmt.native else [
+            plain = to_template_messages(messages, self._image_policy()) if fmt.native else [
                 {"role": t["role"], "content": t["content"]} for t in turns]
             if instruction:
                 plain = _with_system(plain, instruction)

@@ -86,6 +86,18 @@ def _png(color: str = "red") -> bytes:
     return buf.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG claiming ``width`` x ``height`` pixels in a few bytes (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 # ---- shared fixtures: one tiny model, a store holding one good skill and its memory --------------------
 
 
@@ -264,13 +276,28 @@ bad_config = st.one_of(
     st.fixed_dictionaries({"prompt_format": st.text(max_size=6).filter(lambda s: s not in ("auto", "chat", "plain"))}),
     st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in EMLoCConfig.model_fields), junk, min_size=1, max_size=2),
 )
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# pydantic reads "0" or " 1" as a number for a numeric field (its lax mode, documented): not bad input
+not_a_number = st.text(min_size=1, max_size=3).filter(lambda t: not _numeric(t))
 bad_chat_params = st.one_of(
     st.fixed_dictionaries({"max_tokens": st.integers(max_value=0)}),
     st.fixed_dictionaries({"json_max_tokens": st.integers(max_value=0)}),
-    st.fixed_dictionaries({"temperature": st.one_of(st.floats(max_value=-1e-6), st.just(float("nan")), st.text(min_size=1, max_size=3))}),
+    st.fixed_dictionaries({"temperature": st.one_of(st.floats(max_value=-1e-6), st.just(float("nan")), not_a_number)}),
     st.fixed_dictionaries({"top_p": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), st.just(float("nan")))}),
     st.fixed_dictionaries({"stop": junk.filter(lambda v: v is not None and not isinstance(v, list | str))}),
     st.fixed_dictionaries({"skill": st.integers()}),
+    st.fixed_dictionaries({"allowed_local_image_dirs": st.one_of(
+        st.lists(st.sampled_from(["/no/such/dir", __file__, "", " "]), min_size=1, max_size=2),
+        junk.filter(lambda v: not isinstance(v, list)))}),
+    st.fixed_dictionaries({"max_image_bytes": st.one_of(st.integers(max_value=0), not_a_number)}),
+    st.fixed_dictionaries({"max_image_pixels": st.one_of(st.integers(max_value=0), st.none())}),
 )
 
 
@@ -307,6 +334,11 @@ broken_image_blocks = st.one_of(
     st.fixed_dictionaries({"type": st.just("image"), "file_id": st.text(min_size=1, max_size=8)}),
     st.fixed_dictionaries({"type": st.just("image")}),
     st.just({"type": "image", "base64": base64.b64encode(_png()[:30]).decode()}),  # truncated PNG
+    # local files (real ones among them) with no directory allowed; images too large to decode
+    st.sampled_from([__file__, "file://" + __file__, "/etc/passwd", "file:///etc/hostname", "~/.bashrc", "."]).flatmap(
+        lambda p: st.sampled_from([{"type": "image", "path": p}, {"type": "image_url", "image_url": {"url": p}}])),
+    st.sampled_from([(9000, 9000), (100_000, 100_000), (2**31 - 1, 1)]).map(
+        lambda wh: {"type": "image", "base64": base64.b64encode(_png_header(*wh)).decode(), "mime_type": "image/png"}),
 )
 refused_blocks = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["audio", "input_audio", "file", "video", "document", "pdf", "input_file"]),

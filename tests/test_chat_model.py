@@ -7,7 +7,9 @@ import asyncio
 import base64
 import io
 import json
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
@@ -15,11 +17,12 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import ConfigurableField
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import TypedDict
 
 from emloc_agents import Demonstration, MemoryRegistry, Skill
 from emloc_agents.chat_model import EMLoCChatModel, UnsupportedContentError, to_turns
+from emloc_agents.images import ImagePolicy
 from emloc_agents.registry import UnknownSkillError
 from tests.conftest import make_skill
 
@@ -349,13 +352,90 @@ def test_image_blocks_become_pil_images(tmp_path) -> None:
         {"type": "image_url", "image_url": f"data:image/png;base64,{b64}"},
         {"type": "image", "url": f"data:image/png;base64,{b64}"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},  # Anthropic
-        {"type": "image", "url": str(path)},  # local path
+        {"type": "image", "url": str(path)},  # local path, in an allowed directory
         {"type": "image_url", "image_url": {"url": f"file://{path}"}},
     ]
-    turns = to_turns([HumanMessage(content=blocks), HumanMessage(content=[{"type": "image", "path": str(path)}])])
+    allowed = ImagePolicy.allowing([tmp_path])
+    turns = to_turns([HumanMessage(content=blocks), HumanMessage(content=[{"type": "image", "path": str(path)}])], allowed)
     assert len(turns) == 1 and turns[0]["content"] == "Describe:"
     assert len(turns[0]["images"]) == 9
     assert all(im.size == (8, 8) for im in turns[0]["images"])
+    assert len(to_turns([HumanMessage(content=blocks[:7])])[0]["images"]) == 6  # base64 and data: URLs need no option
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels and holds a few bytes of them (decoding it fails)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_local_images_are_read_only_inside_allowed_directories(tmp_path) -> None:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "in.png").write_bytes(png_bytes())
+    (outside / "out.png").write_bytes(png_bytes())
+    (allowed / "link.png").symlink_to(outside / "out.png")
+    policy = ImagePolicy.allowing([allowed])
+
+    def read(url: str, images: ImagePolicy = policy) -> list:
+        return to_turns([HumanMessage(content=[{"type": "image", "url": url}])], images)[0]["images"]
+
+    assert read(str(allowed / "in.png"))[0].size == (8, 8)
+    assert read(f"file://{allowed / 'in.png'}")[0].size == (8, 8)
+    assert read(f"file://localhost{allowed / 'in.png'}")[0].size == (8, 8)
+    for url in (str(allowed / "in.png"), f"file://{allowed / 'in.png'}", "/etc/passwd", "relative.png"):
+        with pytest.raises(UnsupportedContentError, match=r"allowed_local_image_dirs=\[\.\.\.\]"):
+            read(url, ImagePolicy())  # the default: no local files at all
+    for url in (str(outside / "out.png"), str(allowed / ".." / "outside" / "out.png"), str(allowed / "link.png"),
+                "/etc/passwd", f"file://{outside / 'out.png'}"):
+        with pytest.raises(UnsupportedContentError, match="outside the directories of allowed_local_image_dirs"):
+            read(url)
+    with pytest.raises(UnsupportedContentError, match="image not found"):
+        read(str(allowed / "missing.png"))
+    with pytest.raises(UnsupportedContentError, match="another host"):
+        read(f"file://evil.example{allowed / 'in.png'}")
+
+
+def test_allowed_local_image_dirs_on_the_chat_model(registry: MemoryRegistry, tmp_path) -> None:
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    msg = HumanMessage(content=[{"type": "text", "text": "what is this"}, {"type": "image", "path": str(tmp_path / "in.png")}])
+    with pytest.raises(UnsupportedContentError, match="allowed_local_image_dirs"):
+        EMLoCChatModel(registry=registry, max_tokens=2).invoke([msg])
+    with pytest.raises(ValueError, match="text-only"):  # read, then refused by the text model
+        EMLoCChatModel(registry=registry, max_tokens=2, allowed_local_image_dirs=[str(tmp_path)]).invoke([msg])
+    for bad in (["/no/such/dir"], [str(tmp_path / "in.png")], [""]):
+        with pytest.raises(ValidationError, match="allowed_local_image_dirs"):
+            EMLoCChatModel(registry=registry, allowed_local_image_dirs=bad)
+
+
+def test_images_past_the_size_limits_are_refused_before_decoding(registry: MemoryRegistry, tmp_path) -> None:
+    data = png_bytes()
+    (tmp_path / "in.png").write_bytes(data)
+    b64 = base64.b64encode(data).decode()
+    small = ImagePolicy.allowing([tmp_path], max_bytes=len(data) - 1)
+    for block in ({"type": "image", "base64": b64}, {"type": "image", "url": f"data:image/png;base64,{b64}"},
+                  {"type": "image", "path": str(tmp_path / "in.png")}):
+        with pytest.raises(UnsupportedContentError, match="max_image_bytes"):
+            to_turns([HumanMessage(content=[block])], small)
+    assert to_turns([HumanMessage(content=[{"type": "image", "base64": b64}])],
+                    ImagePolicy(max_bytes=len(data)))[0]["images"]
+    with pytest.raises(UnsupportedContentError, match="max_image_bytes"):  # refused before decoding the base64
+        to_turns([HumanMessage(content=[{"type": "image", "base64": "A" * 4000}])], ImagePolicy(max_bytes=100))
+    with pytest.raises(UnsupportedContentError, match="max_image_pixels=63"):
+        to_turns([HumanMessage(content=[{"type": "image", "base64": b64}])], ImagePolicy(max_pixels=63))
+    # 81 megapixels claimed in a tiny file: refused from its header (decoding would fail: "not readable")
+    header_only = {"type": "image", "base64": base64.b64encode(png_header(9000, 9000)).decode(), "mime_type": "image/png"}
+    with pytest.raises(UnsupportedContentError, match="9000x9000 = 81000000 pixels, over max_image_pixels"):
+        EMLoCChatModel(registry=registry, max_tokens=2).invoke([HumanMessage(content=[header_only])])
+    bomb = {"type": "image", "base64": base64.b64encode(png_header(100_000, 100_000)).decode(), "mime_type": "image/png"}
+    with pytest.raises(UnsupportedContentError, match="decompression bomb"):
+        EMLoCChatModel(registry=registry, max_tokens=2, max_image_pixels=10**12).invoke([HumanMessage(content=[bomb])])
+    with pytest.raises(ValidationError):
+        EMLoCChatModel(registry=registry, max_image_bytes=0)
 
 
 @pytest.mark.parametrize(
@@ -369,7 +449,8 @@ def test_image_blocks_become_pil_images(tmp_path) -> None:
         ({"type": "image", "file_id": "file-123"}, "file_id"),
         ({"type": "image", "base64": base64.b64encode(b"not an image").decode(), "mime_type": "image/png"},
          "not a readable image"),
-        ({"type": "image", "url": "/no/such/image.png"}, "image not found"),
+        ({"type": "image", "url": "/no/such/image.png"}, "allowed_local_image_dirs"),
+        ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "allowed_local_image_dirs"),
         ({"type": "image_url", "image_url": {"url": "data:application/pdf;base64,AAAA"}}, "images only"),
         ({"type": "hologram"}, "unsupported content block type 'hologram'"),
     ],
