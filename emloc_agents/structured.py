@@ -187,10 +187,6 @@ def choice_grammar(options: Sequence[str]) -> str:
         raise StructuredOutputError(f"cannot build the answer grammar: {e}") from e
 
 
-def any_json_object_grammar() -> str:
-    return json_grammar({"type": "object"})
-
-
 # ---- prompts -------------------------------------------------------------------------------------
 
 
