@@ -298,6 +298,10 @@ class EMLoCChatModel(BaseChatModel):
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     seed: int | None = None
     streaming: bool = False
+    cache_prompt: bool = True
+    """Start each prompt from the keys/values of the longest prefix it shares with a recent prompt on
+    the same skill (an agent resends its system prompt, tools and earlier turns at every step); the
+    answer is the one a full prefill gives, up to float rounding."""
     allowed_local_image_dirs: list[str] = Field(default_factory=list)
     """Directories whose image files messages may name by local path or ``file://`` URL (none by
     default: a message's images are then base64 blocks or ``data:`` URLs). Messages are input from
@@ -445,6 +449,7 @@ class EMLoCChatModel(BaseChatModel):
             top_p=_checked(kwargs.pop("top_p", self.top_p), "top_p", "a number in (0, 1]", lambda v: 0 < v <= 1),
             stop=_stop_list(self._stops(stop, skill, memory)),
             seed=seed,
+            prompt_cache=getattr(lm, "prompt_cache", None) if self.cache_prompt else None,
         )
         text_stops = gen_kw["stop"]
         if grammar is not None and mode == "text":  # no call (tool_choice="none"), or a skill's label

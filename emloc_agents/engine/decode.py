@@ -16,6 +16,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from .cache import MemoryCache, join_valid
 from .forward import ModelHandle, lm_logits, run
 from .memory import CompressedMemory
+from .prompt_cache import PromptCache
 
 
 def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[MemoryCache, int]:
@@ -58,22 +59,28 @@ def stream_tokens(
     generator: torch.Generator | None = None,
     logits_processor: LogitsProcessorList | None = None,
     finish_when: Callable[[str, int], tuple[int, str] | None] | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[tuple[str, Generation | None]]:
     """Yield (text delta, None) per step and finally ("", Generation).
 
     ``logits_processor`` (e.g. a grammar constraint) runs on the raw logits before the sampling
     warpers, so temperature/top-p only ever choose among the tokens it allows. ``finish_when(text,
     n_tokens)`` may end the reply early: it returns (where to cut the text, finish reason) or None
-    (limits that depend on what the reply turned out to be, e.g. a text reply under a tools grammar)."""
+    (limits that depend on what the reply turned out to be, e.g. a text reply under a tools grammar).
+    ``prompt_cache``: start from the longest prefix of the prompt kept there, and keep this prompt's
+    keys/values (text models; ``engine/prompt_cache.py``)."""
     if not prompt_ids:
         raise ValueError("empty prompt")
-    cache, start = memory_cache(lm, memory)
     vision = getattr(lm, "vision", None)  # prompts with images (engine/vision.py PromptIds)
+    if vision is not None:
+        prompt_cache = None  # image tokens and M-RoPE positions are not reused
+    run_on, held = (memory, 0) if prompt_cache is None else prompt_cache.lookup(memory, prompt_ids)
+    cache, start = memory_cache(lm, run_on)
     embeds, rope = (None, None) if vision is None else vision.prompt_inputs(prompt_ids, start + getattr(cache, "rope_delta", 0))
     f = lm.facts
-    if f.max_positions and start + len(prompt_ids) + max_new_tokens > f.max_positions:
+    if f.max_positions and start - held + len(prompt_ids) + max_new_tokens > f.max_positions:
         raise ValueError(
-            f"prompt ({len(prompt_ids)} tokens) + memory ({start}) + {max_new_tokens} new tokens exceed "
+            f"prompt ({len(prompt_ids)} tokens) + memory ({start - held}) + {max_new_tokens} new tokens exceed "
             f"the model's {f.max_positions} positions"
         )
     processors = LogitsProcessorList(logits_processor or [])
@@ -85,8 +92,8 @@ def stream_tokens(
     device = lm.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)  # multinomial wants it on the probs' device
-    ids = torch.tensor([list(prompt_ids)], device=device)
-    pos = start + torch.arange(len(prompt_ids), device=device)[None]
+    ids = torch.tensor([list(prompt_ids)[held:]], device=device)
+    pos = start + torch.arange(len(prompt_ids) - held, device=device)[None]
     t0 = time.perf_counter()
     out_ids: list[int] = []
     text = ""
@@ -98,6 +105,8 @@ def stream_tokens(
         logits = lm_logits(lm.model, f, hidden[:, -1])
         if step == 0:
             ttft = time.perf_counter() - t0
+            if prompt_cache is not None:
+                prompt_cache.add(memory, prompt_ids, cache, [w is not None for w in f.windows])
         scores = logits
         if processors:  # they see every id so far (a host-to-device copy per step, so only when asked)
             all_ids = torch.tensor([list(prompt_ids) + out_ids], device=device)
@@ -131,7 +140,7 @@ def stream_tokens(
     else:
         text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
     t_end = time.perf_counter()
-    yield "", Generation(text, out_ids, len(prompt_ids), finish, ttft, t_end - t0 - ttft)
+    yield "", Generation(text, out_ids, len(prompt_ids), finish, ttft, t_end - t0 - ttft, {"prompt_tokens_reused": held})
 
 
 def generate(lm: ModelHandle, prompt_ids: Sequence[int], memory: CompressedMemory | None = None, **kw) -> Generation:

@@ -14,6 +14,7 @@ import torch
 from ..engine import CompressedMemory, Renderer, instrument, model_facts
 from ..engine.decode import Generation, generate, score_continuations, stream_tokens
 from ..engine.prompt import choose_mode
+from ..engine.prompt_cache import PromptCache
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -66,6 +67,7 @@ class LanguageModel:
         self._fingerprint: str | None = None
         self._renderers: dict[str, Renderer] = {}
         self._lock = threading.Lock()
+        self.prompt_cache = PromptCache()  # the chat model's recent prompts (engine/prompt_cache.py)
 
     @property
     def device(self) -> torch.device:
