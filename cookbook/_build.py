@@ -614,8 +614,10 @@ NB04 = [
     ## 3. What invalidates a memory
 
     The key is a hash of everything that determines the tensors: format version, model fingerprint
-    (weights, config, tokenizer, chat template, dtype), `EMLoCConfig`, and the skill's content hash
-    (instruction, demonstration text, image bytes). Change any of them and the old memory is simply
+    (weights, config, tokenizer, chat template, dtype), the `EMLoCConfig` fields that change the
+    tensors (`TENSOR_FIELDS`; `lookahead` and `batch_candidates` only change the cost and reuse the
+    memory), and the skill's content hash (instruction, demonstration text, image bytes). Change any
+    of them and the old memory is simply
     never looked up again (LRU eviction reclaims it). Names and descriptions are not part of it.
     """),
     code("""
@@ -1046,8 +1048,9 @@ def _nb03_model_cells() -> list:
         ## 5. Ask with an image, on the memory
 
         Through LangChain: a `MemoryRegistry` on the VLM and an `EMLoCChatModel`; the query carries its
-        image as a standard image content block (base64, a local path or a `data:` URL; remote URLs are
-        refused since there is no network).
+        image as a standard image content block (base64 or a `data:` URL; a local path or `file://` URL
+        only inside the directories given in `EMLoCChatModel(allowed_local_image_dirs=[...])`; remote
+        URLs are refused since there is no network).
         """),
         code("""
         registry = MemoryRegistry(model=vlm, cache_dir=tempfile.mkdtemp(prefix="emloc-vlm-"))
