@@ -14,8 +14,9 @@ import json
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput, ModelProfile
@@ -52,6 +53,9 @@ from .images import (
 from .registry import MemoryRegistry
 from .skills import Skill
 from .tool_format import ToolFormat, parse_reply, tool_format
+
+if TYPE_CHECKING:
+    from .models.lm import LanguageModel
 
 STRICT_IMAGES = ImagePolicy()
 """Messages' images when no local directory is allowed: base64 and data: URLs only."""
@@ -187,6 +191,24 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 keep = n
                 break
     return keep
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """One call, ready to decode: the prompt, the memory it runs on, the decoding options, and how
+    to read the reply."""
+
+    lm: LanguageModel
+    ids: list[int]  # the prompt after the memory
+    memory: CompressedMemory | None  # the skill's memory (None: zero-shot)
+    skill: str | None
+    created: int  # tokens compressed for this call (0 when the memory was stored or no skill)
+    gen: dict[str, Any]  # keyword arguments of ``LanguageModel.stream_ids``
+    mode: Literal["text", "tools", "json"]
+    model_name: str
+    text_stops: list[str]  # the stops of a text reply (under a tools grammar too)
+    format: ToolFormat  # how the model writes tool calls
+    tool_names: list[str]
 
 
 def _answer_text(text: str) -> str:
@@ -368,7 +390,7 @@ class EMLoCChatModel(BaseChatModel):
 
     # ---- one call ----------------------------------------------------------------------------
 
-    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PreparedCall:
         from . import structured as st
 
         check_call_arguments(kwargs)
@@ -462,9 +484,9 @@ class EMLoCChatModel(BaseChatModel):
                 gen_kw["finish_when"] = _text_reply_limits(text_stops, max_tokens, fmt)
             else:
                 text_stops = []
-        return {"lm": lm, "ids": ids, "memory": memory, "skill": skill_name, "created": created, "gen": gen_kw,
-                "mode": mode, "model_name": registry.model_name, "text_stops": text_stops, "format": fmt,
-                "tool_names": [t["function"]["name"] for t in tools]}
+        return PreparedCall(lm=lm, ids=ids, memory=memory, skill=skill_name, created=created, gen=gen_kw, mode=mode,
+                            model_name=registry.model_name, text_stops=text_stops, format=fmt,
+                            tool_names=[t["function"]["name"] for t in tools])
 
     def _stops(self, stop: list[str] | None, skill: Skill | None, memory: CompressedMemory | None) -> Any:
         """The call's ``stop``, else the model's, else where the skill's demonstrated answers end
@@ -489,10 +511,10 @@ class EMLoCChatModel(BaseChatModel):
             return response_format["json_schema"].get("schema", {"type": "object"}), True
         return response_format, True
 
-    def _metadata(self, p: dict[str, Any], g: Generation) -> tuple[UsageMetadata, dict[str, Any]]:
-        memory: CompressedMemory | None = p["memory"]
+    def _metadata(self, p: PreparedCall, g: Generation) -> tuple[UsageMetadata, dict[str, Any]]:
+        memory = p.memory
         read = round(memory.memory_tokens / memory.num_layers) if memory is not None else 0
-        created = int(p["created"])
+        created = p.created
         input_tokens = g.prompt_tokens + read + created
         usage = UsageMetadata(
             input_tokens=input_tokens,
@@ -501,9 +523,9 @@ class EMLoCChatModel(BaseChatModel):
             input_token_details={"cache_read": read, "cache_creation": created},
         )
         meta = {
-            "model_name": p["model_name"],
+            "model_name": p.model_name,
             "model_provider": "emloc",
-            "skill": p["skill"],
+            "skill": p.skill,
             "memory_tokens": read,
             "original_tokens": memory.original_length if memory is not None else 0,
             "kept_ratio": memory.kept_ratio if memory is not None else None,
@@ -512,11 +534,11 @@ class EMLoCChatModel(BaseChatModel):
         }
         return usage, meta
 
-    def _message(self, p: dict[str, Any], g: Generation) -> AIMessage:
+    def _message(self, p: PreparedCall, g: Generation) -> AIMessage:
         usage, meta = self._metadata(p, g)
         text = _answer_text(g.text)
-        if p["mode"] == "tools":
-            reply = parse_reply(text, p["tool_names"], p["format"])
+        if p.mode == "tools":
+            reply = parse_reply(text, p.tool_names, p.format)
             if reply.tool_calls:
                 meta["finish_reason"] = "tool_calls"
             return AIMessage(content=reply.content, tool_calls=reply.tool_calls, invalid_tool_calls=reply.invalid_tool_calls,
@@ -533,7 +555,7 @@ class EMLoCChatModel(BaseChatModel):
         if self.streaming:
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         p = self._prepare(messages, stop, dict(kwargs))
-        g = p["lm"].generate_ids(p["ids"], p["memory"], **p["gen"])
+        g = p.lm.generate_ids(p.ids, p.memory, **p.gen)
         msg = self._message(p, g)
         return ChatResult(generations=[ChatGeneration(message=msg, generation_info={"finish_reason": g.finish_reason})])
 
@@ -545,11 +567,11 @@ class EMLoCChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         p = self._prepare(messages, stop, dict(kwargs))
-        buffering: bool | None = None if p["mode"] == "tools" else False  # tools: decided by the 1st non-blank
-        stops = p["text_stops"]
+        buffering: bool | None = None if p.mode == "tools" else False  # tools: decided by the 1st non-blank
+        stops = p.text_stops
         sent = ""  # text yielded so far
         raw = ""  # text decoded so far
-        for delta, final in p["lm"].stream_ids(p["ids"], p["memory"], **p["gen"]):
+        for delta, final in p.lm.stream_ids(p.ids, p.memory, **p.gen):
             raw += delta
             if final is not None:
                 # the final text is authoritative: it flushes what was held back (a stop-string
@@ -557,7 +579,7 @@ class EMLoCChatModel(BaseChatModel):
                 raw = final.text
             seen = _answer_text(raw)
             if buffering is None and seen:
-                buffering = p["format"].may_hold_call(seen)
+                buffering = p.format.may_hold_call(seen)
             if not buffering:
                 ready = seen if final is not None else seen[: len(seen) - _held_back(seen, stops)]
                 if ready.startswith(sent) and len(ready) > len(sent):
@@ -569,7 +591,7 @@ class EMLoCChatModel(BaseChatModel):
             if final is None:
                 continue
             usage, meta = self._metadata(p, final)
-            reply = parse_reply(seen, p["tool_names"], p["format"]) if p["mode"] == "tools" else None
+            reply = parse_reply(seen, p.tool_names, p.format) if p.mode == "tools" else None
             if reply is not None and (buffering or reply.tool_calls):
                 # calls are sent whole once complete; a buffered reply's text comes with them (a reply
                 # streamed as text keeps its fence: only the call is added)

@@ -175,7 +175,7 @@ def test_forced_calls_in_the_native_format(hermes_chat: EMLoCChatModel, parallel
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"]) for c in r.tool_calls]
     prompt = hermes_chat._prepare([HumanMessage("What is 1 + 2?")], None,
                                   {"tools": [convert_to_openai_tool(add)], "tool_choice": "any"})
-    assert "<tools>" in hermes_chat.get_registry().lm.tokenizer.decode(prompt["ids"])
+    assert "<tools>" in hermes_chat.get_registry().lm.tokenizer.decode(prompt.ids)
 
 
 def test_bad_parallel_argument(hermes_chat: EMLoCChatModel) -> None:
@@ -190,7 +190,7 @@ def test_json_calls_round_trip_through_the_template(hermes_chat: EMLoCChatModel)
     result = ToolMessage(json.dumps(3), tool_call_id=first.tool_calls[0]["id"], name="add")
     p = hermes_chat._prepare([HumanMessage("What is 1 + 2?"), first, result], None,
                              {"tools": [convert_to_openai_tool(add)], "tool_choice": "auto"})
-    text = hermes_chat.get_registry().lm.tokenizer.decode(p["ids"])
+    text = hermes_chat.get_registry().lm.tokenizer.decode(p.ids)
     assert "<tool_response>\n3\n</tool_response>" in text and '"name": "add"' in text
 
 
@@ -265,8 +265,8 @@ def test_tool_choice_none_keeps_the_native_form_and_rules_out_calls(hermes_chat:
     msgs = [HumanMessage("What is 1 + 2?"), AIMessage("", tool_calls=[call]), ToolMessage("3", tool_call_id="call_1")]
     bound = hermes_chat.bind_tools([add], tool_choice="none")
     p = hermes_chat._prepare(msgs, None, dict(bound.kwargs))
-    text = hermes_chat.get_registry().lm.tokenizer.decode(p["ids"])
-    assert "<tool_response>\n3\n</tool_response>" in text and "<tools>" in text and p["mode"] == "text"
+    text = hermes_chat.get_registry().lm.tokenizer.decode(p.ids)
+    assert "<tool_response>\n3\n</tool_response>" in text and "<tools>" in text and p.mode == "text"
     grammar = ToolFormat("hermes").no_call_grammar()
     tok = hermes_chat.get_registry().lm.tokenizer
     for reply, ok in [("It is 3.", True), ('{"name": "add"}', False), ("<tool_call>", False),

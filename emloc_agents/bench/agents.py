@@ -28,6 +28,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
+from tqdm.auto import tqdm
 
 from ..chat_model import EMLoCChatModel
 from ..registry import MemoryRegistry
@@ -120,9 +121,11 @@ def run_request(agent: Any, req: dict[str, Any]) -> dict[str, Any]:
     messages: list[BaseMessage] = []
     error = None
     try:
-        # each model step is a model node and, after a call, a tools node
-        out = agent.invoke({"messages": [("user", req["request"])]}, {"recursion_limit": 2 * STEP_LIMIT})
-        messages = out["messages"]
+        # each model step is a model node and, after a call, a tools node; the state is followed step
+        # by step so that a run cut at the limit still shows what it did
+        for state in agent.stream({"messages": [("user", req["request"])]}, {"recursion_limit": 2 * STEP_LIMIT},
+                                  stream_mode="values"):
+            messages = state["messages"]
     except GraphRecursionError:
         error = f"more than {STEP_LIMIT} model steps"
     row = score(req, messages, error)
@@ -156,9 +159,11 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed: int = 0,
                limit: int | None = None, out: str | Path | None = None,
-               cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the request set through ``create_agent`` on ``model``; write ``agents.json`` (rows and
-    summary) under ``out``. Returns ``{"model", "skill_model", "shots", "seed", "summary", "rows"}``."""
+               cache_dir: str | Path | None = None, system_prompt: str = AGENT_SYSTEM_PROMPT,
+               requests: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the request set (or ``requests``) through ``create_agent`` on ``model``; write
+    ``agents.json`` (rows and summary) under ``out``. Returns ``{"model", "skill_model", "shots",
+    "seed", "summary", "rows"}``."""
     from langchain.agents import create_agent
 
     registry = skill_registry(skill_model or model, shots, seed, cache_dir)
@@ -168,8 +173,17 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
     skill_chat = agent_chat if same else EMLoCChatModel(registry=registry, max_tokens=128)
     for skill in registry.skills():
         registry.get(skill)  # compress before timing requests
-    agent = create_agent(agent_chat, tools=agent_tools(registry, skill_chat), system_prompt=AGENT_SYSTEM_PROMPT)
-    rows = [run_request(agent, req) for req in load_requests()[:limit]]
+    agent = create_agent(agent_chat, tools=agent_tools(registry, skill_chat), system_prompt=system_prompt)
+    rows: list[dict[str, Any]] = []
+    for req in tqdm(list(requests or load_requests())[:limit], desc=f"agent requests on {model}", unit="request"):
+        rows.append(run_request(agent, req))
+        if out is not None:  # written after every request: a long run can be read while it goes
+            _write(out, model, skill_model, shots, seed, rows)
+    return _write(out, model, skill_model, shots, seed, rows)
+
+
+def _write(out: str | Path | None, model: str, skill_model: str | None, shots: int, seed: int,
+           rows: list[dict[str, Any]]) -> dict[str, Any]:
     result = {"model": model, "skill_model": skill_model or model, "shots": shots, "seed": seed,
               "summary": summarise(rows), "rows": rows}
     if out is not None:
