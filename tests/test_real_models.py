@@ -12,6 +12,7 @@ the day the gap closes, so the docs get updated.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import pytest
 from langchain_core.tools import tool
@@ -62,8 +63,8 @@ FIDELITY_CASES = [  # compression="chunks", the paper's loop (the default until 
 
 CONTEXT_CASES = [  # the default (compression="auto" = "context" here: engine/context.py), same goal; at 128 shots
     # see docs/benchmarks.md
-    # (SST-2 at these settings, measured and left out to keep CI short: kept 20.0 %, agreement 0.90,
-    # accuracy 0.73 against full ICL's 0.83)
+    pytest.param("smollm2-135m", "sst2", marks=_below_goal("kept 20.0 %, agreement 0.90, accuracy 0.79 against "
+                                                           "full ICL's 0.83")),
     pytest.param("smollm2-135m", "trec", marks=_below_goal("kept 50.0 % (no smaller share within delta), "
                                                            "agreement 0.99, accuracy 0.57 against full ICL's 0.58")),
 ]
@@ -71,31 +72,68 @@ CONTEXT_CASES = [  # the default (compression="auto" = "context" here: engine/co
 
 @pytest.mark.parametrize(("model", "task_name"), FIDELITY_CASES)
 def test_chunk_wise_memory_meets_the_fidelity_goal(model: str, task_name: str) -> None:
-    _check_fidelity(model, task_name, EMLoCConfig(compression="chunks"))
+    _check_fidelity(model, task_name, "chunks")
 
 
 @pytest.mark.parametrize(("model", "task_name"), CONTEXT_CASES)
 def test_default_memory_meets_the_fidelity_goal(model: str, task_name: str) -> None:
-    _check_fidelity(model, task_name, EMLoCConfig())  # compression="auto": the whole context for text
+    _check_fidelity(model, task_name, "auto")  # the whole context for text
 
 
-def _check_fidelity(model: str, task_name: str, config: EMLoCConfig) -> None:
+class Fidelity(NamedTuple):
+    kept: float
+    agreement: float
+    accuracy_full: float
+    accuracy_memory: float
+
+
+@functools.cache
+def _fidelity(model: str, task_name: str, compression: str) -> Fidelity:
+    """The memory of the first SHOTS demonstrations (seed 0) against full ICL on the first N_ITEMS
+    test items (computed once per case: the goal and the regression tests share it)."""
     lm = _model(model)
     task = Task.load(task_name)
     skill = task.skill(shots=SHOTS, seed=0)
     items = task.test[:N_ITEMS]
     full = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,)))
-    mem = compress(lm, skill, config)
+    mem = compress(lm, skill, EMLoCConfig(compression=compression))  # type: ignore[arg-type]
     full_preds, mem_preds = _predict(lm, task, full, items), _predict(lm, task, mem, items)
-    agreement = sum(a == b for a, b in zip(full_preds, mem_preds, strict=True)) / len(items)
-    acc_full = sum(p == ex.label for p, ex in zip(full_preds, items, strict=True)) / len(items)
-    acc_mem = sum(p == ex.label for p, ex in zip(mem_preds, items, strict=True)) / len(items)
-    print(f"\n{model} {task_name}: {mem.original_length} tokens, kept {mem.kept_ratio:.1%}, agreement "
-          f"{agreement:.2f}, accuracy full {acc_full:.2f} memory {acc_mem:.2f}, compress "
+    result = Fidelity(
+        kept=mem.kept_ratio,
+        agreement=sum(a == b for a, b in zip(full_preds, mem_preds, strict=True)) / len(items),
+        accuracy_full=sum(p == ex.label for p, ex in zip(full_preds, items, strict=True)) / len(items),
+        accuracy_memory=sum(p == ex.label for p, ex in zip(mem_preds, items, strict=True)) / len(items))
+    print(f"\n{model} {task_name} ({compression}): {mem.original_length} tokens, {result}, compress "
           f"{mem.stats['compress_s']:.1f}s (prefill {full.stats['prefill_s']:.1f}s)")
-    assert mem.kept_ratio <= GOAL_KEPT
-    assert agreement >= GOAL_AGREEMENT
-    assert acc_mem >= acc_full - GOAL_ACCURACY_GAP
+    return result
+
+
+def _check_fidelity(model: str, task_name: str, compression: str) -> None:
+    got = _fidelity(model, task_name, compression)
+    assert got.kept <= GOAL_KEPT
+    assert got.agreement >= GOAL_AGREEMENT
+    assert got.accuracy_memory >= got.accuracy_full - GOAL_ACCURACY_GAP
+
+
+# The default, guarded: what it keeps and how often it agrees with full ICL, as measured (seed 0,
+# SHOTS shots, the first N_ITEMS test items, torch 2.13 CPU, 2026-12-05). The test fails when the kept
+# share grows by more than 2 points or the agreement drops by more than the 95 % sampling error of
+# N_ITEMS (1.96 standard errors, at most 0.05): a memory that agrees 10 points less fails either way.
+# (At 128 shots the default keeps 20 % on both tasks, docs/benchmarks.md; one such case costs ~5 min
+# of CPU here, so CI guards the 64-shot point.)
+REGRESSION_CASES = [
+    pytest.param("smollm2-135m", "sst2", 0.200, 0.90, id="smollm2-sst2"),
+    pytest.param("smollm2-135m", "trec", 0.500, 0.99, id="smollm2-trec"),
+]
+
+
+@pytest.mark.parametrize(("model", "task_name", "kept", "agreement"), REGRESSION_CASES)
+def test_the_default_memory_holds_its_measured_fidelity(model: str, task_name: str, kept: float,
+                                                        agreement: float) -> None:
+    got = _fidelity(model, task_name, "auto")
+    margin = min(0.05, 1.96 * (agreement * (1 - agreement) / N_ITEMS) ** 0.5)
+    assert got.kept <= kept + 0.02
+    assert got.agreement >= agreement - margin
 
 
 def test_gemma_compresses_and_answers() -> None:
