@@ -17,12 +17,16 @@ if TYPE_CHECKING:
 
 
 AGENT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. When one of your tools fits the user's request, call it once with the "
-    "user's text. When a tool response arrives, answer the user in one short sentence that gives the "
-    "tool's result. When no tool fits, answer the user directly."
+    "You are a helpful assistant. You have tools, but most questions need none. Call a tool only when the "
+    "request asks for exactly what the tool's description says it does: call it once with the user's text, "
+    "and when the tool response arrives, answer in one short sentence that gives the tool's result. "
+    "Otherwise answer directly in one short sentence, without a tool. For example, 'What is the capital of "
+    "Italy?' is answered 'The capital of Italy is Rome.' and 'Say hi.' is answered 'Hi!', with no tool."
 )
-"""A system prompt for ``create_agent`` with skill tools: small tool callers answer after a tool result
-when told to (without it Qwen2.5-Coder-1.5B repeats its call as text; docs/agents.md)."""
+"""A system prompt for ``create_agent`` with skill tools. Small tool callers call a tool for nearly
+every request unless told when not to, and repeat their call after its result unless told to answer
+then; this wording was chosen on requests outside the agent study (``scripts/agent_prompt_search.py``,
+docs/agents.md)."""
 
 
 class SkillInput(BaseModel):

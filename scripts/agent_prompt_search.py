@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 from emloc_agents.bench.agents import markdown, run_agents
-from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
 DEV_REQUESTS = [
     {"request": "What is the freezing point of water in Fahrenheit?", "tool": None, "answer": ["32"]},
@@ -40,14 +39,17 @@ DEV_REQUESTS = [
 ]
 
 CANDIDATES = {
-    "plain": AGENT_SYSTEM_PROMPT,
+    "plain": (  # the first agent prompt
+        "You are a helpful assistant. When one of your tools fits the user's request, call it once with the "
+        "user's text. When a tool response arrives, answer the user in one short sentence that gives the "
+        "tool's result. When no tool fits, answer the user directly."),
     "when-not": (
         "You are a helpful assistant. First decide whether one of your tools does exactly what the user "
         "asks. If it does, call it once with the user's text; when the tool response arrives, answer in one "
         "short sentence that gives the tool's result. If no tool does exactly that (general knowledge, "
         "greetings, translation, writing), do not call any tool: answer directly from what you know, in one "
         "short sentence."),
-    "when-not-examples": (
+    "when-not-examples": (  # emloc_agents.tools.AGENT_SYSTEM_PROMPT
         "You are a helpful assistant. You have tools, but most questions need none. Call a tool only when the "
         "request asks for exactly what the tool's description says it does: call it once with the user's text, "
         "and when the tool response arrives, answer in one short sentence that gives the tool's result. "
