@@ -568,11 +568,12 @@ def test_auto_grammar_allows_leading_blanks(registry: MemoryRegistry, text: str,
     ("text", " Three."),  # a plain-rendered memory answers after a space, like its demonstrations
 ])
 def test_message_drops_leading_blanks(jchat: EMLoCChatModel, mode: str, text: str) -> None:
+    from emloc_agents.chat_model import PreparedCall
     from emloc_agents.engine.decode import Generation
     from emloc_agents.tool_format import ToolFormat
 
-    p = {"mode": mode, "memory": None, "created": 0, "model_name": "m", "skill": None, "format": ToolFormat("json"),
-         "tool_names": ["add"]}
+    p = PreparedCall(lm=jchat.get_registry().lm, ids=[1, 2, 3], memory=None, skill=None, created=0, gen={},
+                     mode=mode, model_name="m", text_stops=[], format=ToolFormat("json"), tool_names=["add"])
     msg = jchat._message(p, Generation(text, [1, 2], 3, "stop", 0.0, 0.0))
     if "{" in text:
         assert msg.content == "" and msg.tool_calls[0]["args"] == {"a": 1, "b": 2}
