@@ -209,6 +209,24 @@ class PreparedCall:
     text_stops: list[str]  # the stops of a text reply (under a tools grammar too)
     format: ToolFormat  # how the model writes tool calls
     tool_names: list[str]
+    choice: str | None = None  # tool_choice as normalised ("auto", "any", "none" or a tool's name)
+    answered: frozenset[tuple[str, str]] = frozenset()  # (tool, JSON arguments) of calls with a result
+
+    def repeats(self, message: AIMessage) -> bool:
+        """The reply's calls were all made and answered before in this conversation."""
+        return bool(message.tool_calls) and all(_call_key(c["name"], c["args"]) in self.answered
+                                                for c in message.tool_calls)
+
+
+def _call_key(name: str, args: Any) -> tuple[str, str]:
+    return name, json.dumps(args, sort_keys=True, default=str)
+
+
+def _answered_calls(messages: Sequence[BaseMessage]) -> frozenset[tuple[str, str]]:
+    """The calls of the conversation's AI turns that a tool message answered."""
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    return frozenset(_call_key(c["name"], c["args"]) for m in messages if isinstance(m, AIMessage)
+                     for c in m.tool_calls if c.get("id") in answered)
 
 
 def _answer_text(text: str) -> str:
@@ -320,6 +338,11 @@ class EMLoCChatModel(BaseChatModel):
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     seed: int | None = None
     streaming: bool = False
+    repeat_calls: bool = False
+    """Whether a call identical to one already answered in the conversation (same tool, same
+    arguments, its result present) may be made again under ``tool_choice="auto"``. Off: the model
+    answers instead at that step (decoded as under ``tool_choice="none"``): small tool callers repeat a
+    call whose result did not say what they expected, until the agent's step limit."""
     cache_prompt: bool = True
     """Start each prompt from the keys/values of the longest prefix it shares with a recent prompt on
     the same skill (an agent resends its system prompt, tools and earlier turns at every step); the
@@ -486,7 +509,8 @@ class EMLoCChatModel(BaseChatModel):
                 text_stops = []
         return PreparedCall(lm=lm, ids=ids, memory=memory, skill=skill_name, created=created, gen=gen_kw, mode=mode,
                             model_name=registry.model_name, text_stops=text_stops, format=fmt,
-                            tool_names=[t["function"]["name"] for t in tools])
+                            tool_names=[t["function"]["name"] for t in tools], choice=choice,
+                            answered=_answered_calls(messages) if choice == "auto" else frozenset())
 
     def _stops(self, stop: list[str] | None, skill: Skill | None, memory: CompressedMemory | None) -> Any:
         """The call's ``stop``, else the model's, else where the skill's demonstrated answers end
@@ -557,6 +581,8 @@ class EMLoCChatModel(BaseChatModel):
         p = self._prepare(messages, stop, dict(kwargs))
         g = p.lm.generate_ids(p.ids, p.memory, **p.gen)
         msg = self._message(p, g)
+        if not self.repeat_calls and p.repeats(msg):
+            return self._generate(messages, stop, run_manager, **{**kwargs, "tool_choice": "none"})
         return ChatResult(generations=[ChatGeneration(message=msg, generation_info={"finish_reason": g.finish_reason})])
 
     def _stream(
@@ -592,6 +618,10 @@ class EMLoCChatModel(BaseChatModel):
                 continue
             usage, meta = self._metadata(p, final)
             reply = parse_reply(seen, p.tool_names, p.format) if p.mode == "tools" else None
+            if (reply is not None and buffering and not self.repeat_calls
+                    and p.repeats(AIMessage(content="", tool_calls=reply.tool_calls))):
+                yield from self._stream(messages, stop, run_manager, **{**kwargs, "tool_choice": "none"})
+                return
             if reply is not None and (buffering or reply.tool_calls):
                 # calls are sent whole once complete; a buffered reply's text comes with them (a reply
                 # streamed as text keeps its fence: only the call is added)

@@ -114,6 +114,9 @@ AGENT_CASES = [  # (request, the tool to call or None, words the final answer st
     ("What type of answer does this question ask for: 'How far is it from Denver to Aspen ?'", "question_type", None),
     ("What's the weather like in Oslo?", "get_weather", "sunny"),
     ("What is the capital of France?", None, "Paris"),
+    # the result ("sunny") is not what the request expects: the model repeats the call unless the chat
+    # model makes it answer (repeat_calls=False)
+    ("Is it raining in Paris right now?", "get_weather", "sunny"),
 ]
 
 

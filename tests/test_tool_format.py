@@ -274,3 +274,23 @@ def test_tool_choice_none_keeps_the_native_form_and_rules_out_calls(hermes_chat:
         assert _accepts(tok, grammar, reply)[1] == ok, reply
     r = bound.invoke(msgs)
     assert not r.tool_calls and not str(r.content).lstrip().startswith(("{", "<"))
+
+
+def test_a_call_already_answered_in_the_conversation_counts_as_a_repeat(hermes_chat: EMLoCChatModel) -> None:
+    """Under tool_choice="auto" a reply whose calls were all made and answered before is a repeat (the
+    model is then asked to answer instead); a new call, or one without a result yet, is not."""
+    call = {"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"}
+    msgs = [HumanMessage("What is 1 + 2?"), AIMessage("", tool_calls=[call]), ToolMessage("3", tool_call_id="call_1")]
+    p = hermes_chat._prepare(msgs, None, dict(hermes_chat.bind_tools([add]).kwargs))
+    assert p.choice == "auto" and p.answered == {("add", '{"a": 1, "b": 2}')}
+
+    def reply(*calls: dict[str, Any]) -> AIMessage:
+        return AIMessage("", tool_calls=[{"name": "add", "args": a, "id": f"c{i}"} for i, a in enumerate(calls)])
+
+    assert p.repeats(reply({"b": 2, "a": 1}))  # the same arguments in another order
+    assert not p.repeats(reply({"a": 1, "b": 3})) and not p.repeats(reply({"a": 1, "b": 2}, {"a": 5, "b": 5}))
+    assert not p.repeats(AIMessage("3"))
+    unanswered = hermes_chat._prepare(msgs[:2], None, dict(hermes_chat.bind_tools([add]).kwargs))
+    assert not unanswered.repeats(reply({"a": 1, "b": 2}))
+    forced = hermes_chat._prepare(msgs, None, dict(hermes_chat.bind_tools([add], tool_choice="add").kwargs))
+    assert not forced.repeats(reply({"a": 1, "b": 2}))  # a forced call is the caller's choice
