@@ -108,8 +108,13 @@ def test_missing_extra_is_one_line_naming_it(name: str, tmp_path: Path, monkeypa
 
 @pytest.mark.parametrize("name", sorted(EXTRAS))
 def test_cli_without_the_extra_says_one_line(name: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from emloc_agents import chat_model
     from emloc_agents.cli import main
+    from emloc_agents.models import loader
 
+    # as in a fresh process: earlier tests may hold the model loaded (the loader keeps one per process)
+    monkeypatch.setattr(loader, "_LOADED", {})
+    monkeypatch.setattr(chat_model, "_REGISTRIES", {})
     real = importlib.util.find_spec
     module = EMBEDDED[name].module
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a))
