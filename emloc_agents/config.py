@@ -24,6 +24,10 @@ COST_FIELDS = frozenset({"batch_candidates", "lookahead"})
 Under ``compression="auto"`` setting one away from its default still selects the chunk-wise loop, and
 the key changes through the resolved mode."""
 
+METHOD_NAMES: set[str] = {"chunks", "context"}
+"""Compression methods a config may name besides "auto" (``engine.compress.register_method`` adds one;
+``engine.compress.METHODS`` maps each to its entry point)."""
+
 # knobs of the chunk-wise loop alone: one away from its default asks for that loop (resolved_compression)
 CHUNK_LOOP_KNOBS = frozenset({
     "demos_per_chunk", "pool_kernel", "layer_group_size", "search_scope", "batch_candidates", "lookahead",
@@ -42,7 +46,7 @@ class EMLoCConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # tensors: which algorithm builds the memory (keyed as the mode it resolves to)
-    compression: Literal["auto", "chunks", "context"] = Field(
+    compression: str = Field(
         "auto", description="'chunks': the paper's loop, each chunk prefilled on the memory of the chunks "
         "before and pruned layer by layer as it lands (compression needs only the memory's room). 'context': "
         "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
@@ -50,7 +54,8 @@ class EMLoCConfig(BaseModel):
         "within delta kept (engine/context.py; needs the full context's room; text models only). 'auto': "
         "'context' for text skills on text models (it answers far closer to full in-context learning, "
         "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
-        "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS).")
+        "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS). Any other name: a method "
+        "registered with engine.compress.register_method.")
     # tensors: the ranking blends tried per keep ratio
     reconstruction_shares: tuple[float, ...] = Field(
         (0.3, 0.5, 0.7, 0.85, 1.0), min_length=1, description="compression='context': shares of the kept slots "
@@ -162,6 +167,14 @@ class EMLoCConfig(BaseModel):
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
+    @field_validator("compression")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        if v != "auto" and v not in METHOD_NAMES:
+            raise ValueError(f"compression must be 'auto' or a registered method ({', '.join(sorted(METHOD_NAMES))}), "
+                             f"got {v!r}")
+        return v
+
     @field_validator("keep_ratios")
     @classmethod
     def _ratios_valid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -196,7 +209,7 @@ class EMLoCConfig(BaseModel):
             raise ValueError("merge_evicted needs compression='context' (or 'auto' on a text skill)")
         return self
 
-    def resolved_compression(self, images: bool) -> Literal["chunks", "context"]:
+    def resolved_compression(self, images: bool) -> str:
         """The mode ``compression`` means for a skill (``images``: the skill or the model is visual):
         "auto" is the whole-context ranking unless images or a chunk-loop knob changed ask for the loop."""
         if self.compression != "auto":

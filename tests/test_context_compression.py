@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from emloc_agents import EMLoCConfig, compress
+from emloc_agents.engine.chunk_loop import answer_rows
 from emloc_agents.engine.context import (
-    answer_rows,
     check_set,
     demo_spans,
     held_out_answers,

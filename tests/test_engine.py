@@ -338,7 +338,7 @@ def test_lookahead_keeps_the_sequential_decisions(arch: str, device: str) -> Non
 
 def test_lookahead_defaults_by_device() -> None:
     """Unset, the speculation depth follows the device (cost only: the decisions do not depend on it)."""
-    from emloc_agents.engine.compress import press_for
+    from emloc_agents.engine.chunk_loop import press_for
     from emloc_agents.engine.presses import default_lookahead
 
     assert EMLoCConfig().lookahead is None and press_for(EMLoCConfig()).lookahead is None
@@ -377,7 +377,7 @@ def test_packed_replay_equals_each_demonstration_alone(tiny_llama) -> None:
 def test_probe_replays_the_chosen_demonstrations(tiny_llama, probe: str) -> None:
     """``probe="next"`` replays the next chunk's demonstrations after a chunk (the last chunk: the
     previous chunk's), so no replayed answer can be copied from the chunk being pruned."""
-    from emloc_agents.engine.compress import plan_chunks, probe_demos
+    from emloc_agents.engine.chunk_loop import plan_chunks, probe_demos
     from emloc_agents.engine.presses import Press
 
     replayed: list[list[int]] = []

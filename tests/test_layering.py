@@ -117,7 +117,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_parser_sees_the_imports() -> None:
     pairs = {(_short(a), _short(b)) for a, b, _ in EDGES}
     assert ("registry", "store") in pairs and ("chat_model", "registry") in pairs
-    assert ("engine.compress", "engine.chunks") in pairs and ("engine.presses", "engine.chunks") in pairs
+    assert ("engine.chunk_loop", "engine.chunks") in pairs and ("engine.presses", "engine.chunks") in pairs
     assert (f"{PACKAGE}.registry", f"{PACKAGE}.tools", "as_tools") in EDGES
 
 

@@ -1,7 +1,7 @@
 """The algorithm, no I/O: chunk-wise prefill, importance, JS-checked pruning, decoding on a memory."""
 
 from .cache import MemoryCache
-from .compress import ContextTooLongError, compress
+from .compress import METHODS, ContextTooLongError, compress, register_method
 from .decode import Generation, generate, score_continuations, stream_tokens
 from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
 from .memory import CompressedMemory
@@ -11,6 +11,7 @@ from .replay import js_divergence
 from .runtime import instrument
 
 __all__ = [
+    "METHODS",
     "SUPPORTED",
     "CompressedMemory",
     "ContextTooLongError",
@@ -28,6 +29,7 @@ __all__ = [
     "UniformPress",
     "UnsupportedModelError",
     "compress",
+    "register_method",
     "generate",
     "instrument",
     "js_divergence",

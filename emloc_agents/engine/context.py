@@ -1,4 +1,4 @@
-"""Whole-context compression (``EMLoCConfig(compression="context")``): prefill the demonstrations once,
+"""The whole-context method (``EMLoCConfig(compression="context")``): prefill the demonstrations once,
 as full in-context learning does, rank every (layer, head, token) of the context, keep the best share.
 
 Two signals rank a token, each turned into ranks over the whole context:
@@ -31,26 +31,18 @@ import torch
 from ..config import EMLoCConfig
 from ..skills import Skill, SkillError
 from .cache import MemoryCache
+from .chunk_loop import answer_rows, prefill
 from .forward import ModelHandle, clock, lm_logits, run
 from .memory import CompressedMemory
 from .merge import merge_evicted
+from .presses import Press
 from .prompt import Segment
 from .reconstruct import kvzip_memory, max_attention, whole_context_scores
 from .replay import js_divergence
 
 SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
 CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
-PREFILL_TOKENS = 16384  # at most about this many tokens per forward when the whole context is prefilled:
-# up to it one forward, plain causal with no mask, as fast as a transformers prefill (2k-token forwards
-# with masks took 1.3x as long on the CPU)
 PACK_TOKENS = 512  # replayed tokens per packed held-out forward (one demonstration per forward: 0)
-
-
-def prefill_chunk(prefix: Segment, demos: Sequence[Segment]) -> int:
-    """Demonstrations per forward for the unpruned prefill this mode starts from: about
-    ``PREFILL_TOKENS`` tokens each (few large forwards; unpruned, the chunk loop equals one prefill)."""
-    tokens = len(prefix) + sum(len(d) for d in demos)
-    return max(1, PREFILL_TOKENS * len(demos) // max(1, tokens))
 
 
 def check_set(n: int) -> list[int]:
@@ -68,11 +60,6 @@ def demo_spans(prefix: Segment, demos: Sequence[Segment]) -> list[tuple[int, int
         spans.append((start, start + len(d)))
         start += len(d)
     return spans
-
-
-def answer_rows(demo: Segment, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(len,) bool: the rows that predict an answer token (row j predicts token j + 1)."""
-    return torch.tensor(demo.answer[1:] + [False], dtype=torch.bool, device=device)
 
 
 def held_out_cache(lm: ModelHandle, memory: CompressedMemory, spans: Sequence[tuple[int, int]]) -> MemoryCache:
@@ -304,10 +291,15 @@ def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruct
     return *best, trials
 
 
-def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
+def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: Press | None = None,
                      progress: Callable[[int, int], None] | None = None) -> CompressedMemory:
-    """Compress ``skill`` over its whole context (see module docstring), given ``full``, its unpruned
-    memory in float32 (``compress`` builds it with the chunk-wise loop, nothing pruned)."""
+    """The method's entry point: ``skill`` compressed over its whole context (see module docstring),
+    starting from its unpruned prefill (``chunk_loop.prefill``, float32). It takes no press: the
+    dispatcher sends a press to the chunk-wise loop."""
+    if press is not None:
+        raise ValueError("compression='context' takes no press; a press runs the chunk-wise loop")
+    require_text(lm, skill)  # before the prefill
+    full = prefill(lm, skill, config.prompt_format)
     t0 = time.perf_counter() - float(full.stats.get("compress_s", 0.0))
     steps = 3 + len(config.keep_ratios)
     ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))

@@ -78,6 +78,17 @@ class Press:
     needs_reconstruction: ClassVar[bool] = False
     name: ClassVar[str] = "full"
 
+    @property
+    def observation_window(self) -> int:
+        """With ``needs_window_scores``: how many of a chunk's last rows the window scores read."""
+        return 32
+
+    @property
+    def reconstruction_sinks(self) -> int | None:
+        """With ``needs_reconstruction``: the first tokens of the memory the reconstruction's softmax sees
+        besides the chunk (None: every key)."""
+        return None
+
     def select(self, ctx: ChunkContext) -> Selection:
         return [None] * ctx.facts.num_layers
 
@@ -244,6 +255,10 @@ class SnapKVPress(Press):
     needs_window_scores: ClassVar[bool] = True
     name: ClassVar[str] = "snapkv"
 
+    @property
+    def observation_window(self) -> int:
+        return self.window
+
     def select(self, ctx: ChunkContext) -> Selection:
         assert ctx.window_scores is not None
         k = budget(ctx.n, self.ratio, 0)
@@ -276,6 +291,10 @@ class KVzipPress(Press):
     # reconstruction's softmax sees besides the chunk); None: every key, nothing kept by position
     needs_reconstruction: ClassVar[bool] = True
     name: ClassVar[str] = "kvzip"
+
+    @property
+    def reconstruction_sinks(self) -> int | None:
+        return self.sinks
 
     def select(self, ctx: ChunkContext) -> Selection:
         assert ctx.reconstruction_scores is not None
