@@ -20,8 +20,8 @@ from plain_icl import PlainPrompt
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents.bench.presses import KVzipPress
 from emloc_agents.bench.run import memory_labels
-from emloc_agents.engine.presses import KVzipPress
 from emloc_agents.engine.reconstruct import whole_context_scores
 from emloc_agents.models.sources import resolve_model_dir
 from emloc_agents.tasks import Task

@@ -11,11 +11,12 @@ import json
 import sys
 
 import torch
-from search_variants import _scores
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.metrics import agreement
-from emloc_agents.engine.presses import KVzipPress, allocate, budget, padded_indices
+from emloc_agents.bench.presses import KVzipPress
+from emloc_agents.bench.run import memory_labels
+from emloc_agents.engine.presses import allocate, budget, padded_indices
 from emloc_agents.engine.reconstruct import keep_tokens, kvzip_memory, whole_context_scores
 from emloc_agents.tasks import Task
 
@@ -58,14 +59,14 @@ def main() -> None:
     renderer = lm.renderer("auto")
     whole = whole_context_scores(lm, full, renderer.render(skill.instruction, skill.demonstrations).ids,
                                  encode=renderer.ids)
-    ref = _scores(lm, task, full, items)
+    ref = memory_labels(lm, task, full, items)
     for name, sc in [("whole", whole), ("chunk", chunk_scores)]:
         for alloc in ["global", "per-chunk"]:
             if alloc == "global":
                 mem = kvzip_memory(lm, full, sc, ratio, layer_budgets=True, head_budgets=True)
             else:
                 mem = keep_tokens(full, masks_per_chunk(f, sc, ratio, spans, total))
-            preds = _scores(lm, task, mem, items)
+            preds = memory_labels(lm, task, mem, items)
             row = dict(model=model, task=task_name, seed=seed, scores=name, alloc=alloc, kept=mem.kept_ratio,
                        acc=sum(p == y for p, y in zip(preds, labels, strict=True)) / len(items),
                        full_acc=sum(p == y for p, y in zip(ref, labels, strict=True)) / len(items),

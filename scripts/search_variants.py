@@ -17,7 +17,7 @@ import time
 from _experiment import cases, emit, parser
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.engine.presses import KVzipPress
+from emloc_agents.bench.presses import KVzipPress
 from emloc_agents.engine.reconstruct import kvzip_memory, whole_context_scores
 
 

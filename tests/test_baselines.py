@@ -8,7 +8,7 @@ import torch
 
 from emloc_agents import EMLoCConfig, compress
 from emloc_agents.bench.methods import fewer_shots, prepare
-from emloc_agents.engine import KVzipPress
+from emloc_agents.bench.presses import KVzipPress
 from emloc_agents.engine.cache import MemoryCache
 from emloc_agents.engine.forward import run
 from emloc_agents.engine.reconstruct import REPEAT_PROMPT, max_attention, reconstruction_scores

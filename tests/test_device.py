@@ -13,7 +13,7 @@ import torch
 
 import emloc_agents
 from emloc_agents import EMLoCConfig, MemoryRegistry, compress
-from emloc_agents.engine import KVzipPress, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
+from emloc_agents.bench.presses import KVzipPress, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
 from emloc_agents.engine.decode import generate, score_continuations
 from emloc_agents.models import loader
 from emloc_agents.models.lm import LanguageModel

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from emloc_agents import EMLoCConfig, SkillError, compress
-from emloc_agents.engine import (
-    RandomPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    UniformPress,
-    UnsupportedModelError,
-    js_divergence,
-)
+from emloc_agents.bench.presses import RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
+from emloc_agents.engine import UnsupportedModelError, js_divergence
 from emloc_agents.engine.decode import memory_cache
 from emloc_agents.engine.forward import lm_logits, run
 from emloc_agents.models.lm import LanguageModel
@@ -418,7 +412,7 @@ def test_blend_importance_keeps_protected_and_ranks_by_the_chosen_scores() -> No
 
 @pytest.mark.parametrize("importance", ["reconstruction", "answers+reconstruction"])
 def test_search_ranks_by_reconstruction_when_asked(tiny_llama, importance: str) -> None:
-    from emloc_agents.engine.presses import UniformPress
+    from emloc_agents.bench.presses import UniformPress
     from emloc_agents.engine.selection import blend_importance
 
     seen = {}
@@ -443,7 +437,7 @@ def test_search_ranks_by_reconstruction_when_asked(tiny_llama, importance: str) 
 def test_prefill_context_full_keeps_full_icl_keys(tiny_llama, context: str) -> None:
     """``prefill_context="full"``: each kept key/value is exactly full ICL's at that position (the chunk
     was prefilled on every earlier token); on the pruned memory (the default) later chunks' keys differ."""
-    from emloc_agents.engine.presses import UniformPress
+    from emloc_agents.bench.presses import UniformPress
 
     skill = make_skill(12)
     ref = compress(tiny_llama, skill, EMLoCConfig(keep_ratios=(1.0,), demos_per_chunk=4))

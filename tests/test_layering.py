@@ -119,6 +119,8 @@ def test_the_parser_sees_the_imports() -> None:
     assert ("registry", "store") in pairs and ("chat_model", "registry") in pairs
     assert ("engine.chunk_loop", "engine.chunks") in pairs and ("engine.presses", "engine.chunks") in pairs
     assert (f"{PACKAGE}.registry", f"{PACKAGE}.tools", "as_tools") in EDGES
+    # the bench builds on the engine (its baselines are presses on the engine's loop), never the reverse
+    assert ("bench.presses", "engine.presses") in pairs and ("bench.methods", "bench.presses") in pairs
 
 
 @pytest.mark.parametrize(("importer", "imported"), FORBIDDEN, ids=[f"{a}->{b}" for a, b in FORBIDDEN])
@@ -129,6 +131,16 @@ def test_forbidden_import_directions(importer: str, imported: str) -> None:
 
     bad = [(a, b, f) for a, b, f in EDGES if under(a, importer) and under(b, imported) and (a, b, f) not in ALLOWED_LAZY]
     assert not bad, f"{importer} must not import {imported}: {bad}"
+
+
+def test_the_engine_keeps_only_the_products_presses() -> None:
+    """The baselines live in the bench: the engine's only presses are the base press and EMLoC's."""
+    presses = {node.name: path.parent.name for path in ROOT.rglob("*.py")
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+               and any(isinstance(b, ast.Name) and b.id.endswith("Press") for b in node.bases)}
+    assert {name for name, where in presses.items() if where == "engine"} == {"EMLoCPress"}
+    assert {"KVzipPress", "RandomPress", "SnapKVPress", "StreamingLLMPress", "UniformPress"} <= {
+        name for name, where in presses.items() if where == "bench"}
 
 
 def test_no_import_cycles() -> None:

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 
 from ..config import EMLoCConfig
-from ..engine import StreamingLLMPress, compress, forward
+from ..engine import compress, forward
 from ..engine.presses import default_lookahead
 from ..models.lm import LanguageModel
 from ..models.loader import resolve_device, resolve_dtype
 from ..skills import Skill
 from ..tasks import Task
+from .presses import StreamingLLMPress
 from .run import machine_info
 from .scaling import code_state
 from .timing import engine_decode_per_token, hf_decode_per_token, median_time, plain_prefill, sync, timed

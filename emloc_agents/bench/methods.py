@@ -39,21 +39,13 @@ from functools import partial
 import torch
 
 from ..config import EMLoCConfig
-from ..engine import (
-    CompressedMemory,
-    KVzipPress,
-    RandomPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    UniformPress,
-    compress,
-)
-from ..engine.context import RankedContext, best_split, kvzip_whole, rank_context
-from ..engine.presses import Press
+from ..engine import CompressedMemory, Press, compress
+from ..engine.context import RankedContext, best_split, rank_context
 from ..engine.prompt import Renderer
 from ..models.lm import memory_context
 from ..skills import Skill
 from ..store.format import dump_memory
+from .presses import KVzipPress, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress, kvzip_whole
 
 METHODS: tuple[str, ...] = (
     "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "emloc-share",

@@ -1,11 +1,12 @@
-"""The algorithm, no I/O: chunk-wise prefill, importance, JS-checked pruning, decoding on a memory."""
+"""The algorithm, no I/O: the compression methods (``compress``, ``METHODS``), EMLoC's press, decoding on a
+memory. The baselines the benchmark compares live in ``emloc_agents.bench.presses``."""
 
 from .cache import MemoryCache
 from .compress import METHODS, ContextTooLongError, compress, register_method
 from .decode import Generation, generate, score_continuations, stream_tokens
 from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
 from .memory import CompressedMemory
-from .presses import EMLoCPress, KVzipPress, Press, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress
+from .presses import EMLoCPress, Press
 from .prompt import PromptError, Renderer
 from .replay import js_divergence
 from .runtime import instrument
@@ -21,12 +22,7 @@ __all__ = [
     "ModelFacts",
     "Press",
     "PromptError",
-    "RandomPress",
     "Renderer",
-    "SnapKVPress",
-    "KVzipPress",
-    "StreamingLLMPress",
-    "UniformPress",
     "UnsupportedModelError",
     "compress",
     "register_method",

@@ -40,6 +40,10 @@ from .prompt import Segment
 from .reconstruct import kvzip_memory, max_attention, whole_context_scores
 from .replay import js_divergence
 
+__all__ = ["CHECK_PROBES", "PACK_TOKENS", "SINKS", "HeldOut", "RankedContext", "best_split", "check_set",
+           "compress_context", "demo_spans", "held_out_answers", "held_out_cache", "keep_share", "packs", "rank_blend",
+           "rank_context", "require_text", "validation_js"]
+
 SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
 CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
 PACK_TOKENS = 512  # replayed tokens per packed held-out forward (one demonstration per forward: 0)
@@ -160,26 +164,6 @@ def rank_blend(*families: Sequence[torch.Tensor], weights: Sequence[float] | Non
         blended = score if blended is None else torch.maximum(blended, score)
     assert blended is not None, "every weight is zero"
     return list(blended.view(len(families[0]), *shape).unbind(0))
-
-
-def kvzip_whole(lm: ModelHandle, skill: Skill, full: CompressedMemory, ratio: float,
-                config: EMLoCConfig | None = None,
-                scores: tuple[list[torch.Tensor], float] | None = None) -> CompressedMemory:
-    """KVzip exactly as kvpress runs it (the bench's ``kvzip-whole``) on ``full``, the skill's unpruned
-    memory: the context repeated in spans, every layer, head and token ranked together by
-    reconstruction alone, ``ratio`` kept, 4 sinks. ``scores``: (those reconstruction scores, the
-    seconds they took), already made on ``full`` (a ``RankedContext`` holds them)."""
-    require_text(lm, skill)
-    config = config or EMLoCConfig()
-    t0 = time.perf_counter()
-    if scores is None:
-        renderer = lm.renderer(config.prompt_format)
-        ids = renderer.render(skill.instruction, skill.demonstrations).ids
-        scores = whole_context_scores(lm, full, ids, sinks=SINKS, encode=renderer.ids), 0.0
-    kept = kvzip_memory(lm, full, scores[0], ratio, layer_budgets=True, head_budgets=True)
-    kept.stats.update(press="kvzip-whole",
-                      compress_s=full.stats.get("compress_s", 0.0) + scores[1] + time.perf_counter() - t0)
-    return kept.to(dtype=getattr(torch, config.storage_dtype))
 
 
 @dataclasses.dataclass

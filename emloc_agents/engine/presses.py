@@ -1,5 +1,7 @@
-"""Presses decide which of a chunk's tokens each layer keeps. One small class per method, as in
-kvpress: EMLoC's adaptive JS-checked search, and the fixed-ratio baselines the benchmark compares.
+"""Presses decide which of a chunk's tokens each layer keeps in the chunk-wise loop, one small class per
+method as in kvpress: the base ``Press`` (keep everything; its hooks say what a press needs measured)
+and EMLoC's adaptive JS-checked search. The baselines the benchmark compares live in
+``emloc_agents/bench/presses.py``; the budget helpers below serve both.
 
 A press returns, per layer, either ``None`` (keep the whole chunk) or a ``(kv_heads, k)`` tensor of
 sorted chunk-local indices; with per-head budgets a head that keeps fewer tokens than the layer's
@@ -11,18 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .selection import Selection, pool
+from .selection import Selection
 
 if TYPE_CHECKING:
     from .chunks import ChunkContext
 
-__all__ = ["EMLoCPress", "Press", "RandomPress", "Selection", "SnapKVPress", "StreamingLLMPress", "UniformPress",
-           "allocate", "budget", "padded_indices", "pool", "rank_all_heads", "topk_across_heads", "topk_per_head"]
+__all__ = ["EMLoCPress", "Press", "Selection", "allocate", "budget", "default_lookahead", "global_layer_budgets",
+           "padded_indices", "rank_all_heads", "select_top", "topk_across_heads", "topk_per_head"]
 
 
 def default_lookahead(device: torch.device | str) -> int:
@@ -227,87 +229,6 @@ class EMLoCPress(Press):
         return selection
 
 
-@dataclass
-class UniformPress(Press):
-    """EMLoC's importance scores at one fixed share for every layer (no JS check)."""
-
-    ratio: float = 0.2
-    head_budgets: bool = False
-    needs_replay: ClassVar[bool] = True
-    name: ClassVar[str] = "uniform"
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        assert ctx.replay is not None
-        k = budget(ctx.n, self.ratio, ctx.n_protected)
-        return [
-            None if ctx.facts.sliding[i] else select_top(ctx.replay.scores[i], k, self.head_budgets)
-            for i in range(ctx.facts.num_layers)
-        ]
-
-
-@dataclass
-class SnapKVPress(Press):
-    """SnapKV-style: attention of the chunk's last ``window`` tokens, pooled; the window is kept."""
-
-    ratio: float = 0.2
-    window: int = 32
-    kernel: int = 5
-    needs_window_scores: ClassVar[bool] = True
-    name: ClassVar[str] = "snapkv"
-
-    @property
-    def observation_window(self) -> int:
-        return self.window
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        assert ctx.window_scores is not None
-        k = budget(ctx.n, self.ratio, 0)
-        out: Selection = []
-        for i in range(ctx.facts.num_layers):
-            if ctx.facts.sliding[i]:
-                out.append(None)
-                continue
-            s = pool(ctx.window_scores[i], self.kernel)
-            s[:, max(0, ctx.n - self.window) :] = float("inf")
-            out.append(topk_per_head(s, k))
-        return out
-
-
-@dataclass
-class KVzipPress(Press):
-    """KVzip (Kim et al. 2025), query-agnostic: after each chunk the model repeats it, and each chunk
-    token scores the most attention any reconstruction query pays it (engine/reconstruct.py); every
-    layer keeps that share per head. Nothing is protected: answers survive only if they score.
-
-    By default every head keeps the same share (one length per head). kvpress's ``KVzipPress`` ranks
-    every head's tokens together (per-head budgets, ``head_budgets=True`` here) and was far more
-    faithful: 0.93 against 0.28 agreement with full ICL on SmolLM2 TREC-128 (docs/benchmarks.md,
-    "The chunk-wise loop")."""
-
-    ratio: float = 0.2
-    layer_budgets: bool = False
-    head_budgets: bool = False  # budgets ranked across heads; with layer_budgets, across layers and heads (kvpress)
-    sinks: int | None = None  # kvpress: 4 (the first tokens are always kept and the only memory the
-    # reconstruction's softmax sees besides the chunk); None: every key, nothing kept by position
-    needs_reconstruction: ClassVar[bool] = True
-    name: ClassVar[str] = "kvzip"
-
-    @property
-    def reconstruction_sinks(self) -> int | None:
-        return self.sinks
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        assert ctx.reconstruction_scores is not None
-        scores = ctx.reconstruction_scores
-        if self.sinks and ctx.offset < self.sinks:
-            scores = [s.clone() for s in scores]
-            for s in scores:
-                s[:, : self.sinks - ctx.offset] = float("inf")
-        layers = {i: scores[i] for i in range(ctx.facts.num_layers) if not ctx.facts.sliding[i]}
-        kept = allocate(layers, budget(ctx.n, self.ratio, 0), self.layer_budgets, self.head_budgets)
-        return [kept.get(i) for i in range(ctx.facts.num_layers)]
-
-
 def allocate(scores: dict[int, torch.Tensor], k: int, layer_budgets: bool, head_budgets: bool) -> dict[int, torch.Tensor]:
     """Per layer the kept token indices of a budget of ``k`` per head and layer: ``k`` for every head;
     the layer's ``heads * k`` ranked across its heads (``head_budgets``); the layers' shares from one
@@ -342,44 +263,3 @@ def global_layer_budgets(scores: dict[int, torch.Tensor], k: int) -> dict[int, i
     winners = torch.topk(flat, total).indices // (heads * n)
     counts = torch.bincount(winners, minlength=len(scores)).tolist()
     return {layer: max(1, min(n, round(c / heads))) for layer, c in zip(scores, counts, strict=True)}
-
-
-@dataclass
-class StreamingLLMPress(Press):
-    """StreamingLLM: the first ``sinks`` tokens plus the most recent ones, over the whole prefix."""
-
-    ratio: float = 0.2
-    sinks: int = 4
-    name: ClassVar[str] = "streaming-llm"
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        total_budget = max(self.sinks, math.ceil(self.ratio * ctx.total_length))
-        recent_from = ctx.total_length - (total_budget - self.sinks)
-        pos = ctx.offset + torch.arange(ctx.n, device=ctx.device)
-        keep = (pos < self.sinks) | (pos >= recent_from)
-        idx = keep.nonzero().flatten()
-        sel = idx[None].expand(ctx.facts.num_kv_heads, -1).contiguous()
-        return [None if ctx.facts.sliding[i] else sel for i in range(ctx.facts.num_layers)]
-
-
-@dataclass
-class RandomPress(Press):
-    """Random tokens at a fixed share (a floor every scoring method must beat)."""
-
-    ratio: float = 0.2
-    seed: int = 0
-    name: ClassVar[str] = "random"
-    _gen: torch.Generator | None = field(default=None, repr=False)
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        if self._gen is None:
-            self._gen = torch.Generator(device=ctx.device).manual_seed(self.seed)
-        k = budget(ctx.n, self.ratio, 0)
-        out: Selection = []
-        for i in range(ctx.facts.num_layers):
-            if ctx.facts.sliding[i]:
-                out.append(None)
-                continue
-            s = torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=self._gen, device=self._gen.device)
-            out.append(topk_per_head(s, k))
-        return out
