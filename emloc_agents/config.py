@@ -15,10 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TENSOR_FIELDS = frozenset({
     "compression", "reconstruction_shares", "merge_evicted", "demos_per_chunk", "keep_ratios", "delta",
     "pool_kernel", "layer_group_size", "search_scope", "protect_prefix", "budget_rounding", "importance_keys",
-    "pool_count_pad", "probe", "importance", "prefill_context", "head_budgets", "allocation", "dtype",
-    "storage_dtype", "prompt_format",
+    "pool_count_pad", "dtype", "storage_dtype", "prompt_format",
 })
-"""Fields that change a memory's tensors: the registry's key (and ``fingerprint``) hashes these alone."""
+"""Fields that change a memory's tensors: the registry's key (and ``fingerprint``) hashes these alone
+(with ``RETIRED_FIELDS``)."""
+RETIRED_FIELDS: dict[str, Any] = {
+    "probe": "self", "importance": "answers", "prefill_context": "memory", "head_budgets": False, "allocation": "layers",
+}
+"""Knobs of the chunk-wise loop measured no better than these defaults and removed (docs/design.md,
+"Variants measured and dropped"). Every memory was built at these values, and the key still hashes them,
+so a stored memory keeps its key. A config given one of them at this value (an old dump) still loads."""
 COST_FIELDS = frozenset({"batch_candidates", "lookahead"})
 """Fields that change only what compressing costs (time, re-forwards): a change reuses stored memories.
 Under ``compression="auto"`` setting one away from its default still selects the chunk-wise loop, and
@@ -31,8 +37,7 @@ METHOD_NAMES: set[str] = {"chunks", "context"}
 # knobs of the chunk-wise loop alone: one away from its default asks for that loop (resolved_compression)
 CHUNK_LOOP_KNOBS = frozenset({
     "demos_per_chunk", "pool_kernel", "layer_group_size", "search_scope", "batch_candidates", "lookahead",
-    "budget_rounding", "importance_keys", "pool_count_pad", "probe", "importance", "prefill_context",
-    "head_budgets", "allocation",
+    "budget_rounding", "importance_keys", "pool_count_pad",
 })
 
 
@@ -110,34 +115,6 @@ class EMLoCConfig(BaseModel):
     # tensors: the pooled scores at a chunk's ends
     pool_count_pad: bool = Field(
         False, description="Average pooling counts the zero padding at the chunk's ends (reference: True).")
-    # tensors: which demonstrations score and check a chunk
-    probe: Literal["self", "next"] = Field(
-        "self", description="Demonstrations replayed after a chunk to score its tokens and check a candidate: the "
-        "chunk's own ('self', reference) or ones it does not contain ('next': the next chunk's; the last chunk "
-        "takes the one before). A replayed demonstration can copy its own label from the chunk, so 'self' "
-        "can pass a selection that has lost the questions.")
-    # tensors: how tokens are ranked
-    importance: Literal["answers", "reconstruction", "answers+reconstruction"] = Field(
-        "answers", description="How chunk tokens are ranked before the JS search picks a layer's share: the "
-        "attention the replayed answers pay them ('answers', reference), the most attention any query pays "
-        "them while the model repeats the chunk (KVzip's, 'reconstruction'), or the two shares summed.")
-    # tensors: what a chunk's keys were computed on
-    prefill_context: Literal["memory", "full"] = Field(
-        "memory", description="What a chunk is prefilled, replayed and scored on: the memory pruned so far "
-        "('memory', reference: compression needs only the memory's room) or every earlier token, unpruned "
-        "('full': the chunk's keys are those of full-context ICL; needs the full context's room while "
-        "compressing).")
-    # tensors: how a share is spread over heads
-    head_budgets: bool = Field(
-        False, description="A layer's candidate share is ranked across its KV heads (heads * k tokens, a head "
-        "whose attention is spread keeps more than a focused one; kvpress's per-head budgets) instead of k per "
-        "head (reference). The memory then pads shorter heads with never-visible slots.")
-    # tensors: how a chunk's budget is searched
-    allocation: Literal["layers", "global"] = Field(
-        "layers", description="How a chunk's budget is searched: layer by layer from the top, each layer's "
-        "smallest passing share ('layers', reference), or one share for the whole chunk, spread over layers "
-        "and heads by one ranking of the importance scores (kvpress's KVzip allocation), the smallest "
-        "candidate whose JS stays within delta ('global'; all candidates in one re-forward).")
     # tensors: compute dtype (keyed as resolved on the model's device)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of a model the registry loads by name (load_model's dtype): 'auto' "
@@ -166,6 +143,17 @@ class EMLoCConfig(BaseModel):
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_at_their_value(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not RETIRED_FIELDS.keys() & data.keys():
+            return data
+        for name, value in RETIRED_FIELDS.items():
+            if name in data and data[name] != value:
+                raise ValueError(f"{name} was removed: measured no better than {value!r} (docs/design.md, "
+                                 "'Variants measured and dropped'); every memory is built at that value")
+        return {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
 
     @field_validator("compression")
     @classmethod
@@ -221,11 +209,12 @@ class EMLoCConfig(BaseModel):
         return self.keep_ratios != (1.0,)
 
     def tensor_fields(self, images: bool | None = None) -> dict[str, Any]:
-        """The fields that change the memory's tensors (``TENSOR_FIELDS``), as JSON values.
+        """The fields that change the memory's tensors (``TENSOR_FIELDS``, and ``RETIRED_FIELDS`` at the
+        values every memory has), as JSON values.
         ``compression`` is the mode it resolves to where that is known: with ``images`` given (the
         skill or the model is visual), or when a chunk-loop knob away from its default selects the
         loop, so "auto" and the mode it picks share one memory."""
-        values = self.model_dump(mode="json", include=set(TENSOR_FIELDS))
+        values = {**RETIRED_FIELDS, **self.model_dump(mode="json", include=set(TENSOR_FIELDS))}
         if images is not None or self.chunk_knobs_changed:
             values["compression"] = self.resolved_compression(bool(images))
         return values

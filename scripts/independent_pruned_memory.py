@@ -1,8 +1,8 @@
 """A pruned memory's answers from plain transformers, independent of the emloc query path.
 
-A cross-check for the fidelity numbers of pruned memories: the memory is built by emloc (with
-``prefill_context="full"`` its kept keys/values are exactly full ICL's, see test_engine), but the
-queries are answered here by ``AutoModelForCausalLM`` on the whole context's ``DynamicCache``, with an
+A cross-check for the fidelity numbers of pruned memories: the memory is the unpruned context built by
+emloc, keeping per chunk and layer the tokens ``KVzipPress(ratio)`` keeps, with each chunk scored on
+every earlier token (so its kept keys/values are exactly full ICL's), but the queries are answered here by ``AutoModelForCausalLM`` on the whole context's ``DynamicCache``, with an
 attention function that hides, per layer and KV head, the context tokens the memory dropped. The
 prompt and the label scoring are scripts/plain_icl.py's, as in scripts/independent_full_icl.py. Prints both harnesses' accuracy and how often they agree.
 
@@ -20,9 +20,10 @@ from plain_icl import PlainPrompt
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from emloc_agents import EMLoCConfig, compress, load_model
-from emloc_agents.bench.presses import KVzipPress
 from emloc_agents.bench.run import memory_labels
-from emloc_agents.engine.reconstruct import whole_context_scores
+from emloc_agents.engine import CompressedMemory, Press
+from emloc_agents.engine.presses import budget, topk_per_head
+from emloc_agents.engine.reconstruct import keep_tokens, whole_context_scores
 from emloc_agents.models.sources import resolve_model_dir
 from emloc_agents.tasks import Task
 
@@ -46,22 +47,35 @@ def masked_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     return out.transpose(1, 2).contiguous(), None
 
 
-def global_scores(lm, skill) -> list[torch.Tensor]:
-    """KVzip's reconstruction scores of every context token, per layer (kv_heads, tokens), each chunk
-    scored on every earlier token (nothing pruned)."""
-    from emloc_agents.engine.presses import Press
-
-    chunks: list[list[torch.Tensor]] = []
+def chunk_scores(lm, skill) -> tuple[CompressedMemory, list[tuple[int, int, list[torch.Tensor]]]]:
+    """The unpruned memory, and per chunk of the loop (offset, length, per layer KVzip's reconstruction
+    scores (kv_heads, length)), each chunk scored on every earlier token (a press that keeps everything)."""
+    chunks: list[tuple[int, int, list[torch.Tensor]]] = []
 
     class Record(Press):
         needs_reconstruction = True
 
         def select(self, ctx):
-            chunks.append(ctx.reconstruction_scores)
+            chunks.append((ctx.offset, ctx.n, ctx.reconstruction_scores))
             return [None] * ctx.facts.num_layers
 
-    compress(lm, skill, EMLoCConfig(prefill_context="full"), press=Record())
-    return [torch.cat([c[layer] for c in chunks], dim=-1) for layer in range(len(chunks[0]))]
+    full = compress(lm, skill, EMLoCConfig(), press=Record())
+    return full, chunks
+
+
+def global_scores(chunks: list[tuple[int, int, list[torch.Tensor]]]) -> list[torch.Tensor]:
+    """KVzip's reconstruction scores of every context token, per layer (kv_heads, tokens)."""
+    return [torch.cat([s[layer] for _, _, s in chunks], dim=-1) for layer in range(len(chunks[0][2]))]
+
+
+def kvzip_per_chunk(lm, full: CompressedMemory, chunks: list[tuple[int, int, list[torch.Tensor]]],
+                    ratio: float) -> CompressedMemory:
+    """``full`` keeping, per chunk and full-attention layer, the tokens ``KVzipPress(ratio)`` keeps in
+    each head (the press's selection, on the unpruned context's keys)."""
+    f = lm.facts
+    kept = {i: torch.cat([offset + topk_per_head(s[i], budget(n, ratio, 0)) for offset, n, s in chunks], dim=-1)
+            for i in range(f.num_layers) if not f.sliding[i]}
+    return keep_tokens(full, kept)
 
 
 def main() -> None:
@@ -84,7 +98,8 @@ def main() -> None:
     task = Task.load(args.task)
     skill = task.skill(shots=args.shots, seed=args.seed)
     lm = load_model(args.model)
-    mem = compress(lm, skill, EMLoCConfig(prefill_context="full"), press=KVzipPress(ratio=args.ratio))
+    full, chunks = chunk_scores(lm, skill)
+    mem = kvzip_per_chunk(lm, full, chunks, args.ratio)
     items = task.test[: args.limit]
     if args.global_heads:  # the memory's selection is replaced below: nothing of ours to compare
         ours: list[str | None] = [None] * len(items)
@@ -109,7 +124,7 @@ def main() -> None:
             unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
             scores = torch.stack(whole_context_scores(lm, unpruned, memory_ids, encode=renderer.ids))
         else:
-            scores = torch.stack(global_scores(lm, skill))  # (layers, kv_heads, tokens)
+            scores = torch.stack(global_scores(chunks))  # (layers, kv_heads, tokens)
         scores[..., :4] = float("inf")
         top = torch.topk(scores.flatten(), round(args.ratio * scores.numel())).indices
         keep = torch.zeros(scores.numel(), dtype=torch.bool).scatter_(0, top, True).view(scores.shape)

@@ -6,7 +6,7 @@ per task and seed and every variant's label predictions are compared with it on 
 Appends one JSON line per (task, seed, variant) to ``--out`` so an interrupted run keeps its rows.
 
     python scripts/search_variants.py --model smollm2-135m --task trec --seeds 0 --limit 300 \
-        --variant default='{}' --variant next='{"probe": "next"}' --out results/variants.jsonl
+        --variant default='{}' --variant kernel15='{"pool_kernel": 15}' --out results/variants.jsonl
 """
 
 from __future__ import annotations

@@ -153,9 +153,9 @@ def test_auto_is_the_whole_context_for_text_and_the_loop_otherwise(plain_llama) 
     assert EMLoCConfig().compression == "auto"
     assert EMLoCConfig(delta=0.1).resolved_compression(images=False) == "context"
     assert EMLoCConfig().resolved_compression(images=True) == "chunks"
-    assert EMLoCConfig(head_budgets=True).resolved_compression(images=False) == "chunks"
+    assert EMLoCConfig(pool_kernel=3).resolved_compression(images=False) == "chunks"
     assert EMLoCConfig().model_copy(update={"demos_per_chunk": 2}).resolved_compression(images=False) == "chunks"
-    same = EMLoCConfig(head_budgets=False, lookahead=None)  # loop knobs at their defaults: still the default
+    same = EMLoCConfig(pool_kernel=5, lookahead=None)  # loop knobs at their defaults: still the default
     assert same.resolved_compression(images=False) == "context" and same.fingerprint() == EMLoCConfig().fingerprint()
     assert EMLoCConfig.model_validate(EMLoCConfig().model_dump()).resolved_compression(images=False) == "context"
     assert EMLoCConfig.reference().resolved_compression(images=False) == "chunks"

@@ -367,11 +367,9 @@ def test_packed_replay_equals_each_demonstration_alone(tiny_llama) -> None:
     assert len(checked) == 8 and max(checked) < 1e-4
 
 
-@pytest.mark.parametrize("probe", ["self", "next"])
-def test_probe_replays_the_chosen_demonstrations(tiny_llama, probe: str) -> None:
-    """``probe="next"`` replays the next chunk's demonstrations after a chunk (the last chunk: the
-    previous chunk's), so no replayed answer can be copied from the chunk being pruned."""
-    from emloc_agents.engine.chunk_loop import plan_chunks, probe_demos
+def test_a_chunk_replays_its_own_demonstrations(tiny_llama) -> None:
+    """The replay after a chunk packs that chunk's demonstrations (the reference's probe)."""
+    from emloc_agents.engine.chunk_loop import plan_chunks
     from emloc_agents.engine.presses import Press
 
     replayed: list[list[int]] = []
@@ -384,67 +382,24 @@ def test_probe_replays_the_chosen_demonstrations(tiny_llama, probe: str) -> None
             return [None] * ctx.facts.num_layers
 
     skill = make_skill(12)
-    config = EMLoCConfig(demos_per_chunk=4, probe=probe)
-    compress(tiny_llama, skill, config, press=Spy())
+    compress(tiny_llama, skill, EMLoCConfig(demos_per_chunk=4), press=Spy())
     rendered = tiny_llama.renderer("auto").render(skill.instruction, skill.demonstrations)
     chunks = plan_chunks(rendered.prefix, rendered.demos, 4, True)
-    own = [[t for d in c.demos for t in d.ids] for c in chunks]
     assert len(replayed) == len(chunks) == 3
-    expected = own if probe == "self" else [own[1], own[2], own[1]]
-    assert replayed == expected
-    assert probe_demos(chunks[:1], 0, "next") is chunks[0].demos  # one chunk: nothing else to probe with
+    assert replayed == [[t for d in c.demos for t in d.ids] for c in chunks]
 
 
-def test_blend_importance_keeps_protected_and_ranks_by_the_chosen_scores() -> None:
-    from emloc_agents.engine.selection import blend_importance
-
-    answers = torch.tensor([[5.0, 1.0, 2.0, float("inf")], [0.0, 3.0, 1.0, float("inf")]])
-    recon = torch.tensor([[0.1, 0.3, 0.2, 0.9], [0.5, 0.1, 0.2, 0.9]])
-    protected = torch.tensor([False, False, False, True])
-    assert blend_importance(answers, recon, protected, "answers") is answers
-    only = blend_importance(answers, recon, protected, "reconstruction")
-    assert torch.equal(only[:, :3].argsort(-1), recon[:, :3].argsort(-1)) and bool(only[:, 3].isinf().all())
-    both = blend_importance(answers, recon, protected, "answers+reconstruction")
-    # head 0: shares 5/8+.1/.6, 1/8+.3/.6, 2/8+.2/.6 -> token 0 first, then token 1 (0.625) over token 2 (0.583)
-    assert both[0, :3].argsort(descending=True).tolist() == [0, 1, 2]
-    assert bool(both[:, 3].isinf().all())
-
-
-@pytest.mark.parametrize("importance", ["reconstruction", "answers+reconstruction"])
-def test_search_ranks_by_reconstruction_when_asked(tiny_llama, importance: str) -> None:
-    from emloc_agents.bench.presses import UniformPress
-    from emloc_agents.engine.selection import blend_importance
-
-    seen = {}
-    press = UniformPress(0.3)
-    orig = press.select
-
-    def spy(ctx):
-        seen.setdefault("scores", ctx.replay.scores)
-        seen.setdefault("recon", ctx.reconstruction_scores)
-        return orig(ctx)
-
-    press.select = spy  # type: ignore[method-assign]
-    mem = compress(tiny_llama, make_skill(4), EMLoCConfig(demos_per_chunk=4, importance=importance), press=press)
-    assert seen["recon"] is not None and 0 < mem.kept_ratio < 1
-    for s, r in zip(seen["scores"], seen["recon"], strict=True):
-        protected = s.isinf()[0]
-        if importance == "reconstruction":
-            assert torch.equal(s, blend_importance(s, r, protected, "reconstruction"))
-
-
-@pytest.mark.parametrize("context", ["memory", "full"])
-def test_prefill_context_full_keeps_full_icl_keys(tiny_llama, context: str) -> None:
-    """``prefill_context="full"``: each kept key/value is exactly full ICL's at that position (the chunk
-    was prefilled on every earlier token); on the pruned memory (the default) later chunks' keys differ."""
+def test_later_chunks_are_prefilled_on_the_pruned_memory(tiny_llama) -> None:
+    """A chunk's keys are computed on the memory pruned so far: after pruning, later chunks' keys differ
+    from full ICL's at the same positions."""
     from emloc_agents.bench.presses import UniformPress
 
     skill = make_skill(12)
     ref = compress(tiny_llama, skill, EMLoCConfig(keep_ratios=(1.0,), demos_per_chunk=4))
-    mem = compress(tiny_llama, skill, EMLoCConfig(demos_per_chunk=4, prefill_context=context), press=UniformPress(0.3))
+    mem = compress(tiny_llama, skill, EMLoCConfig(demos_per_chunk=4), press=UniformPress(0.3))
     assert mem.kept_ratio < 0.5
     same = []
     for k, rk, pos in zip(mem.keys, ref.keys, mem.positions, strict=True):
         gathered = torch.stack([rk[h, pos[h]] for h in range(k.shape[0])])
         same.append(torch.allclose(k.float(), gathered.float(), atol=2e-3))
-    assert all(same) if context == "full" else not all(same)
+    assert not all(same)

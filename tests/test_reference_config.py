@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from emloc_agents import EMLoCConfig, compress
@@ -19,6 +20,40 @@ def test_reference_settings() -> None:
     assert (ref.demos_per_chunk, ref.keep_ratios, ref.delta, ref.pool_kernel) == (4, (0.1, 0.2, 0.5), 0.005, 5)
     assert EMLoCConfig.reference(delta=0.01).delta == 0.01
     assert EMLoCConfig() != ref
+
+
+# The registry keys memories by EMLoCConfig.fingerprint (through tensor_fields): these are the keys of the
+# default and the reference as they were before the retired knobs were removed; they must never change.
+PINNED_FINGERPRINTS = {
+    "default": "dc159be524c92825", "default, text": "fc738a6f02eff6a2", "default, images": "4f26f827f1e050d8",
+    "reference": "40ede413277fed1f", "chunks": "4f26f827f1e050d8", "context": "fc738a6f02eff6a2",
+    "merge_evicted": "3c7b4eea9c68fa23", "demos_per_chunk=8": "7be4105ff6bf2a15",
+}
+
+
+def test_fingerprints_are_pinned() -> None:
+    got = {
+        "default": EMLoCConfig().fingerprint(), "default, text": EMLoCConfig().fingerprint(False),
+        "default, images": EMLoCConfig().fingerprint(True), "reference": EMLoCConfig.reference().fingerprint(),
+        "chunks": EMLoCConfig(compression="chunks").fingerprint(),
+        "context": EMLoCConfig(compression="context").fingerprint(),
+        "merge_evicted": EMLoCConfig(merge_evicted=True).fingerprint(),
+        "demos_per_chunk=8": EMLoCConfig(demos_per_chunk=8).fingerprint(),
+    }
+    assert got == PINNED_FINGERPRINTS
+    assert EMLoCConfig.reference().fingerprint(False) == EMLoCConfig.reference().fingerprint(True)
+
+
+def test_retired_knobs_load_only_at_the_value_every_memory_has() -> None:
+    from emloc_agents.config import RETIRED_FIELDS
+
+    old_dump = {**EMLoCConfig().model_dump(mode="json"), **RETIRED_FIELDS}  # a config saved before they went
+    assert EMLoCConfig.model_validate(old_dump) == EMLoCConfig()
+    assert not RETIRED_FIELDS.keys() & EMLoCConfig.model_fields.keys()
+    for name, value in {"probe": "next", "importance": "reconstruction", "prefill_context": "full",
+                        "head_budgets": True, "allocation": "global"}.items():
+        with pytest.raises(ValueError, match=f"{name} was removed"):
+            EMLoCConfig(**{name: value})
 
 
 def test_budget_rounding() -> None:

@@ -9,8 +9,7 @@
   context ranked at once for text skills, the chunk-wise loop for images); ``emloc-context``:
   ``compression="context"``, the whole context ranked by reconstruction and leave-one-out replays,
   the share chosen by the JS check on held-out demonstrations (engine/context.py); ``emloc-chunks``:
-  the paper's chunk-wise loop; ``emloc-heads``: that loop with each layer's candidate shares ranked
-  across its KV heads (``head_budgets=True``).
+  the paper's chunk-wise loop.
 - ``emloc-share``: the default's whole-context ranking at a fixed share (the ``--ratio``; the split
   with the lowest held-out JS there, no δ check): the default's point on a fidelity curve. The
   ranking runs once per skill and serves every share (and ``kvzip-whole``, whose reconstruction
@@ -48,10 +47,10 @@ from ..store.format import dump_memory
 from .presses import KVzipPress, RandomPress, SnapKVPress, StreamingLLMPress, UniformPress, kvzip_whole
 
 METHODS: tuple[str, ...] = (
-    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-heads", "emloc-context", "emloc-share",
+    "zero-shot", "full-icl", "full-icl-cached", "emloc", "emloc-chunks", "emloc-context", "emloc-share",
     "emloc-share-merged", "uniform", "snapkv", "streaming-llm", "random", "kvzip", "kvzip-heads", "kvzip-global", "kvzip-whole", "fewer-shots",
 )
-EMLOC_METHODS = ("emloc", "emloc-chunks", "emloc-heads", "emloc-context")  # adaptive: the first one run sets the others' ratio
+EMLOC_METHODS = ("emloc", "emloc-chunks", "emloc-context")  # adaptive: the first one run sets the others' ratio
 FIXED_RATIO_PRESSES: dict[str, Callable[..., Press]] = {
     "uniform": UniformPress, "snapkv": SnapKVPress, "streaming-llm": StreamingLLMPress, "random": RandomPress,
     "kvzip": KVzipPress, "kvzip-heads": partial(KVzipPress, head_budgets=True),
@@ -134,8 +133,6 @@ def prepare(
         return _from_memory(method, compress(lm, skill, EMLoCConfig()))
     if method == "emloc-chunks":
         return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="chunks")))
-    if method == "emloc-heads":
-        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="chunks", head_budgets=True)))
     if method == "emloc-context":
         return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="context")))
     if ratio is not None:

@@ -32,7 +32,6 @@ from .presses import EMLoCPress, Press
 from .prompt import Segment
 from .reconstruct import REPEAT_PROMPT, reconstruction_scores
 from .replay import Building, Replay, chunk_attention, gather_positions, gather_tokens, is_padded
-from .selection import blend_importance
 
 PREFILL_TOKENS = 16384  # at most about this many tokens per forward when the whole context is prefilled:
 # up to it one forward, plain causal with no mask, as fast as a transformers prefill (2k-token forwards
@@ -56,9 +55,6 @@ class LoopOptions:
     pool_kernel: int = 5
     importance_keys: str = "chunk"
     pool_count_pad: bool = False
-    probe: str = "self"
-    importance: str = "answers"
-    prefill_context: str = "memory"
 
     @classmethod
     def of(cls, config: EMLoCConfig) -> LoopOptions:
@@ -90,13 +86,6 @@ def plan_chunks(prefix: Segment, demos: list[Segment], per_chunk: int, protect_p
             protected += d.answer
         chunks.append(Chunk(ids, protected, group, ([prefix] if start == 0 else []) + group))
     return chunks
-
-
-def probe_demos(chunks: list[Chunk], ci: int, probe: str) -> list[Segment]:
-    """The demonstrations replayed after chunk ``ci`` (see ``EMLoCConfig.probe``)."""
-    if probe == "self" or len(chunks) == 1:
-        return chunks[ci].demos
-    return chunks[ci + 1].demos if ci + 1 < len(chunks) else chunks[ci - 1].demos
 
 
 def answer_rows(demo: Segment, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -140,7 +129,7 @@ def press_for(config: EMLoCConfig) -> Press:
     if not config.prunes:
         return Press()
     return EMLoCPress(config.keep_ratios, config.delta, config.layer_group_size, config.batch_candidates,
-                      config.lookahead, config.budget_rounding, config.head_budgets, config.allocation)
+                      config.lookahead, config.budget_rounding)
 
 
 def compress_chunks(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: Press | None = None,
@@ -178,10 +167,7 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
             f"skill {skill.name!r}: {total} demonstration tokens exceed the model's {f.max_positions} positions"
         )
     device = lm.device
-    building = Building.empty(f.num_layers)
-    # what chunks are prefilled and scored on: the memory itself, or (prefill_context="full") every
-    # earlier token unpruned, kept beside the memory until the end
-    context = Building.empty(f.num_layers) if options.prefill_context == "full" else building
+    building = Building.empty(f.num_layers)  # the memory: each chunk is prefilled, replayed and scored on it
     offset = 0
     rope_next = 0  # next free RoPE index (differs from offset for M-RoPE VLMs)
     t0 = time.perf_counter()
@@ -191,11 +177,11 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
     for ci, chunk in enumerate(chunks):
         n = len(chunk.ids)
         pos = (offset + torch.arange(n, device=device))[None]
-        mem_k, mem_v, mem_p = zip(*(context.prefix(i) for i in range(f.num_layers)), strict=True)
-        cache = MemoryCache(mem_k, mem_v, mem_p, f.windows, [context.valid(i) for i in range(f.num_layers)])
+        mem_k, mem_v, mem_p = zip(*(building.prefix(i) for i in range(f.num_layers)), strict=True)
+        cache = MemoryCache(mem_k, mem_v, mem_p, f.windows, [building.valid(i) for i in range(f.num_layers)])
         window_scores: dict[int, torch.Tensor] = {}
         if press.needs_window_scores:
-            cache.observer = _window_observer(f, press.observation_window, window_scores, context.length)
+            cache.observer = _window_observer(f, press.observation_window, window_scores, building.length)
         tp = clock(device)
         embeds = rope = None
         rope_end = rope_next + n
@@ -209,12 +195,11 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
         protected = torch.tensor(chunk.protected, dtype=torch.bool, device=device)
         replay = None
         if press.needs_replay and chunk.demos:
-            probe = probe_demos(chunks, ci, options.probe)
-            ids, rpos, segments, rows = _replay_pack(probe, offset + n, device)
-            replay = Replay(lm, context, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
+            ids, rpos, segments, rows = _replay_pack(chunk.demos, offset + n, device)
+            replay = Replay(lm, building, list(chunk_k), list(chunk_v), chunk_pos, ids, rpos, segments, rows,
                             scope=options.search_scope)
             if vision is not None:
-                replay.embeds, replay.rope = vision.packed_inputs(probe, rope_end)
+                replay.embeds, replay.rope = vision.packed_inputs(chunk.demos, rope_end)
             replay.run_teacher(options.pool_kernel, protected, options.importance_keys, options.pool_count_pad)
         ctx = ChunkContext(
             f, n, int(protected.sum()), offset, total, replay,
@@ -222,13 +207,10 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
             if press.needs_window_scores else None,
             device=device,
         )
-        if press.needs_reconstruction or (replay is not None and options.importance != "answers"):
+        if press.needs_reconstruction:
             repeat = renderer.ids(REPEAT_PROMPT) + [t for t in chunk.ids if t not in renderer.bos]
-            ctx.reconstruction_scores = reconstruction_scores(lm, context, chunk_k, chunk_v, chunk_pos, repeat, offset + n,
+            ctx.reconstruction_scores = reconstruction_scores(lm, building, chunk_k, chunk_v, chunk_pos, repeat, offset + n,
                                                              sinks=press.reconstruction_sinks)
-            if replay is not None:
-                replay.scores = [blend_importance(a, r, protected, options.importance)
-                                 for a, r in zip(replay.scores, ctx.reconstruction_scores, strict=True)]
         selection = press.select(ctx)
         for layer in range(f.num_layers):
             ck, cv, cp = chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1)
@@ -236,13 +218,9 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
             if idx is not None:
                 ck, cv, cp = gather_tokens(ck, idx), gather_tokens(cv, idx), gather_positions(cp, idx)
             building.append(layer, ck, cv, cp, padded=is_padded(idx))
-            if context is not building:
-                context.append(layer, chunk_k[layer], chunk_v[layer], chunk_pos[None].expand(f.num_kv_heads, -1))
             window = f.windows[layer]
             if window:  # later tokens (positions >= offset + n) only see positions > offset + n - window
                 building.keep_after(layer, offset + n - window)
-                if context is not building:
-                    context.keep_after(layer, offset + n - window)
         if replay is not None:
             stats["replay_forwards"] += replay.forwards
             stats["js_checks"] += replay.js_checks

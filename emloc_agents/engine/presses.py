@@ -12,7 +12,7 @@ only keep their window).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -114,8 +114,6 @@ class EMLoCPress(Press):
     batch_candidates: bool = True
     lookahead: int | None = None  # None: by device (EMLoCConfig.lookahead)
     budget_rounding: str = "ceil"
-    head_budgets: bool = False  # a layer's share ranked across its heads (EMLoCConfig.head_budgets)
-    allocation: str = "layers"  # "global": one share per chunk, ranked across layers and heads
     needs_replay: ClassVar[bool] = True
     name: ClassVar[str] = "emloc"
 
@@ -136,9 +134,7 @@ class EMLoCPress(Press):
                 for layer in group:
                     ctx.record(layer, 1.0, None)
             return decided
-        if self.allocation == "global":
-            return self._select_global(ctx, prunable, ratios, k_of)
-        picks = {r: [select_top(replay.scores[layer], k_of(r), self.head_budgets) for layer in range(n_layers)]
+        picks = {r: [topk_per_head(replay.scores[layer], k_of(r)) for layer in range(n_layers)]
                  for r in ratios}
 
         def pruned(base: Selection, group: list[int], ratio: float) -> Selection:
@@ -204,29 +200,6 @@ class EMLoCPress(Press):
                 passed = accept(run, stacks[pick], iter(checked.js(range(first, first + len(below)))))
                 i += passed
         return decided
-
-    def _select_global(self, ctx: ChunkContext, prunable: list[int], ratios: list[float],
-                       k_of: Callable[[float], int]) -> Selection:
-        """``allocation="global"``: each candidate share of the chunk is spread over layers and heads by
-        one ranking of the importance scores (the layers' and heads' budgets follow the scores, as in
-        kvpress's KVzip); the smallest share whose JS stays within delta wins, else the whole chunk.
-        All shares are checked in one batched re-forward."""
-        replay, n_layers = ctx.replay, ctx.facts.num_layers
-        assert replay is not None
-        trials: list[Selection] = []
-        for r in ratios:
-            ranked = rank_all_heads({i: replay.scores[i] for i in prunable}, k_of(r)) if prunable else {}
-            trials.append([ranked.get(i) for i in range(n_layers)])
-        chosen, chosen_js = 1.0, None
-        selection: Selection = [None] * n_layers
-        if prunable:
-            for r, trial, js in zip(ratios, trials, replay.divergences(trials, prunable[0]), strict=False):
-                if js <= self.delta:
-                    chosen, chosen_js, selection = r, js, trial
-                    break
-        for layer in prunable:
-            ctx.record(layer, chosen, chosen_js)
-        return selection
 
 
 def allocate(scores: dict[int, torch.Tensor], k: int, layer_budgets: bool, head_budgets: bool) -> dict[int, torch.Tensor]:
