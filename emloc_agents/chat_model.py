@@ -25,8 +25,6 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ChatMessage,
-    SystemMessage,
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
@@ -39,31 +37,21 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, field_validator
 
-from .config import EMLoCConfig
 from .engine.decode import Generation, first_stop
 from .engine.memory import CompressedMemory
 from .engine.prompt import answer_stops
-from .images import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImagePolicy,
-    UnsupportedContentError,
-    image_of_block,
-)
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
+from .messages import to_template_messages, to_turns, with_system
 from .registry import MemoryRegistry
 from .skills import Skill
 from .tool_format import ToolFormat, parse_reply, tool_format
+from .tools import skill_tools
 
 if TYPE_CHECKING:
     from .models.lm import LanguageModel
 
-STRICT_IMAGES = ImagePolicy()
-"""Messages' images when no local directory is allowed: base64 and data: URLs only."""
 _REGISTRIES: dict[tuple[str, str | None, str, str], MemoryRegistry] = {}  # (model, cache dir, device, dtype)
 _REG_LOCK = threading.Lock()
-_SKIPPED_BLOCKS = {"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking",
-                   "server_tool_call", "server_tool_result", "invalid_tool_call"}
-_REFUSED_BLOCKS = {"audio", "input_audio", "file", "video", "document", "pdf", "input_file"}
 CALL_ARGUMENTS = ("skill", "model", "max_tokens", "temperature", "top_p", "seed", "tools", "tool_choice",
                   "parallel_tool_calls", "response_format")
 """What ``invoke``/``stream``/``bind`` accept besides ``stop`` (anything else is a TypeError)."""
@@ -80,105 +68,6 @@ def check_call_arguments(kwargs: Mapping[str, Any]) -> None:
             f"EMLoCChatModel got unexpected argument(s) {', '.join(map(repr, unknown))}; "
             f"accepted: stop, {', '.join(CALL_ARGUMENTS)}"
         )
-
-
-# ---- messages -> turns ------------------------------------------------------------------------
-
-
-def content_parts(message: BaseMessage, images: ImagePolicy = STRICT_IMAGES) -> tuple[str, list[Any]]:
-    """The text of a message and its images (PIL, read under ``images``: no local files unless it
-    allows their directory). Audio, PDF and other file blocks raise."""
-    content = message.content
-    if isinstance(content, str):
-        return content, []
-    texts: list[str] = []
-    found: list[Any] = []
-    for block in content:
-        if isinstance(block, str):
-            texts.append(block)
-            continue
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(str(block.get("text", "")))
-        elif kind in ("image", "image_url"):
-            found.append(image_of_block(block, images))
-        elif kind in _SKIPPED_BLOCKS:
-            continue  # tool calls are rendered from message.tool_calls; reasoning is not replayed
-        elif kind in _REFUSED_BLOCKS:
-            raise UnsupportedContentError(f"content blocks of type {kind!r} are not supported (text and images only)")
-        else:
-            raise UnsupportedContentError(f"unsupported content block type {kind!r} (text and images only)")
-    return "".join(texts), found
-
-
-def _role(message: BaseMessage) -> str:
-    if isinstance(message, SystemMessage):
-        return "system"
-    if isinstance(message, AIMessage):
-        return "assistant"
-    if isinstance(message, ChatMessage) and message.role in ("system", "assistant", "user"):
-        return message.role
-    return "user"  # human, tool results (small chat templates have no tool role), others
-
-
-def _call_text(call: Mapping[str, Any]) -> str:
-    return json.dumps({"name": call["name"], "arguments": call.get("args", {})}, ensure_ascii=False)
-
-
-def to_turns(messages: Sequence[BaseMessage], images: ImagePolicy = STRICT_IMAGES) -> list[dict[str, Any]]:
-    """LangChain messages -> ``{"role", "content", "images"}`` turns, merging consecutive same-role
-    messages (images read under ``images``). Tool calls of AI messages are written as the JSON the
-    model is asked to produce."""
-    turns: list[dict[str, Any]] = []
-    for m in messages:
-        role = _role(m)
-        text, pictures = content_parts(m, images)
-        if isinstance(m, AIMessage) and m.tool_calls:
-            text = "\n".join([text] * bool(text) + [_call_text(c) for c in m.tool_calls])
-        if isinstance(m, ToolMessage):
-            status = " (error)" if getattr(m, "status", "success") == "error" else ""
-            text = f"Tool result{status} ({m.name or m.tool_call_id}): {text}"
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
-            turns[-1]["images"].extend(pictures)
-        else:
-            turns.append({"role": role, "content": text, "images": pictures})
-    if not turns:
-        raise ValueError("no messages to answer")
-    return turns
-
-
-def to_template_messages(messages: Sequence[BaseMessage], images: ImagePolicy = STRICT_IMAGES) -> list[dict[str, Any]]:
-    """LangChain messages as a tool-aware chat template reads them (``ToolFormat.native``): assistant
-    turns keep their ``tool_calls`` and tool results keep the tool role, so the model sees earlier
-    calls and results in the format it was trained on. Consecutive plain messages of one role merge."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        text, pictures = content_parts(m, images)
-        if pictures:
-            raise UnsupportedContentError("images cannot be sent with tools to this model's chat template")
-        if isinstance(m, ToolMessage):
-            out.append({"role": "tool", "content": text, "name": m.name or ""})
-        elif isinstance(m, AIMessage) and m.tool_calls:
-            out.append({"role": "assistant", "content": text, "tool_calls": [
-                {"type": "function", "id": c.get("id"), "function": {"name": c["name"], "arguments": c.get("args", {})}}
-                for c in m.tool_calls]})
-        elif out and out[-1]["role"] == _role(m) and "tool_calls" not in out[-1] and out[-1]["role"] != "tool":
-            out[-1]["content"] = "\n".join(t for t in (out[-1]["content"], text) if t)
-        else:
-            out.append({"role": _role(m), "content": text})
-    if not out:
-        raise ValueError("no messages to answer")
-    return out
-
-
-def _with_system(turns: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    turns = [dict(t) for t in turns]
-    if turns[0]["role"] == "system":
-        turns[0]["content"] = (turns[0]["content"] + "\n\n" + text).strip()
-    else:
-        turns.insert(0, {"role": "system", "content": text, "images": []})
-    return turns
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -408,7 +297,7 @@ class EMLoCChatModel(BaseChatModel):
         with _REG_LOCK:
             if key not in _REGISTRIES:
                 _REGISTRIES[key] = MemoryRegistry(model=name, cache_dir=cache_dir, device=self.device,
-                                                  config=EMLoCConfig(dtype=self.dtype))
+                                                  dtype=self.dtype)
             return _REGISTRIES[key]
 
     # ---- one call ----------------------------------------------------------------------------
@@ -471,12 +360,12 @@ class EMLoCChatModel(BaseChatModel):
         elif skill is not None and skill.labels:
             grammar = st.choice_grammar(skill.labels)  # mode "text": the answer is one of the labels
         if hints:
-            turns = _with_system(turns, "\n\n".join(hints))
+            turns = with_system(turns, "\n\n".join(hints))
         if use_template_tools:
             plain = to_template_messages(messages, self._image_policy()) if fmt.native else [
                 {"role": t["role"], "content": t["content"]} for t in turns]
             if instruction:
-                plain = _with_system(plain, instruction)
+                plain = with_system(plain, instruction)
             text = lm.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=True)
             ids = lm.renderer("chat").standalone("", text)
         else:
@@ -697,6 +586,11 @@ class EMLoCChatModel(BaseChatModel):
         if "stop" in kwargs:
             _stop_list(kwargs["stop"])  # a bad stop fails here, not at every later call
         return super().bind(**kwargs)
+
+    def skill_tools(self, registry: MemoryRegistry | None = None) -> list[BaseTool]:
+        """One LangChain tool per skill of ``registry`` (default: this model's), each answering with this
+        model bound to its skill (``tools.skill_tools``; ``registry.as_tools(chat)`` calls this)."""
+        return skill_tools(registry or self.get_registry(), self)
 
     # ---- tools and structured output -----------------------------------------------------------
 

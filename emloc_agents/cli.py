@@ -35,9 +35,8 @@ def _registry(args: argparse.Namespace, progress: bool = True):
     from .registry import MemoryRegistry
 
     return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
-                          device=getattr(args, "device", "auto"),
-                          config=EMLoCConfig(compression=getattr(args, "compression", "auto"),
-                                             dtype=getattr(args, "dtype", "auto")))
+                          device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
+                          config=EMLoCConfig(compression=getattr(args, "compression", "auto")))
 
 
 def demo_skills() -> list[Skill]:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TENSOR_FIELDS = frozenset({
     "compression", "reconstruction_shares", "merge_evicted", "demos_per_chunk", "keep_ratios", "delta",
     "pool_kernel", "layer_group_size", "search_scope", "protect_prefix", "budget_rounding", "importance_keys",
-    "pool_count_pad", "dtype", "storage_dtype", "prompt_format",
+    "pool_count_pad", "storage_dtype", "prompt_format",
 })
 """Fields that change a memory's tensors: the registry's key (and ``fingerprint``) hashes these alone
 (with ``RETIRED_FIELDS``)."""
@@ -25,6 +25,10 @@ RETIRED_FIELDS: dict[str, Any] = {
 """Knobs of the chunk-wise loop measured no better than these defaults and removed (docs/design.md,
 "Variants measured and dropped"). Every memory was built at these values, and the key still hashes them,
 so a stored memory keeps its key. A config given one of them at this value (an old dump) still loads."""
+MOVED_FIELDS: dict[str, Any] = {"dtype": "auto"}
+"""Fields that moved to the model: ``dtype`` is ``MemoryRegistry(dtype=...)`` (``load_model``'s). The
+registry keys a memory by the dtype as resolved on the model's device, as before; ``fingerprint`` hashes
+the old default so it keeps its value. A config given ``dtype="auto"`` (an old dump) still loads."""
 COST_FIELDS = frozenset({"batch_candidates", "lookahead"})
 """Fields that change only what compressing costs (time, re-forwards): a change reuses stored memories.
 Under ``compression="auto"`` setting one away from its default still selects the chunk-wise loop, and
@@ -115,11 +119,6 @@ class EMLoCConfig(BaseModel):
     # tensors: the pooled scores at a chunk's ends
     pool_count_pad: bool = Field(
         False, description="Average pooling counts the zero padding at the chunk's ends (reference: True).")
-    # tensors: compute dtype (keyed as resolved on the model's device)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype of a model the registry loads by name (load_model's dtype): 'auto' "
-        "is bfloat16 on CUDA and float32 elsewhere; bfloat16 also suits CPUs with native bfloat16 "
-        "(docs/benchmarks.md).")
     # tensors: the stored K/V dtype
     storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the K/V tensors kept in the memory and on disk."
@@ -147,13 +146,16 @@ class EMLoCConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _retired_at_their_value(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not RETIRED_FIELDS.keys() & data.keys():
+        if not isinstance(data, dict) or not (RETIRED_FIELDS.keys() | MOVED_FIELDS.keys()) & data.keys():
             return data
+        if data.get("dtype", "auto") != "auto":
+            raise ValueError("dtype is how the model is loaded, not a compression setting: "
+                             "MemoryRegistry(model, dtype=...) or load_model(name, dtype=...)")
         for name, value in RETIRED_FIELDS.items():
             if name in data and data[name] != value:
                 raise ValueError(f"{name} was removed: measured no better than {value!r} (docs/design.md, "
                                  "'Variants measured and dropped'); every memory is built at that value")
-        return {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        return {k: v for k, v in data.items() if k not in RETIRED_FIELDS and k not in MOVED_FIELDS}
 
     @field_validator("compression")
     @classmethod
@@ -209,12 +211,12 @@ class EMLoCConfig(BaseModel):
         return self.keep_ratios != (1.0,)
 
     def tensor_fields(self, images: bool | None = None) -> dict[str, Any]:
-        """The fields that change the memory's tensors (``TENSOR_FIELDS``, and ``RETIRED_FIELDS`` at the
-        values every memory has), as JSON values.
+        """The fields that change the memory's tensors (``TENSOR_FIELDS``, and ``RETIRED_FIELDS`` and
+        ``MOVED_FIELDS`` at their old defaults, so keys stay), as JSON values.
         ``compression`` is the mode it resolves to where that is known: with ``images`` given (the
         skill or the model is visual), or when a chunk-loop knob away from its default selects the
         loop, so "auto" and the mode it picks share one memory."""
-        values = {**RETIRED_FIELDS, **self.model_dump(mode="json", include=set(TENSOR_FIELDS))}
+        values = {**RETIRED_FIELDS, **MOVED_FIELDS, **self.model_dump(mode="json", include=set(TENSOR_FIELDS))}
         if images is not None or self.chunk_knobs_changed:
             values["compression"] = self.resolved_compression(bool(images))
         return values

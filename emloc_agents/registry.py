@@ -101,6 +101,8 @@ class MemoryRegistry:
             its lock while it compresses, so a compression may take longer).
         device: where a model named by ``model`` runs (``load_model``'s ``device``: "auto", "cpu",
             "cuda", "cuda:N", "mps"); memories move there once, when they enter the RAM cache.
+        dtype: the compute dtype of a model named by ``model`` (``load_model``'s ``dtype``: "auto" is
+            bfloat16 on CUDA and float32 elsewhere). Memories are keyed by it, as resolved.
     """
 
     def __init__(
@@ -113,12 +115,14 @@ class MemoryRegistry:
         progress: bool = False,
         lock_expire: float = 900.0,
         device: str = "auto",
+        dtype: str = "auto",
     ) -> None:
-        from .models.loader import default_cache_dir, resolve_device
+        from .models.loader import default_cache_dir, resolve_device, resolve_dtype
 
         if isinstance(model, str):
-            resolve_device(device)  # an unknown or absent device fails here, not at first use
+            resolve_dtype(dtype, resolve_device(device))  # an unknown device or dtype fails here, not at first use
         self.device = device
+        self.dtype = dtype
         self.model_name = model if isinstance(model, str) else model.name
         self._lm = None if isinstance(model, str) else model
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -152,7 +156,7 @@ class MemoryRegistry:
 
             with self._lock:
                 if self._lm is None:
-                    self._lm = load_model(self.model_name, dtype=self.config.dtype, device=self.device)
+                    self._lm = load_model(self.model_name, dtype=self.dtype, device=self.device)
         return self._lm
 
     @property
@@ -235,7 +239,7 @@ class MemoryRegistry:
             "model_fingerprint": self.lm.fingerprint(),
             # the compression mode as resolved for this skill and model; the dtype as resolved on the
             # model's device ("auto" on the CPU keys as "float32")
-            "config": {**self.config.tensor_fields(images), "dtype": resolve_dtype(self.config.dtype, self.lm.device)},
+            "config": {**self.config.tensor_fields(images), "dtype": resolve_dtype(self.dtype, self.lm.device)},
             "skill_hash": skill.content_hash(),
         }
 
@@ -389,11 +393,14 @@ class MemoryRegistry:
 
     # ---- LangChain ---------------------------------------------------------------------------
 
-    def as_tools(self, chat: Any = None) -> list[Any]:
-        """One LangChain tool per skill, answering with ``chat`` bound to that skill."""
-        from .tools import skill_tools
-
-        return skill_tools(self, chat)
+    def as_tools(self, chat: Any) -> list[Any]:
+        """One LangChain tool per skill, answering with ``chat`` (an ``EMLoCChatModel``) bound to that
+        skill. The chat model builds them (``EMLoCChatModel.skill_tools``): the registry sits below
+        LangChain and imports none of it."""
+        if chat is None or not callable(getattr(chat, "skill_tools", None)):
+            raise TypeError("as_tools needs the chat model the tools answer with: "
+                            "registry.as_tools(EMLoCChatModel(registry=registry))")
+        return chat.skill_tools(self)
 
     def __repr__(self) -> str:
         return f"MemoryRegistry(model={self.model_name!r}, skills={len(self._skills)}, cache_dir={str(self.cache_dir)!r})"

@@ -7,12 +7,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
+from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
-    from .chat_model import EMLoCChatModel
     from .registry import MemoryRegistry
 
 
@@ -33,14 +33,12 @@ class SkillInput(BaseModel):
     input: str = Field(description="The text to handle, as the user gave it.")
 
 
-def skill_tools(registry: MemoryRegistry, chat: EMLoCChatModel | None = None) -> list[BaseTool]:
-    """One tool per registered skill; calling it answers on that skill's memory. The input is
-    phrased like the demonstrations first (``Skill.format_input``), so an agent may pass raw text.
-    The reply ends where the demonstrations' answers end (one of the skill's labels when it has
-    them), and the description tells an agent what the skill does, answers, and an example."""
-    from .chat_model import EMLoCChatModel
-
-    chat = chat or EMLoCChatModel(registry=registry)
+def skill_tools(registry: MemoryRegistry, chat: BaseChatModel) -> list[BaseTool]:
+    """One tool per skill of ``registry``; calling it answers with ``chat`` (an ``EMLoCChatModel`` on
+    that registry) bound to the skill. The input is phrased like the demonstrations first
+    (``Skill.format_input``), so an agent may pass raw text. The reply ends where the demonstrations'
+    answers end (one of the skill's labels when it has them), and the description tells an agent what
+    the skill does, answers, and an example. Users call ``registry.as_tools(chat)``."""
     tools: list[BaseTool] = []
     for skill in registry.skills():
         bound = chat.bind(skill=skill.name)
@@ -115,7 +113,7 @@ class SkillRouter(Runnable[Any, dict[str, Any]]):
             best = None
         return {"input": text, "skill": best, "score": scores.get(best) if best else None, "scores": scores}
 
-    def answer_with(self, chat: EMLoCChatModel) -> Runnable[Any, Any]:
+    def answer_with(self, chat: BaseChatModel) -> Runnable[Any, Any]:
         """A chain: route, then answer on the chosen skill (zero-shot if none passed the threshold)."""
         from langchain_core.runnables import RunnableLambda
 

@@ -27,7 +27,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from pydantic import ValidationError
 
 from emloc_agents import EMLoCConfig, MemoryRegistry, Skill, SkillError
-from emloc_agents.chat_model import EMLoCChatModel, UnsupportedContentError
+from emloc_agents.chat_model import EMLoCChatModel
+from emloc_agents.images import UnsupportedContentError
 from emloc_agents.registry import UnknownSkillError
 from emloc_agents.store import DiskCacheStore, MemoryFormatError, load_memory, read_info
 
@@ -271,7 +272,7 @@ bad_config = st.one_of(
     st.fixed_dictionaries({"pool_kernel": st.integers(max_value=0)}),
     st.fixed_dictionaries({"lookahead": st.integers(max_value=0)}),
     st.fixed_dictionaries({"search_scope": st.text(max_size=8).filter(lambda s: s not in ("answers", "exact"))}),
-    st.fixed_dictionaries({"dtype": st.text(max_size=8).filter(lambda s: s not in ("float32", "bfloat16", "float16"))}),
+    st.fixed_dictionaries({"dtype": st.text(max_size=8).filter(lambda s: s != "auto")}),  # a model option now
     st.fixed_dictionaries({"storage_dtype": st.sampled_from(["int8", "float64", "", "fp16"])}),
     st.fixed_dictionaries({"prompt_format": st.text(max_size=6).filter(lambda s: s not in ("auto", "chat", "plain"))}),
     st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in EMLoCConfig.model_fields), junk, min_size=1, max_size=2),

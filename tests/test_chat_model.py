@@ -21,8 +21,9 @@ from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import TypedDict
 
 from emloc_agents import Demonstration, MemoryRegistry, Skill
-from emloc_agents.chat_model import EMLoCChatModel, UnsupportedContentError, to_turns
-from emloc_agents.images import ImagePolicy
+from emloc_agents.chat_model import EMLoCChatModel
+from emloc_agents.images import ImagePolicy, UnsupportedContentError
+from emloc_agents.messages import to_turns
 from emloc_agents.registry import UnknownSkillError
 from tests.conftest import make_skill
 

@@ -201,16 +201,22 @@ def test_dtype_option_of_registry_chat_model_and_cli(tmp_path) -> None:
 
     skill = make_skill(4)
     auto = MemoryRegistry("tiny-llama", store=MemoryStore())
-    assert auto.config.dtype == "auto" and auto.lm.dtype == torch.float32
-    assert auto.key(skill) == MemoryRegistry("tiny-llama", store=MemoryStore(), config=EMLoCConfig(dtype="float32")).key(skill)
-    half = MemoryRegistry("tiny-llama", store=MemoryStore(), config=EMLoCConfig(dtype="bfloat16"))
+    assert auto.dtype == "auto" and auto.lm.dtype == torch.float32
+    assert auto.key(skill) == MemoryRegistry("tiny-llama", store=MemoryStore(), dtype="float32").key(skill)
+    half = MemoryRegistry("tiny-llama", store=MemoryStore(), dtype="bfloat16")
     assert half.lm.dtype == torch.bfloat16 and half.key(skill) != auto.key(skill)
+    with pytest.raises(ValueError, match="dtype"):
+        MemoryRegistry("tiny-llama", store=MemoryStore(), dtype="float64")
+    # the compression config holds no model option; an old dump with the default still loads
+    assert EMLoCConfig.model_validate({"dtype": "auto"}) == EMLoCConfig()
+    with pytest.raises(ValueError, match=r"MemoryRegistry\(model, dtype=...\)"):
+        EMLoCConfig.model_validate({"dtype": "bfloat16"})
     chat = EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path), dtype="bfloat16")
     assert chat.get_registry().lm.dtype == torch.bfloat16
     assert EMLoCChatModel(model="tiny-llama", cache_dir=str(tmp_path)).get_registry().lm.dtype == torch.float32
     args = build_parser().parse_args(["--model", "tiny-llama", "--cache-dir", str(tmp_path), "--dtype", "bfloat16",
                                       "skills", "ls"])
-    assert _registry(args, progress=False).config.dtype == "bfloat16"
+    assert _registry(args, progress=False).dtype == "bfloat16"
     assert build_parser().parse_args(["skills", "ls"]).dtype == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--dtype", "float64", "skills", "ls"])

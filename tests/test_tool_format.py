@@ -13,7 +13,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from emloc_agents import EMLoCChatModel, MemoryRegistry
-from emloc_agents.chat_model import to_template_messages
+from emloc_agents.messages import to_template_messages
 from emloc_agents.tool_format import ToolFormat, parse_reply, tool_format
 
 HERMES_TEMPLATE = (

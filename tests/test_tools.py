@@ -51,8 +51,10 @@ def test_as_tools_one_per_skill(tiny_registry: MemoryRegistry) -> None:
     assert by_name["sentiment"].invoke({"input": q}) == chat.invoke(q, skill="sentiment").content
 
 
-def test_as_tools_default_chat(tiny_registry: MemoryRegistry) -> None:
-    tools = tiny_registry.as_tools()
+def test_as_tools_needs_the_chat_model(tiny_registry: MemoryRegistry) -> None:
+    with pytest.raises(TypeError, match=r"registry.as_tools\(EMLoCChatModel\(registry=registry\)\)"):
+        tiny_registry.as_tools(None)
+    tools = EMLoCChatModel(registry=tiny_registry, max_tokens=3).skill_tools()  # the same, from the chat
     assert len(tools) == 2 and all(isinstance(t.invoke({"input": "hi"}), str) for t in tools)
 
 

@@ -65,7 +65,7 @@ def skill_registry(model: str, shots: int, seed: int = 0, cache_dir: str | Path 
 
 
 def agent_tools(registry: MemoryRegistry, skill_chat: EMLoCChatModel | None = None) -> list[BaseTool]:
-    return [*registry.as_tools(skill_chat), multiply, get_weather]
+    return [*registry.as_tools(skill_chat or EMLoCChatModel(registry=registry)), multiply, get_weather]
 
 
 def _words(text: str) -> str:
