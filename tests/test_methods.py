@@ -84,3 +84,19 @@ def test_a_registry_builds_keys_and_stores_a_registered_method(tmp_path: Path, t
     loaded = again.get("sentiment")
     assert again.last_info["sentiment"].source == "store" and CALLS == ["sentiment"]
     assert all(torch.equal(a, b) for a, b in zip(mem.positions, loaded.positions, strict=True))
+
+
+def test_the_bench_runs_a_registered_method(tmp_path: Path, toy: str) -> None:
+    from emloc_agents.bench.methods import order_methods
+    from emloc_agents.bench.run import run_bench
+
+    from .test_bench import make_task
+
+    assert order_methods(["emloc-recent-half", "full-icl-cached"]) == ["full-icl-cached", "emloc-recent-half"]
+    with pytest.raises(ValueError, match="emloc-NAME"):
+        order_methods(["emloc-not-registered"])
+    rows = run_bench([make_task(tmp_path / "mini")], model="tiny-llama", methods=["full-icl-cached", "emloc-recent-half"],
+                     shots=[4], seeds=[0], limit=4, out=tmp_path / "out", plots=False, progress=False)
+    by = {r["method"]: r for r in rows}
+    assert CALLS == ["mini"] and by["emloc-recent-half"]["agreement"] is not None
+    assert 0.45 <= by["emloc-recent-half"]["kept_ratio"] <= 0.55

@@ -24,7 +24,7 @@ from ..engine import PromptError, UnsupportedModelError
 from ..skills import SkillError
 from ..tasks import available_tasks
 from .compare import compare
-from .methods import METHODS
+from .methods import METHODS, order_methods
 from .run import SCORINGS, BenchError, run_bench
 
 
@@ -49,9 +49,10 @@ def _floats(text: str) -> list[float]:
 
 def _methods(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    for n in names:
-        if n not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
+    try:
+        order_methods(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return names
 
 

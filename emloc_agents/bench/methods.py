@@ -9,7 +9,8 @@
   context ranked at once for text skills, the chunk-wise loop for images); ``emloc-context``:
   ``compression="context"``, the whole context ranked by reconstruction and leave-one-out replays,
   the share chosen by the JS check on held-out demonstrations (engine/context.py); ``emloc-chunks``:
-  the paper's chunk-wise loop.
+  the paper's chunk-wise loop. ``emloc-NAME`` runs any compression method registered under NAME
+  (``engine.compress.register_method``) at its defaults.
 - ``emloc-share``: the default's whole-context ranking at a fixed share (the ``--ratio``; the split
   with the lowest held-out JS there, no δ check): the default's point on a fidelity curve. The
   ranking runs once per skill and serves every share (and ``kvzip-whole``, whose reconstruction
@@ -39,6 +40,7 @@ import torch
 
 from ..config import EMLoCConfig
 from ..engine import CompressedMemory, Press, compress
+from ..engine.compress import METHODS as COMPRESSION_METHODS
 from ..engine.context import RankedContext, best_split, rank_context
 from ..engine.prompt import Renderer
 from ..models.lm import memory_context
@@ -95,12 +97,21 @@ class Prepared:
         return [r.label_ids(query, o) for o in labels]
 
 
+def compression_method(method: str) -> str | None:
+    """The engine's compression method that bench method ``emloc-NAME`` runs (``emloc-chunks``,
+    ``emloc-context`` and any method registered in this process), else None."""
+    name = method.removeprefix("emloc-")
+    return name if method.startswith("emloc-") and name in COMPRESSION_METHODS else None
+
+
 def order_methods(methods: Sequence[str]) -> list[str]:
-    """Canonical run order (emloc before the fixed-ratio presses that may reuse its ratio)."""
-    unknown = [m for m in methods if m not in METHODS]
+    """Canonical run order (emloc before the fixed-ratio presses that may reuse its ratio; registered
+    compression methods last)."""
+    unknown = [m for m in methods if m not in METHODS and compression_method(m) is None]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    return [m for m in METHODS if m in set(methods)]
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} or emloc-NAME for a "
+                         f"registered compression method ({', '.join(sorted(COMPRESSION_METHODS))})")
+    return [m for m in METHODS if m in set(methods)] + list(dict.fromkeys(m for m in methods if m not in METHODS))
 
 
 def _from_memory(method: str, mem: CompressedMemory) -> Prepared:
@@ -131,10 +142,8 @@ def prepare(
         return _from_memory(method, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))))
     if method == "emloc":
         return _from_memory(method, compress(lm, skill, EMLoCConfig()))
-    if method == "emloc-chunks":
-        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="chunks")))
-    if method == "emloc-context":
-        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression="context")))
+    if (name := compression_method(method)) is not None:
+        return _from_memory(method, compress(lm, skill, EMLoCConfig(compression=name)))
     if ratio is not None:
         r_used, source = ratio, "--ratio"
     elif emloc_ratio is not None:
