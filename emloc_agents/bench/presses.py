@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
 __all__ = ["KVzipPress", "RandomPress", "SnapKVPress", "StreamingLLMPress", "UniformPress", "kvzip_whole"]
 
 
+def per_global_layer(ctx: ChunkContext, pick: Callable[[int], torch.Tensor]) -> Selection:
+    """``pick(layer)`` for each full-attention layer, in layer order; ``None`` for sliding-window layers
+    (they keep only their window)."""
+    return [None if ctx.facts.sliding[i] else pick(i) for i in range(ctx.facts.num_layers)]
+
+
 @dataclass
 class UniformPress(Press):
     """EMLoC's importance scores at one fixed share for every layer (no JS check)."""
@@ -43,11 +50,8 @@ class UniformPress(Press):
 
     def select(self, ctx: ChunkContext) -> Selection:
         assert ctx.replay is not None
-        k = budget(ctx.n, self.ratio, ctx.n_protected)
-        return [
-            None if ctx.facts.sliding[i] else select_top(ctx.replay.scores[i], k, self.head_budgets)
-            for i in range(ctx.facts.num_layers)
-        ]
+        replay, k = ctx.replay, budget(ctx.n, self.ratio, ctx.n_protected)
+        return per_global_layer(ctx, lambda i: select_top(replay.scores[i], k, self.head_budgets))
 
 
 @dataclass
@@ -65,17 +69,15 @@ class SnapKVPress(Press):
         return self.window
 
     def select(self, ctx: ChunkContext) -> Selection:
-        assert ctx.window_scores is not None
-        k = budget(ctx.n, self.ratio, 0)
-        out: Selection = []
-        for i in range(ctx.facts.num_layers):
-            if ctx.facts.sliding[i]:
-                out.append(None)
-                continue
-            s = pool(ctx.window_scores[i], self.kernel)
-            s[:, max(0, ctx.n - self.window) :] = float("inf")
-            out.append(topk_per_head(s, k))
-        return out
+        window_scores, k = ctx.window_scores, budget(ctx.n, self.ratio, 0)
+        assert window_scores is not None
+
+        def pick(i: int) -> torch.Tensor:
+            s = pool(window_scores[i], self.kernel)
+            s[:, max(0, ctx.n - self.window) :] = float("inf")  # the observation window is kept
+            return topk_per_head(s, k)
+
+        return per_global_layer(ctx, pick)
 
 
 @dataclass
@@ -128,7 +130,7 @@ class StreamingLLMPress(Press):
         keep = (pos < self.sinks) | (pos >= recent_from)
         idx = keep.nonzero().flatten()
         sel = idx[None].expand(ctx.facts.num_kv_heads, -1).contiguous()
-        return [None if ctx.facts.sliding[i] else sel for i in range(ctx.facts.num_layers)]
+        return per_global_layer(ctx, lambda _: sel)
 
 
 @dataclass
@@ -143,15 +145,9 @@ class RandomPress(Press):
     def select(self, ctx: ChunkContext) -> Selection:
         if self._gen is None:
             self._gen = torch.Generator(device=ctx.device).manual_seed(self.seed)
-        k = budget(ctx.n, self.ratio, 0)
-        out: Selection = []
-        for i in range(ctx.facts.num_layers):
-            if ctx.facts.sliding[i]:
-                out.append(None)
-                continue
-            s = torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=self._gen, device=self._gen.device)
-            out.append(topk_per_head(s, k))
-        return out
+        gen, k = self._gen, budget(ctx.n, self.ratio, 0)
+        return per_global_layer(ctx, lambda _: topk_per_head(
+            torch.rand(ctx.facts.num_kv_heads, ctx.n, generator=gen, device=gen.device), k))
 
 
 def kvzip_whole(lm: ModelHandle, skill: Skill, full: CompressedMemory, ratio: float,
