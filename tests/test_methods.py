@@ -87,7 +87,7 @@ def test_a_registry_builds_keys_and_stores_a_registered_method(tmp_path: Path, t
 
 
 def test_the_bench_runs_a_registered_method(tmp_path: Path, toy: str) -> None:
-    from emloc_agents.bench.methods import order_methods
+    from emloc_agents.bench.methods import compression_method, order_methods
     from emloc_agents.bench.run import run_bench
 
     from .test_bench import make_task
@@ -95,6 +95,12 @@ def test_the_bench_runs_a_registered_method(tmp_path: Path, toy: str) -> None:
     assert order_methods(["emloc-recent-half", "full-icl-cached"]) == ["full-icl-cached", "emloc-recent-half"]
     with pytest.raises(ValueError, match="emloc-NAME"):
         order_methods(["emloc-not-registered"])
+    register_method("share", recent_half)  # the bench's own emloc-share keeps its meaning
+    try:
+        assert compression_method("emloc-share") is None and compression_method("emloc-recent-half") == toy
+    finally:
+        METHODS.pop("share")
+        METHOD_NAMES.discard("share")
     rows = run_bench([make_task(tmp_path / "mini")], model="tiny-llama", methods=["full-icl-cached", "emloc-recent-half"],
                      shots=[4], seeds=[0], limit=4, out=tmp_path / "out", plots=False, progress=False)
     by = {r["method"]: r for r in rows}

@@ -99,7 +99,10 @@ class Prepared:
 
 def compression_method(method: str) -> str | None:
     """The engine's compression method that bench method ``emloc-NAME`` runs (``emloc-chunks``,
-    ``emloc-context`` and any method registered in this process), else None."""
+    ``emloc-context`` and any method registered in this process), else None. The bench's own names
+    (``emloc-share``, ...) keep their meaning whatever is registered."""
+    if method in METHODS and method not in EMLOC_METHODS:
+        return None
     name = method.removeprefix("emloc-")
     return name if method.startswith("emloc-") and name in COMPRESSION_METHODS else None
 
