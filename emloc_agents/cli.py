@@ -1,4 +1,4 @@
-"""`emloc`: demo, compress, chat, skills ls|info|rm|export|import, bench.
+"""`emloc`: demo, compress, chat, skills ls|info|rm|export|import, bench, serve.
 
 Every user mistake prints one line on stderr and exits non-zero, never a traceback.
 """
@@ -134,14 +134,17 @@ def _agent_demo(reg: MemoryRegistry) -> None:
         print(f"  assistant: {str(final.content).strip()}")
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    path = Path(args.skill_dir)
-    if (path / "task.json").is_file():  # a task folder: a 16-shot skill from its pool
+def _skills_at(path: Path) -> list[Skill]:
+    """The skills in a folder or file; a task folder gives a 16-shot skill from its pool."""
+    if (path / "task.json").is_file():
         from .tasks import Task
 
-        skills = [Task.load(path).skill(16)]
-    else:
-        skills = Skill.from_dir(path) if path.is_dir() else [Skill.from_file(path)]
+        return [Task.load(path).skill(16)]
+    return Skill.from_dir(path) if path.is_dir() else [Skill.from_file(path)]
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    skills = _skills_at(Path(args.skill_dir))
     reg = _registry(args)
     for s in skills:
         reg.add(s)
@@ -183,6 +186,31 @@ def cmd_skills(args: argparse.Namespace) -> int:
         print(f"wrote {reg.export(args.name, args.file)}")
     elif args.action == "import":
         print(f"imported skill {reg.import_file(args.file).name!r}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server (docs/serving.md); its dependencies are the ``serve`` extra."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("emloc: error: `emloc serve` needs the serve extra: pip install 'emloc-agents[serve]'", file=sys.stderr)
+        return 2
+    from .chat_model import EMLoCChatModel
+    from .serve import create_app, run
+
+    skills = _skills_at(Path(args.skills)) if args.skills else []
+    reg = _registry(args, progress=False)
+    for s in skills:
+        reg.add(s)
+    api_key = args.api_key or os.environ.get("EMLOC_API_KEY") or None
+    reg.lm  # noqa: B018 - loaded now, not by the first request
+    app = create_app(EMLoCChatModel(registry=reg, max_tokens=args.max_tokens), api_key=api_key,
+                     max_queue=args.max_queue)
+    print(f"emloc serve: http://{args.host}:{args.port}/v1 model {reg.model_name!r}, skills: "
+          f"{', '.join(reg.names()) or 'none'}{'; API key required' if api_key else ''}", flush=True)
+    run(app, host=args.host, port=args.port)
     return 0
 
 
@@ -229,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_parser("import").add_argument("file")
     s.set_defaults(func=cmd_skills)
     sub.add_parser("bench", help="benchmark (see `emloc bench --help`)", add_help=False)
+    sv = sub.add_parser("serve", help="the OpenAI Chat Completions API over the skills (extra serve)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--skills", default=None, metavar="DIR_OR_FILE", help="register these skills at start")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EMLOC_API_KEY)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="reply length when a request sets none")
+    sv.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model (503 past it)")
+    # also accepted after the command (``emloc serve --model ...``); SUPPRESS keeps the ones given before it
+    sv.add_argument("--model", default=argparse.SUPPRESS)
+    sv.add_argument("--cache-dir", default=argparse.SUPPRESS)
+    sv.add_argument("--device", default=argparse.SUPPRESS)
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=argparse.SUPPRESS)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

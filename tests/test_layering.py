@@ -33,6 +33,13 @@ FORBIDDEN = [
     ("chat_model", "cli"),
     ("chat_model", "bench"),
     ("skills", "tasks"),
+    # the server sits on top: a client of the chat model, never of the engine, the store or the models
+    *[(below, "serve") for below in ("store", "engine", "models", "registry", "tools", "messages", "chat_model",
+                                     "bench", "skills", "config")],
+    ("serve", "engine"),
+    ("serve", "store"),
+    ("serve", "models"),
+    ("serve", "cli"),
 ]
 
 
