@@ -32,6 +32,9 @@ FORBIDDEN = [
     ("tools", "chat_model"),
     ("chat_model", "cli"),
     ("chat_model", "bench"),
+    ("chat_model", "middleware"),
+    ("registry", "middleware"),
+    ("tools", "middleware"),
     ("skills", "tasks"),
     # the server sits on top: a client of the chat model, never of the engine, the store or the models
     *[(below, "serve") for below in ("store", "engine", "models", "registry", "tools", "messages", "chat_model",

@@ -52,8 +52,16 @@ def get_weather(location: str) -> str:
     return f"sunny, 21 C in {location}"
 
 
-def load_requests() -> list[dict[str, Any]]:
-    return json.loads(resources.files("emloc_agents.data").joinpath("agent_requests.json").read_text())
+REQUEST_SETS = {"study": "agent_requests.json", "heldout": "agent_requests_heldout.json"}
+"""The bundled request sets: ``study`` (50 requests) and ``heldout`` (40 requests written later, blind to
+the study's phrasings and to the tool selector's examples; test items from index 300 on)."""
+
+
+def load_requests(which: str = "study") -> list[dict[str, Any]]:
+    """A bundled request set by name (``REQUEST_SETS``) or a JSON file of requests in the same format."""
+    if which in REQUEST_SETS:
+        return json.loads(resources.files("emloc_agents.data").joinpath(REQUEST_SETS[which]).read_text())
+    return json.loads(Path(which).read_text())
 
 
 def skill_registry(model: str, shots: int, seed: int = 0, cache_dir: str | Path | None = None) -> MemoryRegistry:
@@ -160,11 +168,15 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed: int = 0,
                limit: int | None = None, out: str | Path | None = None,
                cache_dir: str | Path | None = None, system_prompt: str = AGENT_SYSTEM_PROMPT,
-               requests: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run the request set (or ``requests``) through ``create_agent`` on ``model``; write
-    ``agents.json`` (rows and summary) under ``out``. Returns ``{"model", "skill_model", "shots",
-    "seed", "summary", "rows"}``."""
+               requests: str | Sequence[dict[str, Any]] = "study", tool_selector: bool = False) -> dict[str, Any]:
+    """Run a request set (a name or file for ``load_requests``, or the requests themselves) through
+    ``create_agent`` on ``model``; write ``agents.json`` (rows and summary) under ``out``. ``tool_selector``: each turn's tool (or none) is
+    chosen by ``FewShotToolSelectorMiddleware`` on the agent's model from the package's example
+    requests. Returns ``{"model", "skill_model", "shots", "seed", "tool_selector", "requests", "summary",
+    "rows"}``."""
     from langchain.agents import create_agent
+
+    from ..middleware import FewShotToolSelectorMiddleware, example_requests
 
     registry = skill_registry(skill_model or model, shots, seed, cache_dir)
     same = skill_model in (None, model)
@@ -173,19 +185,27 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
     skill_chat = agent_chat if same else EMLoCChatModel(registry=registry, max_tokens=128)
     for skill in registry.skills():
         registry.get(skill)  # compress before timing requests
-    agent = create_agent(agent_chat, tools=agent_tools(registry, skill_chat), system_prompt=system_prompt)
+    tools = agent_tools(registry, skill_chat)
+    middleware = []
+    if tool_selector:
+        selector = FewShotToolSelectorMiddleware(agent_chat, example_requests())
+        agent_chat.get_registry().get(selector.skill_for(tools))  # compressed before timing, like the skills
+        middleware.append(selector)
+    agent = create_agent(agent_chat, tools=tools, system_prompt=system_prompt, middleware=middleware)
     rows: list[dict[str, Any]] = []
-    for req in tqdm(list(requests or load_requests())[:limit], desc=f"agent requests on {model}", unit="request"):
+    request_set = requests if isinstance(requests, str) else "given"
+    todo = load_requests(requests) if isinstance(requests, str) else list(requests)
+    for req in tqdm(todo[:limit], desc=f"agent requests on {model}", unit="request"):
         rows.append(run_request(agent, req))
         if out is not None:  # written after every request: a long run can be read while it goes
-            _write(out, model, skill_model, shots, seed, rows)
-    return _write(out, model, skill_model, shots, seed, rows)
+            _write(out, model, skill_model, shots, seed, tool_selector, request_set, rows)
+    return _write(out, model, skill_model, shots, seed, tool_selector, request_set, rows)
 
 
 def _write(out: str | Path | None, model: str, skill_model: str | None, shots: int, seed: int,
-           rows: list[dict[str, Any]]) -> dict[str, Any]:
+           tool_selector: bool, request_set: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     result = {"model": model, "skill_model": skill_model or model, "shots": shots, "seed": seed,
-              "summary": summarise(rows), "rows": rows}
+              "tool_selector": tool_selector, "requests": request_set, "summary": summarise(rows), "rows": rows}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "agents.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
@@ -199,7 +219,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 14]
     for r in results:
         s = r["summary"]
-        lines.append(f"| {r['model']} | {r['skill_model']} ({r['shots']} shots) | {s['n']} | {s['right']} | "
+        selector = " + tool selector" if r.get("tool_selector") else ""
+        lines.append(f"| {r['model']}{selector} | {r['skill_model']} ({r['shots']} shots) | {s['n']} | {s['right']} | "
                      f"{s['right_tool']} | {s['right_args']} | {s['right_answer']} | {s['no_tool_answered_without']} | "
                      f"{s['mean_steps']} | {s['past_max_steps']} | {s['with_loops']} | {s['invalid_calls']} | "
                      f"{s['skill_accuracy']} | {s['seconds_per_request']} |")

@@ -10,7 +10,8 @@ first seed instead of the accuracy study; ``--methods/--limit/--ratio/--scoring/
 
 ``--agents`` runs the agent study (``agents.py``): LangChain's ``create_agent`` on ``--model`` with three
 skills (on ``--skill-model``, default the same model; the first of ``--shots`` and ``--seeds``) and two
-plain tools over the bundled agent requests (``--limit``: the first N); no ``--task``.
+plain tools over the bundled agent requests (``--limit``: the first N); no ``--task``. ``--tool-selector``
+adds the few-shot tool selector (``emloc_agents.middleware``) on the agent's model.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the agent study: create_agent with skill tools on --model over the bundled requests")
     p.add_argument("--skill-model", default=None, metavar="NAME|DIR",
                    help="--agents: the model the skills answer on (default: --model)")
+    p.add_argument("--requests", default="study", metavar="study|heldout|FILE",
+                   help="--agents: the request set (bundled by name, or a JSON file of requests)")
+    p.add_argument("--tool-selector", action="store_true",
+                   help="--agents: choose each turn's tool (or none) with FewShotToolSelectorMiddleware and the "
+                        "package's example requests")
     return p
 
 
@@ -128,7 +134,8 @@ def _agents(args: argparse.Namespace, out: str) -> int:
     if not args.shots or not args.seeds:
         raise BenchError("--agents needs --shots and --seeds")
     result = run_agents(args.model, skill_model=args.skill_model, shots=args.shots[0], seed=args.seeds[0],
-                        limit=args.limit, out=out)
+                        limit=args.limit, out=out, tool_selector=args.tool_selector,
+                        requests=args.requests)
     print(markdown([result]), end="")
     print(f"emloc bench: {result['summary']['n']} agent requests written to {out}/agents.json", file=sys.stderr)
     return 0
