@@ -148,6 +148,12 @@ def test_options_reach_the_chat_model(client: openai.OpenAI, chat: EMLoCChatMode
     assert reply.choices[0].message.content == chat.invoke(lc, skill="sentiment", **kw).content
 
 
+def test_a_temperature_below_float_range_samples_its_limit(client: openai.OpenAI, chat: EMLoCChatModel) -> None:
+    """1e-300 is 0.0 in float32: sampling at it would divide the logits by zero; its limit is greedy."""
+    reply = client.chat.completions.create(model=BASE, messages=_user(), max_tokens=6, temperature=1e-300)
+    assert reply.choices[0].message.content == chat.invoke(PROMPT, max_tokens=6, temperature=0).content
+
+
 # ---- streaming ---------------------------------------------------------------------------------
 
 
@@ -378,6 +384,7 @@ def test_api_key(server: BackgroundServer) -> None:
     ({"model": BASE, "messages": _user(), "temperature": 3}, 422, ["temperature"]),
     ({"model": BASE, "messages": _user(), "max_tokens": 0}, 422, ["max_tokens"]),
     ({"model": BASE, "messages": _user(), "stop": [1]}, 422, ["stop"]),
+    ({"model": BASE, "messages": _user(), "seed": 2**70}, 422, ["seed"]),
     ({"model": BASE, "messages": _user(), "stream": "yes"}, 422, ["stream"]),
 ], ids=lambda v: None)
 def test_each_error_has_its_status_and_message(http: httpx.Client, body: Any, status: int, words: list[str]) -> None:

@@ -18,6 +18,9 @@ from .forward import ModelHandle, lm_logits, run
 from .memory import CompressedMemory
 from .prompt_cache import PromptCache
 
+MIN_TEMPERATURE = 1e-6
+"""Sampling temperatures below this sample at it (see ``stream_tokens``)."""
+
 
 def memory_cache(lm: ModelHandle, memory: CompressedMemory | None) -> tuple[MemoryCache, int]:
     """A fresh cache reading ``memory`` (no copy until a layer is first used) and the first position."""
@@ -85,7 +88,9 @@ def stream_tokens(
         )
     processors = LogitsProcessorList(logits_processor or [])
     if temperature > 0:
-        processors.append(TemperatureLogitsWarper(temperature))
+        # a temperature below float32's reach (1e-300 is 0.0 there) would scale logits to inf and sampling to
+        # NaN; at 1e-6 the distribution is already its limit, the most likely token
+        processors.append(TemperatureLogitsWarper(max(temperature, MIN_TEMPERATURE)))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
     eos = _eos_ids(lm)

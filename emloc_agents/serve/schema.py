@@ -104,7 +104,7 @@ class ChatCompletionRequest(_Open):
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
