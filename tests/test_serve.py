@@ -515,6 +515,21 @@ def test_overload_is_a_503_and_the_server_recovers(tmp_path: Path) -> None:
         assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] in answers
 
 
+def test_a_stream_closed_early_frees_the_model(tmp_path: Path) -> None:
+    """A client that leaves a stream stops its generation at the next token: the model thread is free
+    long before the 4000 tokens it asked for (tens of seconds here) would be decoded."""
+    body = {"model": BASE, "messages": _user(), "max_tokens": 4000, "stream": True}
+    with BackgroundServer(create_app(_chat(tmp_path))) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 3
+        while http.get("/health").json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert http.get("/health").json()["pending"] == 0
+        assert http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+
+
 # ---- the command -------------------------------------------------------------------------------
 
 
