@@ -7,6 +7,7 @@ is OpenAI's error shape with its status; generation and compression run on one m
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -114,8 +115,13 @@ def create_app(
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.shutdown()  # requests still waiting are dropped; the running one ends with the process
+
     app = FastAPI(title="emloc serve", description="OpenAI-compatible chat completions on EMLoC skill memories",
-                  on_shutdown=[worker.shutdown])
+                  lifespan=lifespan)
     app.state.chat = chat
     app.state.worker = worker
     auth = [Depends(check_key)]
