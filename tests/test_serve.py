@@ -385,6 +385,11 @@ def test_api_key(server: BackgroundServer) -> None:
     ({"model": BASE, "messages": _user(), "max_tokens": 0}, 422, ["max_tokens"]),
     ({"model": BASE, "messages": _user(), "stop": [1]}, 422, ["stop"]),
     ({"model": BASE, "messages": _user(), "seed": 2**70}, 422, ["seed"]),
+    ({"model": BASE, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     422, ["messages.0.content.0:", "'input_audio'"]),
+    ({"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     422, ["messages.0.content.0.image_url.url:"]),
+    ({"model": BASE, "messages": _user(), "tool_choice": "sometimes"}, 422, ["tool_choice:", "'required'"]),
     ({"model": BASE, "messages": _user(), "stream": "yes"}, 422, ["stream"]),
 ], ids=lambda v: None)
 def test_each_error_has_its_status_and_message(http: httpx.Client, body: Any, status: int, words: list[str]) -> None:

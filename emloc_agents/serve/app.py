@@ -63,10 +63,27 @@ async def read_json(request: Request, limit: int) -> Any:
         raise APIError(400, one_line(f"the request body is not valid JSON: {e}"), code="invalid_json") from e
 
 
+_TYPE_TAGS = ("str", "int", "float", "bool", "dict", "list", "none")
+
+
+def _field_path(loc: tuple[Any, ...]) -> list[str]:
+    """A pydantic error location as the request's field path: without "body" and without the union
+    members pydantic names (``str``, ``literal[...]``, ``NamedToolChoice``, a content part's tag, which
+    repeats the field after it: ``image_url.image_url``), which are no fields."""
+    out: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            out.append(str(p))
+        elif p != "body" and "[" not in p and p not in _TYPE_TAGS and not p[:1].isupper() and out[-1:] != [p]:
+            out.append(p)
+    return out
+
+
 def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
-    err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    where = ".".join(loc)
+    """The most specific of the errors (the deepest field) as one 422."""
+    errors = list(e.errors())
+    err = max(errors, key=lambda x: len(_field_path(tuple(x.get("loc", ())))))  # first of the deepest
+    where = ".".join(_field_path(tuple(err.get("loc", ()))))
     return APIError(422, one_line(f"{where or 'body'}: {err.get('msg', 'invalid')}"), param=where or None,
                     code="invalid_field")
 

@@ -8,7 +8,7 @@ anything but their neutral value (``UNSUPPORTED``), rather than silently ignored
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -43,7 +43,7 @@ class ImagePart(_Open):
     image_url: ImageURL
 
 
-ContentPart = TextPart | ImagePart
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(_Open):
