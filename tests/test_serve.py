@@ -52,7 +52,7 @@ def _chat(cache_dir: Path) -> EMLoCChatModel:
     tok.chat_template = HERMES_TEMPLATE
     registry = MemoryRegistry(model=LanguageModel(model, tok, BASE), cache_dir=cache_dir)
     return EMLoCChatModel(registry=registry, max_tokens=8, json_max_tokens=400, json_max_string_chars=8,
-                          cache_prompt=False)
+                          cache_prompt=False, max_image_pixels=10_000)
 
 
 def topic_skill(name: str = "topic", n: int = 6) -> Skill:
@@ -270,11 +270,11 @@ def test_chat_openai_invoke_stream_and_tools(server: BackgroundServer, chat: EML
 # ---- skills over HTTP --------------------------------------------------------------------------
 
 
-def _png() -> str:
+def _png(side: int = 4) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -321,7 +321,9 @@ def test_skill_images_are_data_urls_only(http: httpx.Client) -> None:
                        400, "data: URLs")
         assert error["param"] == "demonstrations[0].images[0]"
     _error(http.put("/v1/skills", json={"name": "colours", "demonstrations": [{**demo, "images": ["data:image/png;base64,AAAA"]}]}),
-           400, "cannot read image")
+           400, "not a readable image")
+    big = {"name": "colours", "demonstrations": [{**demo, "images": [_png(200)]}]}  # the chat model's pixel limit
+    _error(http.put("/v1/skills", json=big), 400, "40000 pixels", "max_image_pixels=10000")
     _error(http.get("/v1/skills/colours"), 404)
 
 

@@ -24,6 +24,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..images import ImagePolicy
 from .convert import (
     call_arguments,
     content_of,
@@ -121,6 +122,7 @@ def create_app(
     registry = chat.get_registry()
     base = chat.model_name_resolved
     worker = ModelWorker(max_queue)
+    images = ImagePolicy(max_bytes=chat.max_image_bytes, max_pixels=chat.max_image_pixels)  # as for messages
     created = int(time.time())
 
     async def check_key(request: Request) -> None:
@@ -333,7 +335,7 @@ def create_app(
 
     async def _put_skill(request: Request, name: str | None) -> JSONResponse:
         data = await read_json(request, max_skill_bytes)
-        skill = skill_from_body(data, max_demonstrations=max_skill_demonstrations, name=name)
+        skill = skill_from_body(data, max_demonstrations=max_skill_demonstrations, images=images, name=name)
         try:
             existed = await run_in_threadpool(registry.__contains__, skill.name)
             await run_in_threadpool(registry.add, skill)

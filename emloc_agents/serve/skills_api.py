@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from ..images import ImagePolicy, UnsupportedContentError, image_of_block
 from ..skills import Skill, image_bytes
 from .errors import APIError, one_line
 
@@ -26,19 +27,25 @@ def data_url(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _decode_data_url(url: Any, where: str) -> bytes:
+def _decode_data_url(url: Any, where: str, policy: ImagePolicy) -> bytes:
+    """A demonstration's image: a base64 ``data:`` URL, opened under the chat model's image limits
+    (bytes, and pixels read from the header before decoding) before the registry decodes it."""
     if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise APIError(400, f"{where}: images must be base64 data: URLs (data:image/png;base64,...); "
                             "the server reads no files and fetches no URLs", param=where)
     try:
+        image_of_block({"type": "image_url", "image_url": {"url": url}}, policy)
         return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except UnsupportedContentError as e:
+        raise APIError(400, one_line(f"{where}: {e}"), param=where) from e
     except (binascii.Error, ValueError) as e:
         raise APIError(400, f"{where}: not valid base64: {e}", param=where) from e
 
 
-def skill_from_body(data: Any, *, max_demonstrations: int, name: str | None = None) -> Skill:
+def skill_from_body(data: Any, *, max_demonstrations: int, images: ImagePolicy, name: str | None = None) -> Skill:
     """A skill from a request body: 400 for a body of the wrong shape or an image that is not a data
-    URL, 413 past ``max_demonstrations``, 422 for fields the ``Skill`` model refuses."""
+    URL within ``images``' limits, 413 past ``max_demonstrations``, 422 for fields the ``Skill`` model
+    refuses."""
     if not isinstance(data, dict):
         raise APIError(400, "a skill must be a JSON object {name, instruction, demonstrations: [...]}")
     data = dict(data)
@@ -55,12 +62,12 @@ def skill_from_body(data: Any, *, max_demonstrations: int, name: str | None = No
         if not isinstance(d, dict):
             raise APIError(422, f"demonstrations[{i}]: must be an object {{input, output, images}}",
                            param=f"demonstrations[{i}]")
-        images = d.get("images") or []
-        if not isinstance(images, list):
+        urls = d.get("images") or []
+        if not isinstance(urls, list):
             raise APIError(422, f"demonstrations[{i}].images: must be a list of data: URLs",
                            param=f"demonstrations[{i}].images")
-        converted.append({**d, "images": [_decode_data_url(u, f"demonstrations[{i}].images[{j}]")
-                                          for j, u in enumerate(images)]})
+        converted.append({**d, "images": [_decode_data_url(u, f"demonstrations[{i}].images[{j}]", images)
+                                          for j, u in enumerate(urls)]})
     data["demonstrations"] = converted
     try:
         return Skill.model_validate(data)
