@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from pydantic import BaseModel
 
 from emloc_agents import Demonstration, EMLoCChatModel, EMLoCConfig, MemoryRegistry, Skill
 from emloc_agents.serve import BackgroundServer, create_app
@@ -249,18 +250,29 @@ def test_chat_openai_invoke_stream_and_tools(server: BackgroundServer, chat: EML
     from langchain_openai import ChatOpenAI
 
     remote = ChatOpenAI(model=f"{BASE}:sentiment", base_url=server.url + "/v1", api_key=KEY,  # type: ignore[arg-type]
-                        max_tokens=6, temperature=0, max_retries=0)  # type: ignore[call-arg]
+                        max_tokens=6, temperature=0, max_retries=0, stream_usage=True)  # type: ignore[call-arg]
     direct = chat.invoke(PROMPT, skill="sentiment", max_tokens=6, temperature=0)
     answer = remote.invoke(PROMPT)
     assert answer.content == direct.content
     assert answer.usage_metadata is not None and answer.usage_metadata["input_tokens"] == direct.usage_metadata["input_tokens"]  # type: ignore[index]
-    assert "".join(str(c.content) for c in remote.stream(PROMPT)) == direct.content
+    chunks = list(remote.stream(PROMPT))
+    assert "".join(str(c.content) for c in chunks) == direct.content
+    streamed = sum(chunks[1:], chunks[0])
+    assert streamed.usage_metadata is not None and direct.usage_metadata is not None
+    assert streamed.usage_metadata["input_token_details"] == {"cache_read": direct.usage_metadata["input_token_details"]["cache_read"]}
     switched = remote.bind(model=f"{BASE}:topic").invoke(PROMPT)  # the skill switched per request
     assert switched.content == chat.invoke(PROMPT, skill="topic", max_tokens=6).content
 
     def get_weather(location: str) -> str:
         """Get the weather for a location."""
         return "sunny"
+
+    class Answer(BaseModel):
+        label: Literal["positive", "negative"]
+
+    for method in ("json_schema", "function_calling"):  # a response_format, a forced tool call
+        parsed = remote.with_structured_output(Answer, method=method).invoke(PROMPT)
+        assert isinstance(parsed, Answer)
 
     tool_reply = ChatOpenAI(model=BASE, base_url=server.url + "/v1", api_key=KEY, max_retries=0).bind_tools(  # type: ignore[arg-type]
         [get_weather], tool_choice="get_weather").invoke("What is the weather in Oslo?")
