@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -220,6 +221,21 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _int_in(low: int, high: int | None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC skill memories for LangChain agents")
     p.add_argument("--model", default=None,
@@ -259,16 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark (see `emloc bench --help`)", add_help=False)
     sv = sub.add_parser("serve", help="the OpenAI Chat Completions API over the skills (extra serve)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_int_in(0, 65535), default=8000)
     sv.add_argument("--skills", default=None, metavar="DIR_OR_FILE", help="register these skills at start")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EMLOC_API_KEY)")
-    sv.add_argument("--max-tokens", type=int, default=256, help="reply length when a request sets none")
-    sv.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model (503 past it)")
+    sv.add_argument("--max-tokens", type=_int_in(1, None), default=256, help="reply length when a request sets none")
+    sv.add_argument("--max-queue", type=_int_in(0, None), default=16,
+                    help="requests that may wait for the model (503 past it)")
     # also accepted after the command (``emloc serve --model ...``); SUPPRESS keeps the ones given before it
-    sv.add_argument("--model", default=argparse.SUPPRESS)
-    sv.add_argument("--cache-dir", default=argparse.SUPPRESS)
-    sv.add_argument("--device", default=argparse.SUPPRESS)
-    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=argparse.SUPPRESS)
+    for flag in ("--model", "--cache-dir", "--device"):
+        sv.add_argument(flag, default=argparse.SUPPRESS, help="as before the command")
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=argparse.SUPPRESS,
+                    help="as before the command")
     sv.set_defaults(func=cmd_serve)
     return p
 
