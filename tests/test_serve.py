@@ -606,6 +606,17 @@ def test_emloc_serve_bad_skills_path_is_one_line(capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("args", "words"), [(["--port", "99999"], "--port: 99999 is not in [0, 65535]"),
+                                             (["--max-tokens", "0"], "--max-tokens: 0 is not in"),
+                                             (["--max-queue", "many"], "--max-queue: not an integer")])
+def test_emloc_serve_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], words: str) -> None:
+    from emloc_agents.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", *args])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 # ---- the real default model --------------------------------------------------------------------
 
 
