@@ -207,6 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reg.add(s)
     api_key = args.api_key or os.environ.get("EMLOC_API_KEY") or None
     reg.lm  # noqa: B018 - loaded now, not by the first request
+    if args.warm:
+        for name, info in reg.warm().items():
+            print(f"{name}: {info.source} in {_duration(info.seconds)}", flush=True)
     app = create_app(EMLoCChatModel(registry=reg, max_tokens=args.max_tokens), api_key=api_key,
                      max_queue=args.max_queue)
     print(f"emloc serve: http://{args.host}:{args.port}/v1 model {reg.model_name!r}, skills: "
@@ -278,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_int_in(0, 65535), default=8000)
     sv.add_argument("--skills", default=None, metavar="DIR_OR_FILE", help="register these skills at start")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EMLOC_API_KEY)")
+    sv.add_argument("--warm", action="store_true",
+                    help="compress (or load) every registered skill before taking requests")
     sv.add_argument("--max-tokens", type=_int_in(1, None), default=256, help="reply length when a request sets none")
     sv.add_argument("--max-queue", type=_int_in(0, None), default=16,
                     help="requests that may wait for the model (503 past it)")

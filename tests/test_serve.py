@@ -565,7 +565,8 @@ def test_emloc_serve_command(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "EMLOC_API_KEY": "from-env"}
     proc = subprocess.Popen([sys.executable, "-m", "emloc_agents.cli", "--model", "tiny-llama", "serve",
-                             "--port", str(port), "--skills", str(skills), "--cache-dir", str(tmp_path / "cache")],
+                             "--port", str(port), "--skills", str(skills), "--cache-dir", str(tmp_path / "cache"),
+                             "--warm"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert proc.stdout is not None
@@ -573,6 +574,8 @@ def test_emloc_serve_command(tmp_path: Path) -> None:
         while not line.strip():  # the tiny tokenizer's training prints blank lines first
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "emloc serve exited"
+        assert line.startswith("sentiment: compressed in "), line  # --warm: before it listens
+        line = proc.stdout.readline()
         assert line.startswith(f"emloc serve: http://127.0.0.1:{port}/v1") and "sentiment" in line, line
         for _ in range(200):  # the line is printed just before uvicorn binds the port
             with contextlib.suppress(httpx.TransportError):
@@ -583,6 +586,8 @@ def test_emloc_serve_command(tmp_path: Path) -> None:
         assert {m.id for m in c.models.list()} == {"tiny-llama", "tiny-llama:sentiment"}
         reply = c.chat.completions.create(model="tiny-llama:sentiment", messages=_user(), max_tokens=3)
         assert reply.usage is not None and reply.usage.completion_tokens == 3
+        assert reply.usage.prompt_tokens_details and reply.usage.prompt_tokens_details.cached_tokens
+        assert reply.usage.prompt_tokens < 100  # the skill was compressed at start, not by this request
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
     finally:
         proc.terminate()
