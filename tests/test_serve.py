@@ -476,6 +476,42 @@ def test_fuzz_malformed_bodies_get_4xx_in_openai_shape(http: httpx.Client, body:
     _error(response, response.status_code)
 
 
+_text = hs.text(max_size=30)
+_call = hs.fixed_dictionaries({
+    "id": hs.text(min_size=1, max_size=5), "type": hs.just("function"),
+    "function": hs.fixed_dictionaries({"name": hs.sampled_from(["get_weather", "other"]), "arguments": hs.dictionaries(
+        hs.text(max_size=4), hs.integers(), max_size=2).map(json.dumps)})})
+_message = hs.one_of(
+    hs.fixed_dictionaries({"role": hs.sampled_from(["system", "developer", "user"]), "content": hs.one_of(
+        _text, hs.lists(hs.fixed_dictionaries({"type": hs.just("text"), "text": _text}), max_size=2))}),
+    hs.fixed_dictionaries({"role": hs.just("assistant"), "content": hs.none() | _text},
+                          optional={"tool_calls": hs.lists(_call, max_size=2)}),
+    hs.fixed_dictionaries({"role": hs.just("tool"), "content": _text, "tool_call_id": hs.text(min_size=1, max_size=5)}))
+_well_formed = hs.fixed_dictionaries(
+    {"model": hs.sampled_from([BASE, f"{BASE}:sentiment", f"{BASE}:topic"]),
+     "messages": hs.lists(_message, min_size=1, max_size=5), "max_tokens": hs.integers(1, 3)},
+    optional={"temperature": hs.floats(0, 2), "top_p": hs.floats(0.01, 1), "seed": hs.integers(-(2**63), 2**63 - 1),
+              "stop": _text | hs.lists(_text, max_size=3), "stream": hs.booleans(), "tools": hs.just([WEATHER]),
+              "tool_choice": hs.sampled_from(["auto", "none", "required"]),
+              "response_format": hs.sampled_from([{"type": "text"}, {"type": "json_object"}])})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_well_formed)
+def test_fuzz_well_formed_requests_never_fail_the_server(http: httpx.Client, body: dict[str, Any]) -> None:
+    """Any conversation the schema accepts (roles in any order, calls and results that match nothing,
+    any sampling options) is answered, or refused with a 4xx; never a 5xx or a stream that breaks."""
+    response = http.post("/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        _error(response, response.status_code)
+        assert response.status_code < 500
+    elif body.get("stream"):
+        events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+        assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1])
+    else:
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+
+
 def test_the_server_still_answers_after_the_fuzz(client: openai.OpenAI, chat: EMLoCChatModel) -> None:
     reply = client.chat.completions.create(model=f"{BASE}:sentiment", messages=_user(), max_tokens=6)
     assert reply.choices[0].message.content == chat.invoke(PROMPT, skill="sentiment", max_tokens=6).content
