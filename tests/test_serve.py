@@ -546,6 +546,13 @@ def test_concurrent_requests_get_the_answers_of_one_at_a_time(client: openai.Ope
         assert list(pool.map(together, cases)) == alone
 
 
+@pytest.mark.parametrize("kwargs", [{"max_queue": -1}, {"max_request_bytes": 0}, {"max_tokens_limit": 1.5},
+                                    {"api_key": " "}])
+def test_create_app_refuses_bad_limits(chat: EMLoCChatModel, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        create_app(chat, **kwargs)
+
+
 def test_overload_is_a_503_and_the_server_recovers(tmp_path: Path) -> None:
     """One request runs, none may wait (max_queue=0): requests sent at once past it are refused."""
     app = create_app(_chat(tmp_path), max_queue=0)

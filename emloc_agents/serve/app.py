@@ -119,6 +119,13 @@ def create_app(
         max_queue: requests that may wait for the model thread while one runs (503 past it).
         max_tokens_limit: the most tokens one reply may ask for (400 past it).
     """
+    limits = {"max_request_bytes": max_request_bytes, "max_skill_bytes": max_skill_bytes,
+              "max_skill_demonstrations": max_skill_demonstrations, "max_tokens_limit": max_tokens_limit}
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key must not be empty (None: no key)")
     registry = chat.get_registry()
     base = chat.model_name_resolved
     worker = ModelWorker(max_queue)
