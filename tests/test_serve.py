@@ -322,6 +322,34 @@ def test_skills_add_list_compress_answer_replace_delete(http: httpx.Client, clie
     _error(http.post("/v1/chat/completions", json={"model": f"{BASE}:headlines", "messages": _user()}), 404, "headlines")
 
 
+def _status(http: httpx.Client, name: str, until: str) -> dict[str, Any]:
+    """The skill's summary once its status is ``until`` (polled for up to 60 s)."""
+    deadline = time.monotonic() + 60
+    while (got := http.get(f"/v1/skills/{name}").json())["status"] != until and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def test_compress_in_the_background(http: httpx.Client) -> None:
+    """``?wait=false``: 202 at once, the status says "compressing" until the memory is in the store;
+    a compression that fails says why in the status, until the skill is replaced."""
+    assert http.put("/v1/skills", json=topic_skill("later", 6).model_dump()).status_code == 201
+    started = http.post("/v1/skills/later/compress", params={"wait": "false"})
+    assert started.status_code == 202 and started.json()["status"] == "compressing"
+    assert _status(http, "later", "compressed")["status"] == "compressed"
+    assert http.post("/v1/skills/later/compress").json()["source"] == "cached"
+    _error(http.post("/v1/skills/later/compress", params={"wait": "maybe"}), 422, "wait")
+
+    pictures = {"name": "later", "demonstrations": [{"input": "What colour?", "output": "red", "images": [_png()]}]}
+    assert http.put("/v1/skills", json=pictures).status_code == 200  # images, on a text-only model
+    assert http.post("/v1/skills/later/compress", params={"wait": "false"}).status_code == 202
+    failed = _status(http, "later", "failed")
+    assert failed["status"] == "failed" and "text-only" in failed["error"], failed
+    assert {s["id"]: s["status"] for s in http.get("/v1/skills").json()["data"]}["later"] == "failed"
+    assert http.put("/v1/skills", json=topic_skill("later", 3).model_dump()).json()["status"] == "not_compressed"
+    assert http.delete("/v1/skills/later").status_code == 200
+
+
 def test_skill_images_are_data_urls_only(http: httpx.Client) -> None:
     demo = {"input": "What colour?", "output": "red"}
     body = {"name": "colours", "demonstrations": [{**demo, "images": [_png()]}]}

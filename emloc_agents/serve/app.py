@@ -7,6 +7,7 @@ is OpenAI's error shape with its status; generation and compression run on one m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -130,6 +131,8 @@ def create_app(
     base = chat.model_name_resolved
     worker = ModelWorker(max_queue)
     images = ImagePolicy(max_bytes=chat.max_image_bytes, max_pixels=chat.max_image_pixels)  # as for messages
+    background: dict[str, asyncio.Future[Any]] = {}  # skill -> its compression asked with wait=false, until done
+    failures: dict[str, str] = {}  # skill -> why its last background compression failed
     created = int(time.time())
 
     async def check_key(request: Request) -> None:
@@ -329,15 +332,19 @@ def create_app(
 
     @app.get("/v1/skills", dependencies=auth)
     async def list_skills() -> dict[str, Any]:
+        busy, failed = set(background), dict(failures)  # read on the event loop, which writes them
+
         def summaries() -> list[dict[str, Any]]:
-            return [skill_summary(registry, registry.skill(n), base) for n in registry.names()]
+            return [skill_summary(registry, registry.skill(n), base, compressing=n in busy, error=failed.get(n))
+                    for n in registry.names()]
 
         return {"object": "list", "data": await run_in_threadpool(summaries)}
 
     @app.get("/v1/skills/{name}", dependencies=auth)
     async def get_skill(name: str) -> dict[str, Any]:
         skill = await _skill(name)
-        summary = await run_in_threadpool(skill_summary, registry, skill, base)
+        summary = await run_in_threadpool(lambda: skill_summary(registry, skill, base, compressing=name in background,
+                                                                error=failures.get(name)))
         return summary | {"skill": skill_body(skill)}
 
     async def _put_skill(request: Request, name: str | None) -> JSONResponse:
@@ -348,6 +355,7 @@ def create_app(
             await run_in_threadpool(registry.add, skill)
         except Exception as e:  # noqa: BLE001
             raise _failed(e, "demonstrations") from e
+        failures.pop(skill.name, None)  # a failure of the skill it replaces
         summary = await run_in_threadpool(skill_summary, registry, skill, base)
         return JSONResponse(summary, status_code=200 if existed else 201)
 
@@ -370,13 +378,34 @@ def create_app(
             await run_in_threadpool(registry.remove, name)
         except Exception as e:  # noqa: BLE001
             raise _failed(e, "name") from e
+        failures.pop(name, None)
         return {"id": name, "object": "skill", "deleted": True}
 
-    @app.post("/v1/skills/{name}/compress", dependencies=auth)
-    async def compress_skill(name: str) -> dict[str, Any]:
-        """Compress the skill's memory now (it is compressed on first use otherwise); answers when it
-        is ready, with how it was obtained ("compressed" now, or "cached" already)."""
+    def _in_background(name: str, skill: Any) -> None:
+        future = worker.submit(lambda: registry.get_with_info(skill))  # a full queue refuses it now (503)
+        background[name] = future
+        failures.pop(name, None)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            background.pop(name, None)
+            error = None if f.cancelled() else f.exception()
+            if error is not None:
+                err = _failed(error)
+                failures[name] = err.message
+                log.warning("compressing skill %r failed: %s", name, err.message)
+
+        future.add_done_callback(done)
+
+    @app.post("/v1/skills/{name}/compress", dependencies=auth, response_model=None)
+    async def compress_skill(name: str, wait: bool = True) -> dict[str, Any] | JSONResponse:
+        """Compress the skill's memory now (it is compressed on first use otherwise). Answers when it
+        is ready, with how it was obtained ("compressed" now, or "cached" already); with
+        ``?wait=false``, at once (202), the skill's ``status`` saying "compressing" until it is done."""
         skill = await _skill(name)
+        if not wait:
+            if name not in background:
+                _in_background(name, skill)
+            return JSONResponse({"id": name, "object": "skill.memory", "status": "compressing"}, status_code=202)
         try:
             memory, info = await worker.run(lambda: registry.get_with_info(skill))
         except APIError:

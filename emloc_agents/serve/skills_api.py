@@ -85,8 +85,17 @@ def skill_body(skill: Skill) -> dict[str, Any]:
     return data
 
 
-def skill_summary(registry: MemoryRegistry, skill: Skill, base: str) -> dict[str, Any]:
-    """One line of ``GET /v1/skills``: what the skill is and whether its memory is compressed yet."""
+def skill_summary(registry: MemoryRegistry, skill: Skill, base: str, *, compressing: bool = False,
+                  error: str | None = None) -> dict[str, Any]:
+    """One line of ``GET /v1/skills``: what the skill is and where its memory stands: ``compressing``
+    (queued or running), ``failed`` (the last compression asked for in the background, with its
+    ``error``), ``compressed`` (in the registry's store) or ``not_compressed``."""
+    if compressing:
+        status: dict[str, Any] = {"status": "compressing"}
+    elif error is not None:
+        status = {"status": "failed", "error": error}
+    else:
+        status = {"status": "compressed" if registry.cached(skill) else "not_compressed"}
     return {
         "id": skill.name,
         "object": "skill",
@@ -95,5 +104,4 @@ def skill_summary(registry: MemoryRegistry, skill: Skill, base: str) -> dict[str
         "demonstrations": len(skill.demonstrations),
         "labels": skill.labels,
         "input_template": skill.input_template,
-        "status": "compressed" if registry.cached(skill) else "not_compressed",
-    }
+    } | status

@@ -50,8 +50,9 @@ class ModelWorker:
         with self._lock:
             self._admitted -= 1
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the model thread."""
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()`` queued on the model thread now (admitted, or refused with ``Overloaded``, now);
+        called on the event loop."""
         self._admit()
 
         def job() -> T:
@@ -61,11 +62,14 @@ class ModelWorker:
                 self._leave()
 
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+            return asyncio.get_running_loop().run_in_executor(self._executor, job)
         except BaseException:
             self._leave()
             raise
-        return await future
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the model thread, awaited."""
+        return await self.submit(fn)
 
     def stream(self, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
         """Iterate ``make()`` on the model thread; items cross to the event loop through a queue that
