@@ -440,6 +440,14 @@ def test_each_error_has_its_status_and_message(http: httpx.Client, body: Any, st
            status, *words)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unknown_skill_names_the_field_that_named_it(http: httpx.Client, stream: bool) -> None:
+    by_model = {"model": f"{BASE}:nope", "messages": _user(), "stream": stream}
+    assert _error(http.post("/v1/chat/completions", json=by_model), 404)["param"] == "model"
+    by_field = {"model": BASE, "skill": "nope", "messages": _user(), "stream": stream}
+    assert _error(http.post("/v1/chat/completions", json=by_field), 404)["param"] == "skill"
+
+
 def test_unknown_routes_and_methods(http: httpx.Client) -> None:
     _error(http.get("/v1/nothing"), 404, "/v1/nothing")
     _error(http.delete("/v1/chat/completions"), 405)

@@ -243,15 +243,16 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - a tool the chat model cannot take is the caller's error
             raise _failed(e, "tools") from e
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        skill_param = "skill" if req.skill is not None else "model"  # where an unknown skill was named
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(runnable, messages, kwargs, req.model, completion_id, include_usage)
+            return await _stream(runnable, messages, kwargs, req.model, completion_id, include_usage, skill_param)
         try:
             message: AIMessage = await worker.run(lambda: runnable.invoke(messages, **kwargs))
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
-            raise _failed(e, "model" if isinstance(e, KeyError) else None) from e
+            raise _failed(e, skill_param if isinstance(e, KeyError) else None) from e
         calls = openai_tool_calls(message)
         text = content_of(message)
         body = ChatCompletion(
@@ -264,7 +265,7 @@ def create_app(
         return JSONResponse(body.model_dump(exclude_none=False))
 
     async def _stream(runnable: Any, messages: list[Any], kwargs: dict[str, Any], model: str, completion_id: str,
-                      include_usage: bool) -> StreamingResponse:
+                      include_usage: bool, skill_param: str) -> StreamingResponse:
         chunks = worker.stream(lambda: runnable.stream(messages, **kwargs))
         try:  # the first chunk comes after the prompt is read: a bad request still gets its status
             first: AIMessageChunk | None = await anext(chunks)
@@ -273,7 +274,7 @@ def create_app(
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise _failed(e, "model" if isinstance(e, KeyError) else None) from e
+            raise _failed(e, skill_param if isinstance(e, KeyError) else None) from e
         stamp = int(time.time())
 
         def frame(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
