@@ -247,12 +247,19 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream(runnable, messages, kwargs, req.model, completion_id, include_usage, skill_param)
+        # decoded as a stream and joined: a request cancelled (the server stopping) stops at the next token
+        chunks = worker.stream(lambda: runnable.stream(messages, **kwargs))
+        joined: AIMessageChunk | None = None
         try:
-            message: AIMessage = await worker.run(lambda: runnable.invoke(messages, **kwargs))
+            async for chunk in chunks:
+                joined = chunk if joined is None else joined + chunk
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
             raise _failed(e, skill_param if isinstance(e, KeyError) else None) from e
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        message = joined if joined is not None else AIMessageChunk(content="")
         calls = openai_tool_calls(message)
         text = content_of(message)
         body = ChatCompletion(
