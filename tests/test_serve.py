@@ -628,6 +628,18 @@ def test_a_stream_closed_early_frees_the_model(tmp_path: Path) -> None:
         assert http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
 
 
+def test_a_client_that_leaves_frees_the_model(tmp_path: Path) -> None:
+    """A non-streamed request whose client gives up stops at the next token too."""
+    body = {"model": BASE, "messages": _user(), "max_tokens": 4000}
+    with BackgroundServer(create_app(_chat(tmp_path))) as running, httpx.Client(base_url=running.url) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/chat/completions", json=body, timeout=1)
+        deadline = time.monotonic() + 3
+        while http.get("/health").json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert http.get("/health").json()["pending"] == 0
+
+
 # ---- the command -------------------------------------------------------------------------------
 
 

@@ -247,12 +247,15 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream(runnable, messages, kwargs, req.model, completion_id, include_usage, skill_param)
-        # decoded as a stream and joined: a request cancelled (the server stopping) stops at the next token
+        # decoded as a stream and joined: a client that leaves, or the server stopping, ends the generation
+        # at its next token
         chunks = worker.stream(lambda: runnable.stream(messages, **kwargs))
         joined: AIMessageChunk | None = None
         try:
             async for chunk in chunks:
                 joined = chunk if joined is None else joined + chunk
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply

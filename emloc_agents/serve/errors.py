@@ -18,6 +18,7 @@ _TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    499: "invalid_request_error",  # the client left: nobody reads it, the access log shows it
     500: "server_error",
     503: "server_error",
 }
