@@ -587,10 +587,10 @@ class EMLoCChatModel(BaseChatModel):
             _stop_list(kwargs["stop"])  # a bad stop fails here, not at every later call
         return super().bind(**kwargs)
 
-    def skill_tools(self, registry: MemoryRegistry | None = None) -> list[BaseTool]:
+    def skill_tools(self, registry: MemoryRegistry | None = None, *, return_direct: bool = False) -> list[BaseTool]:
         """One LangChain tool per skill of ``registry`` (default: this model's), each answering with this
         model bound to its skill (``tools.skill_tools``; ``registry.as_tools(chat)`` calls this)."""
-        return skill_tools(registry or self.get_registry(), self)
+        return skill_tools(registry or self.get_registry(), self, return_direct=return_direct)
 
     # ---- tools and structured output -----------------------------------------------------------
 

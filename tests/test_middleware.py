@@ -46,7 +46,11 @@ def test_the_package_examples_cover_the_study_tools_and_not_its_requests() -> No
 
     examples = example_requests()
     assert {t for _, t in examples} == {*SKILL_TASKS, "multiply", "get_weather", None}
-    assert not {r for r, _ in examples} & {r["request"] for r in load_requests()}
+    for which in ("study", "heldout", "heldout2"):
+        requests = load_requests(which)
+        assert not {r.lower() for r, _ in examples} & {r["request"].lower() for r in requests}
+        skill_texts = [r["input"] for r in requests if r["tool"] in SKILL_TASKS]
+        assert not [x for x in skill_texts if any(x in r for r, _ in examples)], which
 
 
 def test_only_the_first_step_of_a_turn_is_selected() -> None:

@@ -52,9 +52,11 @@ def get_weather(location: str) -> str:
     return f"sunny, 21 C in {location}"
 
 
-REQUEST_SETS = {"study": "agent_requests.json", "heldout": "agent_requests_heldout.json"}
-"""The bundled request sets: ``study`` (50 requests) and ``heldout`` (40 requests written later, blind to
-the study's phrasings and to the tool selector's examples; test items from index 300 on)."""
+REQUEST_SETS = {"study": "agent_requests.json", "heldout": "agent_requests_heldout.json",
+                "heldout2": "agent_requests_heldout2.json"}
+"""The bundled request sets: ``study`` (50 requests), ``heldout`` and ``heldout2`` (40 each, written after
+it by writers who saw neither the study's phrasings nor the tool selector's examples; exact repeats of
+those were then replaced). Skill texts are test items, from index 300 on in ``heldout``."""
 
 
 def load_requests(which: str = "study") -> list[dict[str, Any]]:
@@ -72,8 +74,11 @@ def skill_registry(model: str, shots: int, seed: int = 0, cache_dir: str | Path 
     return registry
 
 
-def agent_tools(registry: MemoryRegistry, skill_chat: EMLoCChatModel | None = None) -> list[BaseTool]:
-    return [*registry.as_tools(skill_chat or EMLoCChatModel(registry=registry)), multiply, get_weather]
+def agent_tools(registry: MemoryRegistry, skill_chat: EMLoCChatModel | None = None,
+                return_direct: bool = False) -> list[BaseTool]:
+    """The skill tools (``return_direct``: an agent ends on a skill's answer), then the two plain tools."""
+    skill_tools = registry.as_tools(skill_chat or EMLoCChatModel(registry=registry), return_direct=return_direct)
+    return [*skill_tools, multiply, get_weather]
 
 
 def _words(text: str) -> str:
@@ -104,7 +109,12 @@ def score(req: dict[str, Any], messages: Sequence[BaseMessage], error: str | Non
     results = {m.tool_call_id: str(m.content) for m in messages if isinstance(m, ToolMessage)}
     first_result = next((results.get(c.get("id") or "", "") for m in ais for c in m.tool_calls
                          if c["name"] == req["tool"]), None)
-    final = str(ais[-1].content) if ais and not ais[-1].tool_calls and error is None else ""
+    if error is not None or not messages:
+        final = ""
+    elif isinstance(messages[-1], ToolMessage):  # a return_direct tool ended the turn: its result is the answer
+        final = str(messages[-1].content)
+    else:
+        final = str(ais[-1].content) if ais and not ais[-1].tool_calls else ""
     loops = sum(1 for i, c in enumerate(calls) if c in calls[:i])
     want = req["tool"]
     right_tool = (not calls and not any(m.invalid_tool_calls for m in ais)) if want is None else (
@@ -168,12 +178,13 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed: int = 0,
                limit: int | None = None, out: str | Path | None = None,
                cache_dir: str | Path | None = None, system_prompt: str = AGENT_SYSTEM_PROMPT,
-               requests: str | Sequence[dict[str, Any]] = "study", tool_selector: bool = False) -> dict[str, Any]:
+               requests: str | Sequence[dict[str, Any]] = "study", tool_selector: bool = False,
+               return_direct: bool = False) -> dict[str, Any]:
     """Run a request set (a name or file for ``load_requests``, or the requests themselves) through
     ``create_agent`` on ``model``; write ``agents.json`` (rows and summary) under ``out``. ``tool_selector``: each turn's tool (or none) is
     chosen by ``FewShotToolSelectorMiddleware`` on the agent's model from the package's example
-    requests. Returns ``{"model", "skill_model", "shots", "seed", "tool_selector", "requests", "summary",
-    "rows"}``."""
+    requests. ``return_direct``: the skill tools end the agent's turn on their answer. Returns ``{"model",
+    "skill_model", "shots", "seed", "tool_selector", "return_direct", "requests", "summary", "rows"}``."""
     from langchain.agents import create_agent
 
     from ..middleware import FewShotToolSelectorMiddleware, example_requests
@@ -185,7 +196,7 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
     skill_chat = agent_chat if same else EMLoCChatModel(registry=registry, max_tokens=128)
     for skill in registry.skills():
         registry.get(skill)  # compress before timing requests
-    tools = agent_tools(registry, skill_chat)
+    tools = agent_tools(registry, skill_chat, return_direct)
     middleware = []
     if tool_selector:
         selector = FewShotToolSelectorMiddleware(agent_chat, example_requests())
@@ -198,14 +209,14 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
     for req in tqdm(todo[:limit], desc=f"agent requests on {model}", unit="request"):
         rows.append(run_request(agent, req))
         if out is not None:  # written after every request: a long run can be read while it goes
-            _write(out, model, skill_model, shots, seed, tool_selector, request_set, rows)
-    return _write(out, model, skill_model, shots, seed, tool_selector, request_set, rows)
+            _write(out, rows, model=model, skill_model=skill_model or model, shots=shots, seed=seed,
+                   tool_selector=tool_selector, return_direct=return_direct, requests=request_set)
+    return _write(out, rows, model=model, skill_model=skill_model or model, shots=shots, seed=seed,
+                  tool_selector=tool_selector, return_direct=return_direct, requests=request_set)
 
 
-def _write(out: str | Path | None, model: str, skill_model: str | None, shots: int, seed: int,
-           tool_selector: bool, request_set: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    result = {"model": model, "skill_model": skill_model or model, "shots": shots, "seed": seed,
-              "tool_selector": tool_selector, "requests": request_set, "summary": summarise(rows), "rows": rows}
+def _write(out: str | Path | None, rows: list[dict[str, Any]], **setup: Any) -> dict[str, Any]:
+    result = {**setup, "summary": summarise(rows), "rows": rows}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "agents.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
@@ -219,8 +230,9 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 14]
     for r in results:
         s = r["summary"]
-        selector = " + tool selector" if r.get("tool_selector") else ""
-        lines.append(f"| {r['model']}{selector} | {r['skill_model']} ({r['shots']} shots) | {s['n']} | {s['right']} | "
+        setup = (" + tool selector" if r.get("tool_selector") else "") + (
+            ", skills return direct" if r.get("return_direct") else "")
+        lines.append(f"| {r['model']}{setup} | {r['skill_model']} ({r['shots']} shots) | {s['n']} | {s['right']} | "
                      f"{s['right_tool']} | {s['right_args']} | {s['right_answer']} | {s['no_tool_answered_without']} | "
                      f"{s['mean_steps']} | {s['past_max_steps']} | {s['with_loops']} | {s['invalid_calls']} | "
                      f"{s['skill_accuracy']} | {s['seconds_per_request']} |")

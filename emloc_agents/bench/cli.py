@@ -11,7 +11,8 @@ first seed instead of the accuracy study; ``--methods/--limit/--ratio/--scoring/
 ``--agents`` runs the agent study (``agents.py``): LangChain's ``create_agent`` on ``--model`` with three
 skills (on ``--skill-model``, default the same model; the first of ``--shots`` and ``--seeds``) and two
 plain tools over the bundled agent requests (``--limit``: the first N); no ``--task``. ``--tool-selector``
-adds the few-shot tool selector (``emloc_agents.middleware``) on the agent's model.
+adds the few-shot tool selector (``emloc_agents.middleware``) on the agent's model; ``--return-direct``
+makes the skill tools end the agent's turn on their answer.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-selector", action="store_true",
                    help="--agents: choose each turn's tool (or none) with FewShotToolSelectorMiddleware and the "
                         "package's example requests")
+    p.add_argument("--return-direct", action="store_true",
+                   help="--agents: skill tools end the agent's turn on their answer (LangChain's return_direct)")
     return p
 
 
@@ -135,7 +138,7 @@ def _agents(args: argparse.Namespace, out: str) -> int:
         raise BenchError("--agents needs --shots and --seeds")
     result = run_agents(args.model, skill_model=args.skill_model, shots=args.shots[0], seed=args.seeds[0],
                         limit=args.limit, out=out, tool_selector=args.tool_selector,
-                        requests=args.requests)
+                        requests=args.requests, return_direct=args.return_direct)
     print(markdown([result]), end="")
     print(f"emloc bench: {result['summary']['n']} agent requests written to {out}/agents.json", file=sys.stderr)
     return 0
