@@ -613,10 +613,15 @@ def test_overload_is_a_503_and_the_server_recovers(tmp_path: Path) -> None:
         assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] in answers
 
 
+# Sampled: this random-weight model's greedy reply turns into byte pieces of no whole character after a
+# few dozen tokens, which the chat model holds back until the reply ends; sampled, it yields every few tokens.
+LONG_REPLY = {"temperature": 1.0, "seed": 0}
+
+
 def test_a_stream_closed_early_frees_the_model(tmp_path: Path) -> None:
     """A client that leaves a stream stops its generation at the next token: the model thread is free
     long before the 4000 tokens it asked for (tens of seconds here) would be decoded."""
-    body = {"model": BASE, "messages": _user(), "max_tokens": 4000, "stream": True}
+    body = {"model": BASE, "messages": _user(), "max_tokens": 4000, "stream": True, **LONG_REPLY}
     with BackgroundServer(create_app(_chat(tmp_path))) as running, httpx.Client(base_url=running.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -630,7 +635,7 @@ def test_a_stream_closed_early_frees_the_model(tmp_path: Path) -> None:
 
 def test_a_client_that_leaves_frees_the_model(tmp_path: Path) -> None:
     """A non-streamed request whose client gives up stops at the next token too."""
-    body = {"model": BASE, "messages": _user(), "max_tokens": 4000}
+    body = {"model": BASE, "messages": _user(), "max_tokens": 4000, **LONG_REPLY}
     with BackgroundServer(create_app(_chat(tmp_path))) as running, httpx.Client(base_url=running.url) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/chat/completions", json=body, timeout=1)
