@@ -204,13 +204,14 @@ def parse_reply(text: str, tool_names: Sequence[str], fmt: ToolFormat) -> Reply:
 
 
 def _meant_as_call(text: str) -> bool:
-    """A reply written as a call that is none: an object with a name and arguments (an unknown
-    tool), or text that opens like a call (``{"name":``) but is not JSON. Other JSON is text."""
+    """A reply written as a call that is none: an object with arguments (an unknown tool, or the
+    tool's name under another key, as in ``{"type": "sentiment", "arguments": ...}``), or text that
+    opens like a call (``{"name":``) but is not JSON. Other JSON is text."""
     try:
         data = _loads_call(text)
     except ValueError:
         return bool(_CALL_START.match(text))
-    return isinstance(data, dict) and "name" in data and ("arguments" in data or "parameters" in data)
+    return isinstance(data, dict) and ("arguments" in data or "parameters" in data)
 
 
 def _invalid(args: str, error: str | None) -> dict[str, Any]:

@@ -125,6 +125,10 @@ def test_parse_wrappings_small_models_emit() -> None:
     unbound = parse_reply('{"name": "cat joke", "arguments": {}}', NAMES, hermes)
     assert unbound.content == "" and not unbound.tool_calls
     assert "unknown tool 'cat joke'" in unbound.invalid_tool_calls[0]["error"]
+    # the tool's name under another key: still written as a call, so an invalid call
+    renamed = parse_reply('{"type": "add", "arguments": {"a": 1}}', NAMES, hermes)
+    assert renamed.content == "" and not renamed.tool_calls and renamed.invalid_tool_calls
+    assert parse_reply('{"type": "description"}', NAMES, hermes).content == '{"type": "description"}'
     # the json format's grammar forces a call after "{": a broken one is an invalid call, not text
     assert parse_reply('{"name": "add", "argu', NAMES, ToolFormat("json")).invalid_tool_calls
 
