@@ -43,6 +43,9 @@ FORBIDDEN = [
     ("serve", "store"),
     ("serve", "models"),
     ("serve", "cli"),
+    # Ray Serve (the ray extra) sits on top of the server and the store: nothing below imports it
+    *[(below, "ray_serve") for below in ("store", "engine", "models", "registry", "tools", "messages", "chat_model",
+                                         "bench", "skills", "config", "serve")],
 ]
 
 
