@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from langchain_core.messages.ai import UsageMetadata
 
     from .registry import MemoryRegistry
+    from .store import LockingByteStore
 
 USER_ERRORS: tuple[type[BaseException], ...] = (SkillError, FileNotFoundError, ValueError, KeyError, TypeError)
 CLI_MODEL = "smollm2-135m"
@@ -31,11 +32,11 @@ SST-2 / TREC answers (docs/benchmarks.md). It has no tool-call format of its own
 needs a Qwen2.5-Coder (extra ``qwen`` or ``qwen-1.5b``, ``emloc --model qwen2.5-coder-0.5b demo``)."""
 
 
-def _registry(args: argparse.Namespace, progress: bool = True):
+def _registry(args: argparse.Namespace, progress: bool = True, store: LockingByteStore | None = None):
     from .config import EMLoCConfig
     from .registry import MemoryRegistry
 
-    return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress,
+    return MemoryRegistry(model=args.model, cache_dir=args.cache_dir, progress=progress, store=store,
                           device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
                           config=EMLoCConfig(compression=getattr(args, "compression", "auto")))
 
@@ -198,11 +199,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         print("emloc: error: `emloc serve` needs the serve extra: pip install 'emloc-agents[serve]'", file=sys.stderr)
         return 2
+    if args.ray:
+        return _serve_on_ray(args)
+    if args.replicas != 1:
+        raise ValueError("--replicas needs --ray (one process serves one replica)")
     from .chat_model import EMLoCChatModel
     from .serve import create_app, run
 
     skills = _skills_at(Path(args.skills)) if args.skills else []
-    reg = _registry(args, progress=False)
+    reg = _registry(args, progress=False, store=_store_at(args.store))
     for s in skills:
         reg.add(s)
     api_key = args.api_key or os.environ.get("EMLOC_API_KEY") or None
@@ -216,6 +221,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{', '.join(reg.names()) or 'none'}{'; API key required' if api_key else ''}", flush=True)
     run(app, host=args.host, port=args.port)
     return 0
+
+
+def _store_at(url: str | None) -> LockingByteStore | None:
+    """``--store``: a Redis URL (``redis://HOST:PORT/DB``, ``rediss://`` for TLS), or None for the
+    diskcache store under ``--cache-dir``."""
+    if url is None:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"--store takes a Redis URL (redis://HOST:PORT/DB), got {url!r}")
+    from .store import RedisStore
+
+    return RedisStore(url=url)
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``emloc serve --ray``: the same API on Ray Serve replicas sharing the Redis store ``--store``
+    (docs/serving.md#ray-serve); the ``ray`` extra."""
+    if not args.store:
+        raise ValueError("--ray needs --store redis://HOST:PORT/DB: the store every replica shares, "
+                         "reachable from every node")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("emloc: error: `emloc serve --ray` needs the ray extra: pip install 'emloc-agents[ray]'", file=sys.stderr)
+        return 2
+    from .ray_serve import build_app, chat_factory
+
+    store = _store_at(args.store)
+    skills = _skills_at(Path(args.skills)) if args.skills else []
+    reg = _registry(args, progress=False, store=store)
+    for s in skills:
+        reg.add(s)  # into the shared store: no model is loaded here, the replicas read it from there
+    api_key = args.api_key or os.environ.get("EMLOC_API_KEY") or None
+    factory = chat_factory(args.model, args.store, device=args.device, dtype=args.dtype,
+                           compression=getattr(args, "compression", "auto"), max_tokens=args.max_tokens)
+    ray.init(address=args.ray_address)  # None: $RAY_ADDRESS, a cluster started on this host, else a local one
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(factory, replicas=args.replicas, warm=args.warm,
+                            app_options={"api_key": api_key, "max_queue": args.max_queue}),
+                  name="emloc", route_prefix="/")
+        print(f"emloc serve: http://{args.host}:{args.port}/v1 model {reg.model_name!r} on {args.replicas} Ray Serve "
+              f"replicas, store {args.store}, skills: {', '.join(reg.names()) or 'none'}"
+              f"{'; API key required' if api_key else ''}", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -286,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=_int_in(1, None), default=256, help="reply length when a request sets none")
     sv.add_argument("--max-queue", type=_int_in(0, None), default=16,
                     help="requests that may wait for the model (503 past it)")
+    sv.add_argument("--store", default=None, metavar="URL",
+                    help="keep skills and memories in Redis (redis://HOST:PORT/DB) instead of --cache-dir")
+    sv.add_argument("--ray", action="store_true",
+                    help="serve on Ray Serve replicas sharing --store, requests routed by skill (extra ray)")
+    sv.add_argument("--replicas", type=_int_in(1, None), default=1, help="--ray: model replicas (default 1)")
+    sv.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                    help="--ray: the cluster to join (default: $RAY_ADDRESS, one started on this host, else a new one)")
     # also accepted after the command (``emloc serve --model ...``); SUPPRESS keeps the ones given before it
     for flag in ("--model", "--cache-dir", "--device"):
         sv.add_argument(flag, default=argparse.SUPPRESS, help="as before the command")

@@ -100,3 +100,14 @@ def test_compression_option_reaches_the_registry(capsys, tmp_path: Path, skill_d
     assert chunks.get("mood").stats["press"] == "emloc"
     code, out, _ = _run(capsys, *base[:-2], "compress", str(skill_dir))  # the default: auto, the whole context
     assert code == 0 and default.cached("mood") and default.get("mood").stats["press"] == "context"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("serve", "--ray"), "--ray needs --store redis://"),
+    (("serve", "--replicas", "2"), "--replicas needs --ray"),
+    (("serve", "--store", "/tmp/nope"), "--store takes a Redis URL"),
+])
+def test_serve_scale_out_mistakes_are_one_line(capsys, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    """``emloc serve --ray`` needs the store every replica shares; checked before anything starts."""
+    code, _, err = _run(capsys, "--model", "tiny-llama", "--cache-dir", str(tmp_path), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
