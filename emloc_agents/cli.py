@@ -274,9 +274,64 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    if "--serve" in argv:
+        from .models.sources import ModelSourceError
+
+        handled: tuple[type[BaseException], ...] = (*USER_ERRORS, ModelSourceError)
+        try:
+            return _bench_serve([a for a in argv if a != "--serve"])
+        except handled as e:
+            print(f"emloc bench: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
     from .bench.cli import bench_main
 
     return bench_main(argv)
+
+
+def _bench_serve(argv: list[str]) -> int:
+    """``emloc bench --serve``: requests/s and p50/p95 latency of ``emloc serve`` at 1, 4 and 16 concurrent
+    clients (``emloc_agents.serve.bench``); a results JSON and a Markdown table."""
+    p = argparse.ArgumentParser(prog="emloc bench --serve",
+                                description="Requests/s and latency of the server at several numbers of clients.")
+    p.add_argument("--model", default=None, help=f"as for emloc serve (default: $EMLOC_DEFAULT_MODEL, else {CLI_MODEL})")
+    p.add_argument("--task", default="sst2", help="the task whose skill is served and whose test inputs are sent")
+    p.add_argument("--shots", type=_int_in(1, None), default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skill-name", default=None, help="the skill's name (default: the task's)")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrent clients")
+    p.add_argument("--requests", type=_int_in(1, None), default=64, help="requests at each number of clients")
+    p.add_argument("--max-tokens", type=_int_in(1, None), default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default=None, metavar="DIR", help="where serving.json goes (default results/serve-<timestamp>)")
+    args = p.parse_args(argv)
+    try:
+        clients = tuple(int(x) for x in args.clients.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--clients takes comma-separated integers, got {args.clients!r}") from None
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("emloc: error: `emloc bench --serve` needs the serve extra: pip install 'emloc-agents[serve]'",
+              file=sys.stderr)
+        return 2
+    from .serve.bench import markdown, run_serving_bench
+
+    out = args.out or f"results/serve-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_serving_bench(args.model or os.environ.get("EMLOC_DEFAULT_MODEL") or CLI_MODEL, task=args.task,
+                               shots=args.shots, seed=args.seed, skill_name=args.skill_name, clients=clients,
+                               requests=args.requests, max_tokens=args.max_tokens, device=args.device,
+                               cache_dir=args.cache_dir, out=out)
+    s = result["settings"]
+    print(f"emloc bench --serve: {s['model']}, skill {s['skill']!r} ({s['shots']} shots of {s['task']}), "
+          f"max_tokens {s['max_tokens']}, {s['requests_per_level']} requests per level")
+    print(markdown(result), end="")
+    print(f"emloc bench: written to {out}/serving.json", file=sys.stderr)
+    return 0
 
 
 def _int_in(low: int, high: int | None) -> Callable[[str], int]:
