@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "package's example requests")
     p.add_argument("--return-direct", action="store_true",
                    help="--agents: skill tools end the agent's turn on their answer (LangChain's return_direct)")
+    p.add_argument("--serve", action="store_true",
+                   help="instead: requests/s and p50/p95 latency of `emloc serve` at 1, 4 and 16 concurrent clients "
+                        "(run by the emloc command: `emloc bench --serve --help`)")
     return p
 
 
@@ -101,6 +104,8 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.serve:
+            raise BenchError("the serving benchmark runs from the emloc command: emloc bench --serve")
         kind = "agents" if args.agents else "scaling" if args.scaling else "bench"
         out = args.out or f"results/{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.agents:
