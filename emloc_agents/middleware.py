@@ -89,7 +89,7 @@ def _turn_started(messages: Sequence[Any]) -> str | None:
 
 class FewShotToolSelectorMiddleware(AgentMiddleware):
     """At the first model step of each user turn, offer the agent only the tool that the examples
-    say the request needs (``tool_choice`` set to it, so the call is made), or no tool.
+    say the request needs (``tool_choice`` set to it and one call, so the call is made once), or no tool.
 
     ``chat`` is an ``EMLoCChatModel`` that answers the selector's skill (the agent's own model is a
     good choice). ``examples`` are ``(request, tool name or None)``.
@@ -137,7 +137,11 @@ class FewShotToolSelectorMiddleware(AgentMiddleware):
         if choice == NO_TOOL:
             return request.override(tools=[], tool_choice=None)
         chosen: list[BaseTool | dict[str, Any]] = [t for t in tools if t.name == choice]
-        return request.override(tools=chosen, tool_choice=choice if self.force_call else request.tool_choice)
+        if not self.force_call:
+            return request.override(tools=chosen)
+        # one required call: a small model under a forced choice may otherwise write the same call twice
+        settings = {**request.model_settings, "parallel_tool_calls": False}
+        return request.override(tools=chosen, tool_choice=choice, model_settings=settings)
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         picked = self._selectable(request)

@@ -93,7 +93,7 @@ def test_create_agent_first_step_sees_only_the_chosen_tool(hermes_chat, force: b
         names = [c["name"] for c in first.tool_calls] + [c.get("name") for c in first.invalid_tool_calls]
         if choice == NO_TOOL:
             assert names == [], first
-        elif force:
+        elif force:  # one call, of the chosen tool
             assert [c["name"] for c in first.tool_calls] == [choice], (choice, first)
         else:
             assert {c["name"] for c in first.tool_calls} <= {choice}, (choice, first)
