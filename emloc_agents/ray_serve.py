@@ -174,8 +174,13 @@ def _without_length(headers: dict[str, str]) -> dict[str, str]:
 
 
 async def _bodies(replies: Any) -> AsyncIterator[bytes]:
-    async for part in replies:
-        yield part["body"]
+    """A stream's pieces; a client that leaves cancels the request on the replica, whose app then
+    stops the generation at its next token (as on a single host)."""
+    try:
+        async for part in replies:
+            yield part["body"]
+    finally:
+        replies.cancel()  # a no-op once the stream is complete
 
 
 ingress = FastAPI(title="emloc serve (Ray)")

@@ -198,6 +198,12 @@ def test_replicas_share_one_store_and_survive_a_killed_replica(cluster, redis_ur
         # every skill compressed exactly once across both replicas
         assert len(writes.writes) == len(skills) and set(writes.writes.values()) == {1}, writes.writes
 
+        for skill, queries in skills:  # a stream comes back through the ingress chunk by chunk
+            chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=f"{MODEL}:{skill.name}", max_tokens=4, stream=True,
+                messages=[{"role": "user", "content": queries[0]}]) if c.choices]
+            assert "".join(chunks) == expected[(skill.name, queries[0])][0] and len(chunks) > 1
+
         # one replica killed while 160 requests are under way: requests in flight on it fail inside Ray
         # (ActorDiedError); the ingress sends a non-streamed request again, so every one is answered
         replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -223,3 +229,18 @@ def test_replicas_share_one_store_and_survive_a_killed_replica(cluster, redis_ur
         print(f"320 requests in {first:.1f} s; 160 across the kill, {len(after)} after it")
     finally:
         writes.close()
+
+
+@pytest.mark.parametrize(("path", "body", "skill"), [
+    ("/v1/chat/completions", b'{"model": "tiny-llama:sst2-skill", "messages": []}', "sst2-skill"),
+    ("/v1/chat/completions", b'{"model": "tiny-llama", "skill": "trec", "messages": []}', "trec"),
+    ("/v1/chat/completions", b'{"model": "tiny-llama", "messages": []}', ""),
+    ("/v1/chat/completions", b"not json", ""),
+    ("/v1/chat/completions", b"[1, 2]", ""),
+    ("/v1/skills/agnews/compress", b"", "agnews"),
+    ("/v1/models", b"", ""),
+])
+def test_the_ingress_reads_the_skill_to_route_by(path: str, body: bytes, skill: str) -> None:
+    from emloc_agents.ray_serve import skill_of_request
+
+    assert skill_of_request(path, body) == skill
