@@ -150,17 +150,19 @@ class EMLoCModel:
         if warm:
             registry.warm()
         self.app = create_app(self.chat, **(app_options or {}))
+        self.id = serve.get_replica_context().replica_id.unique_id.encode()  # the X-Emloc-Replica header
 
     async def forward(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                       body: bytes) -> AsyncIterator[dict[str, Any]]:
-        """The request through this replica's app: first ``{"status", "headers"}``, then
-        ``{"body": bytes}`` pieces as the app sends them."""
+        """The request through this replica's app: first ``{"status", "headers"}`` (with
+        ``X-Emloc-Replica``, the replica's id, to see the routing), then ``{"body": bytes}`` pieces as
+        the app sends them."""
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
                  "root_path": "", "headers": headers, "client": ("ray-ingress", 0), "server": ("emloc", 80)}
         async for message in _call_asgi(self.app, scope, body):
             if message["type"] == "http.response.start":
-                yield {"status": message["status"], "headers": list(message.get("headers", []))}
+                yield {"status": message["status"], "headers": [*message.get("headers", []), (b"x-emloc-replica", self.id)]}
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield {"body": bytes(message["body"])}
 

@@ -186,6 +186,15 @@ def test_replicas_share_one_store_and_survive_a_killed_replica(cluster, redis_ur
                 answer = http.post("/v1/skills", json=skill_body(skill))
                 assert answer.status_code == 201, answer.text
             assert http.get("/health").json()["status"] == "ok"
+            # one request at a time: each skill is answered by one replica, always the same
+            answered_by: dict[str, set[str]] = {}
+            for skill, queries in skills:
+                for q in queries:
+                    reply = http.post("/v1/chat/completions", json={
+                        "model": f"{MODEL}:{skill.name}", "max_tokens": 4, "messages": [{"role": "user", "content": q}]})
+                    assert reply.json()["choices"][0]["message"]["content"] == expected[(skill.name, q)][0]
+                    answered_by.setdefault(skill.name, set()).add(reply.headers["x-emloc-replica"])
+            assert all(len(ids) == 1 for ids in answered_by.values()), answered_by
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
         jobs = [(s.name, q) for s, qs in skills for q in qs]
         load = [jobs[i % len(jobs)] for i in range(320)]
