@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
@@ -33,7 +33,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 # no ``from __future__ import annotations`` here: FastAPI reads the ingress route's annotations at run time
-from .serve.app import create_app
+from .serve.app import MiB, create_app
+from .serve.errors import APIError
 
 if TYPE_CHECKING:
     from .chat_model import EMLoCChatModel
@@ -192,18 +193,25 @@ ingress = FastAPI(title="emloc serve (Ray)")
 class OpenAIIngress:
     """Forwards every request to an ``EMLoCModel`` replica chosen by the request's skill."""
 
-    def __init__(self, model: DeploymentHandle) -> None:
+    def __init__(self, model: DeploymentHandle, max_body: int = 32 * MiB) -> None:
         self.model = model
+        self.max_body = max_body  # the replicas' largest limit: past it, refused here, before it is read whole
 
     @ingress.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], response_model=None)
     async def forward(self, request: Request, path: str) -> Response:
-        body = await request.body()
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body:
+                err = APIError(413, f"request too large: over {self.max_body} bytes", code="request_too_large")
+                return JSONResponse(err.body(), status_code=err.status)
         url_path = request.url.path
-        skill = skill_of_request(url_path, body)
-        headers = [(k.lower(), v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
+        skill = skill_of_request(url_path, bytes(body))
+        headers = [(k.lower(), v) for k, v in request.headers.raw
+                   if k.lower() not in (b"host", b"content-length", b"transfer-encoding")]
         headers.append((b"content-length", str(len(body)).encode()))
         handle = self.model.forward.options(stream=True, multiplexed_model_id=skill)
-        args = (request.method, url_path, request.url.query.encode(), headers, body)
+        args = (request.method, url_path, request.url.query.encode(), headers, bytes(body))
         for attempt in range(RETRIES + 1):
             replies: Any = handle.remote(*args)  # a DeploymentResponseGenerator (stream=True)
             try:
@@ -239,7 +247,8 @@ def build_app(chat_factory: Callable[[], "EMLoCChatModel"], *, replicas: int = 2
     ).bind(chat_factory, app_options, warm)
     front = deployment(OpenAIIngress, name="OpenAIIngress",
                        max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
-    return front.bind(model)
+    options = app_options or {}
+    return front.bind(model, max(options.get("max_request_bytes", 4 * MiB), options.get("max_skill_bytes", 32 * MiB)))
 
 
 def chat_factory(model: str, store_url: str, **kwargs: Any) -> Callable[[], "EMLoCChatModel"]:

@@ -139,7 +139,8 @@ def cluster(redis_url: str) -> Iterator[tuple[str, str]]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         factory = chat_factory(MODEL, redis_url, namespace=namespace, **CHAT_FIELDS)
-        serve.run(build_app(factory, replicas=2), name="emloc", route_prefix="/")
+        limits = {"max_request_bytes": 64 * 1024, "max_skill_bytes": 256 * 1024}
+        serve.run(build_app(factory, replicas=2, app_options=limits), name="emloc", route_prefix="/")
         yield f"http://127.0.0.1:{port}", namespace
     finally:
         serve.shutdown()
@@ -186,6 +187,10 @@ def test_replicas_share_one_store_and_survive_a_killed_replica(cluster, redis_ur
                 answer = http.post("/v1/skills", json=skill_body(skill))
                 assert answer.status_code == 201, answer.text
             assert http.get("/health").json()["status"] == "ok"
+            # past the replicas' largest limit the ingress refuses it; past the chat limit, the replica
+            for size, where in ((300 * 1024, "over 262144 bytes"), (100 * 1024, "65536")):
+                big = http.post("/v1/chat/completions", content=b"x" * size, headers={"content-type": "application/json"})
+                assert big.status_code == 413 and where in big.json()["error"]["message"], big.text
             # one request at a time: each skill is answered by one replica, always the same
             answered_by: dict[str, set[str]] = {}
             for skill, queries in skills:
