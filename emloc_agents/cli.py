@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -257,7 +258,11 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("EMLOC_API_KEY") or None
     factory = chat_factory(args.model, args.store, device=args.device, dtype=args.dtype,
                            compression=getattr(args, "compression", "auto"), max_tokens=args.max_tokens)
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM as Ctrl+C: the deployment and a local cluster are shut down below
+
     ray.init(address=args.ray_address)  # None: $RAY_ADDRESS, a cluster started on this host, else a local one
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which sets its own handler (it aborts the process)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(factory, replicas=args.replicas, warm=args.warm,
