@@ -24,6 +24,7 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
+from langgraph.constants import TAG_NOSTREAM
 
 from .skills import Demonstration, Skill, SkillError
 
@@ -33,13 +34,14 @@ if TYPE_CHECKING:
 NO_TOOL = "none"
 """The label of a request that needs no tool."""
 
-_INTERNAL: RunnableConfig = {"tags": ["nostream"], "metadata": {"lc_source": "tool_selection"}}
+# the selector's own call, kept out of an agent's streamed output (as LangChain's LLMToolSelectorMiddleware does)
+_INTERNAL: RunnableConfig = {"tags": [TAG_NOSTREAM], "metadata": {"lc_source": "tool_selection"}}
 
 
 def example_requests() -> list[tuple[str, str | None]]:
     """The package's 51 example requests for the tools of ``emloc bench --agents`` (``sentiment``,
     ``question_type``, ``news_topic``, ``multiply``, ``get_weather``, and none): written for this
-    selector, with texts from the tasks' demonstration pools, none of them in the agent study."""
+    selector, with texts from the tasks' demonstration pools; none is in the agent study's request sets."""
     rows = json.loads(resources.files("emloc_agents.data").joinpath("agent_tool_examples.json").read_text())
     return [(r["request"], r["tool"] if r["tool"] != NO_TOOL else None) for r in rows]
 
@@ -93,8 +95,8 @@ class FewShotToolSelectorMiddleware(AgentMiddleware):
 
     ``chat`` is an ``EMLoCChatModel`` that answers the selector's skill (the agent's own model is a
     good choice). ``examples`` are ``(request, tool name or None)``.
-    ``force_call=False`` offers the chosen tool without requiring the call. The choice of the last
-    step is in ``last_choice`` (``NO_TOOL`` for none)."""
+    ``force_call=False`` offers the chosen tool without requiring the call. ``last_choice`` holds the
+    latest choice (``NO_TOOL`` for none), for inspection."""
 
     def __init__(self, chat: EMLoCChatModel, examples: Sequence[tuple[str, str | None]], *,
                  name: str = "tool_choice", force_call: bool = True) -> None:
