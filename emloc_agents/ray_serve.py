@@ -49,12 +49,13 @@ its reply was complete (non-streamed replies; a stream already sent in part ends
 
 def skill_of_request(path: str, body: bytes) -> str:
     """The skill a request is about ("" for none): the ``skill`` field or ``model="<base>:<skill>"``
-    of a chat request, the name in ``/v1/skills/{name}``. Only for routing: the replica's app checks
+    of a chat request, the name in ``/v1/skills/{name}`` or in a skill posted to ``/v1/skills``. Only for routing: the replica's app checks
     the request properly (a malformed one is refused there, whichever replica gets it)."""
     match = _SKILL_ROUTE.match(path)
     if match:
         return match.group(1)
-    if path.rstrip("/") != "/v1/chat/completions" or not body:
+    route = path.rstrip("/")
+    if route not in ("/v1/chat/completions", "/v1/skills") or not body:
         return ""
     try:
         data = json.loads(body)
@@ -62,6 +63,8 @@ def skill_of_request(path: str, body: bytes) -> str:
         return ""
     if not isinstance(data, dict):
         return ""
+    if route == "/v1/skills":  # registering a skill: on the replica that will serve it
+        return data["name"] if isinstance(data.get("name"), str) else ""
     if isinstance(data.get("skill"), str):
         return str(data["skill"])
     model = data.get("model")

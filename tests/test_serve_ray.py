@@ -252,6 +252,8 @@ def test_replicas_share_one_store_and_survive_a_killed_replica(cluster, redis_ur
     ("/v1/chat/completions", b"not json", ""),
     ("/v1/chat/completions", b"[1, 2]", ""),
     ("/v1/skills/agnews/compress", b"", "agnews"),
+    ("/v1/skills", b'{"name": "rte", "demonstrations": []}', "rte"),
+    ("/v1/skills", b'{"name": 3}', ""),
     ("/v1/models", b"", ""),
 ])
 def test_the_ingress_reads_the_skill_to_route_by(path: str, body: bytes, skill: str) -> None:
