@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,3 +70,40 @@ def drop_model_after():
         for key in [k for k in chat_model._REGISTRIES if k[0] == name]:
             chat_model._REGISTRIES.pop(key)
     gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def redis_server(*args: str) -> Iterator[str]:
+    """A real redis-server on a free local port, without persistence (``args`` are more server
+    options); yields its URL. Skips the test where the binary or the client is missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
+    redis = pytest.importorskip("redis")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    pytest.fail(f"redis-server exited with {proc.returncode}")
+                time.sleep(0.025)
+        else:
+            pytest.fail("redis-server did not come up")
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)

@@ -8,9 +8,6 @@ key (a replica writes a memory only after compressing it, under the store lock; 
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -24,6 +21,7 @@ import pytest
 from emloc_agents import EMLoCChatModel, MemoryRegistry
 from emloc_agents.store import MemoryStore
 from emloc_agents.tasks import Task
+from tests.conftest import free_port, redis_server
 
 ray = pytest.importorskip("ray", reason="Ray Serve is the ray extra: pip install 'emloc-agents[ray]'")
 serve = pytest.importorskip("ray.serve")
@@ -38,38 +36,10 @@ QUERIES = 4  # per skill
 CHAT_FIELDS = {"max_tokens": 4, "cache_prompt": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1",
-                             "--notify-keyspace-events", "K$"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None:
-                    pytest.fail(f"redis-server exited with {proc.returncode}")
-                time.sleep(0.025)
-        else:
-            pytest.fail("redis-server did not come up")
+    with redis_server("--notify-keyspace-events", "K$") as url:  # MemoryWrites counts the writes
         yield url
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
 
 
 class MemoryWrites:
@@ -136,7 +106,7 @@ def cluster(redis_url: str) -> Iterator[tuple[str, str]]:
         pytest.skip(f"Ray could not start here: {e}")
     namespace = "ray-" + uuid.uuid4().hex[:8]
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         factory = chat_factory(MODEL, redis_url, namespace=namespace, **CHAT_FIELDS)
         limits = {"max_request_bytes": 64 * 1024, "max_skill_bytes": 256 * 1024}

@@ -8,10 +8,7 @@ import logging
 import multiprocessing as mp
 import os
 import pathlib
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -36,6 +33,7 @@ from emloc_agents.store import (
     read_info,
 )
 from emloc_agents.store.base import new_token
+from tests.conftest import redis_server
 from tests.test_store_workers import (
     compress_once,
     enter_after,
@@ -278,42 +276,10 @@ def test_memory_format_error_is_value_error():
 # redis-server fixture
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None:
-                    pytest.fail(f"redis-server exited with {proc.returncode}")
-                time.sleep(0.025)
-        else:
-            pytest.fail("redis-server did not come up")
+    with redis_server() as url:
         yield url
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(params=["memory", "diskcache", "redis"])
