@@ -181,8 +181,8 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
                requests: str | Sequence[dict[str, Any]] = "study", tool_selector: bool = False,
                return_direct: bool = False) -> dict[str, Any]:
     """Run a request set (a name or file for ``load_requests``, or the requests themselves) through
-    ``create_agent`` on ``model``; write ``agents.json`` (rows and summary) under ``out``. ``tool_selector``: each turn's tool (or none) is
-    chosen by ``FewShotToolSelectorMiddleware`` on the agent's model from the package's example
+    ``create_agent`` on ``model``; write ``agents.json`` (rows and summary) under ``out``.
+    ``tool_selector``: each turn's tool (or none) is chosen by ``FewShotToolSelectorMiddleware`` on the agent's model from the package's example
     requests. ``return_direct``: the skill tools end the agent's turn on their answer. Returns ``{"model",
     "skill_model", "shots", "seed", "tool_selector", "return_direct", "requests", "summary", "rows"}``."""
     from langchain.agents import create_agent
@@ -204,18 +204,18 @@ def run_agents(model: str, skill_model: str | None = None, shots: int = 32, seed
         middleware.append(selector)
     agent = create_agent(agent_chat, tools=tools, system_prompt=system_prompt, middleware=middleware)
     rows: list[dict[str, Any]] = []
-    request_set = requests if isinstance(requests, str) else "given"
+    setup = {"model": model, "skill_model": skill_model or model, "shots": shots, "seed": seed,
+             "tool_selector": tool_selector, "return_direct": return_direct,
+             "requests": requests if isinstance(requests, str) else "given"}
     todo = load_requests(requests) if isinstance(requests, str) else list(requests)
     for req in tqdm(todo[:limit], desc=f"agent requests on {model}", unit="request"):
         rows.append(run_request(agent, req))
         if out is not None:  # written after every request: a long run can be read while it goes
-            _write(out, rows, model=model, skill_model=skill_model or model, shots=shots, seed=seed,
-                   tool_selector=tool_selector, return_direct=return_direct, requests=request_set)
-    return _write(out, rows, model=model, skill_model=skill_model or model, shots=shots, seed=seed,
-                  tool_selector=tool_selector, return_direct=return_direct, requests=request_set)
+            _write(out, rows, setup)
+    return _write(out, rows, setup)
 
 
-def _write(out: str | Path | None, rows: list[dict[str, Any]], **setup: Any) -> dict[str, Any]:
+def _write(out: str | Path | None, rows: list[dict[str, Any]], setup: dict[str, Any]) -> dict[str, Any]:
     result = {**setup, "summary": summarise(rows), "rows": rows}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
