@@ -4,9 +4,12 @@
 is loaded it only moves when an operation exceeds the load's own peak, so it cannot tell two
 operations apart. Linux keeps an exact high-water mark (``VmHWM``) that a process may reset to its
 current RSS by writing ``5`` to ``/proc/self/clear_refs``; reading ``VmHWM`` after the operation
-gives its true peak with no sampling gaps (``method = "vmhwm"``). Where the reset is not allowed a
-thread samples ``/proc/self/statm`` every ``interval`` seconds instead (``"sampled"``: a lower
-bound that can miss spikes shorter than the interval). Without ``/proc`` nothing is measured.
+gives its true peak with no sampling gaps (``method = "vmhwm"``). Not every kernel keeps that mark
+through a free (some sandboxed and virtualised kernels accept the reset yet report only the current
+RSS), so the mark is used only after a probe, once per process, has seen it remember a freed
+32 MiB mapping. Elsewhere a thread samples ``/proc/self/statm`` every ``interval`` seconds instead
+(``"sampled"``: a lower bound that can miss spikes shorter than the interval). Without ``/proc``
+nothing is measured.
 
 RSS is what the kernel holds for the process (weights, activations, KV tensors and the
 allocator's not-yet-returned free memory), so run each operation in a fresh process after a
@@ -15,7 +18,9 @@ small warm-up of the same kind: a reused allocator arena would otherwise hide pa
 
 from __future__ import annotations
 
+import functools
 import gc
+import mmap
 import os
 import threading
 from types import TracebackType
@@ -54,6 +59,21 @@ def reset_hwm() -> bool:
     return hwm_bytes() is not None
 
 
+@functools.cache
+def hwm_tracks_frees(probe_bytes: int = 32 * 2**20) -> bool:
+    """Whether this kernel's ``VmHWM`` can be reset and then remembers a spike freed before it is read."""
+    if not reset_hwm():
+        return False
+    before = rss_bytes()
+    if before is None:
+        return False
+    with mmap.mmap(-1, probe_bytes) as spike:  # anonymous; unmapped (RSS drops) when the block ends
+        for offset in range(0, probe_bytes, mmap.PAGESIZE):
+            spike[offset] = 1  # touch every page so it becomes resident
+    after = hwm_bytes()
+    return after is not None and after - before >= probe_bytes * 3 // 4
+
+
 class PeakRSS:
     """``with PeakRSS() as p: op()`` -> ``p.delta_bytes``: peak RSS during ``op`` minus RSS before it."""
 
@@ -74,7 +94,8 @@ class PeakRSS:
     def __enter__(self) -> PeakRSS:
         if self.collect:
             gc.collect()
-        self.method = "vmhwm" if reset_hwm() else ("sampled" if rss_bytes() is not None else None)
+        exact = hwm_tracks_frees() and reset_hwm()
+        self.method = "vmhwm" if exact else ("sampled" if rss_bytes() is not None else None)
         self.baseline_bytes = rss_bytes()
         if self.method == "sampled":
             self._peak = self.baseline_bytes or 0
