@@ -13,10 +13,10 @@ import asyncio
 import json
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput, ModelProfile
@@ -37,7 +37,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, field_validator
 
-from .engine.decode import Generation, first_stop
+from .engine.decode import Generation, SplitBatch, check_length, first_stop
 from .engine.memory import CompressedMemory
 from .engine.prompt import answer_stops
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
@@ -482,11 +482,24 @@ class EMLoCChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         p = self._prepare(messages, stop, dict(kwargs))
+        yield from self._chunks(p, p.lm.stream_ids(p.ids, p.memory, **p.gen), messages, stop, run_manager, kwargs)
+
+    def _chunks(
+        self,
+        p: PreparedCall,
+        decoded: Iterable[tuple[str, Generation | None]],
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> Iterator[ChatGenerationChunk]:
+        """The chunks of one reply from its decoded (text delta, final) pairs: text as it comes, held
+        back where it may be a stop or a call; calls whole once complete; usage last."""
         buffering: bool | None = None if p.mode == "tools" else False  # tools: decided by the 1st non-blank
         stops = p.text_stops
         sent = ""  # text yielded so far
         raw = ""  # text decoded so far
-        for delta, final in p.lm.stream_ids(p.ids, p.memory, **p.gen):
+        for delta, final in decoded:
             raw += delta
             if final is not None:
                 # the final text is authoritative: it flushes what was held back (a stop-string
@@ -526,6 +539,58 @@ class EMLoCChatModel(BaseChatModel):
                 message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
                 generation_info={"finish_reason": final.finish_reason},
             )
+
+    def stream_together(
+        self, inputs: Sequence[LanguageModelInput], options: Sequence[dict[str, Any]] | None = None
+    ) -> list[Iterator[AIMessageChunk]]:
+        """Stream several calls at once: calls on the same skill's memory (or all zero-shot) are decoded
+        as one batch (``engine.decode.stream_batch``), one packed forward per token for all of them,
+        which on most hardware costs little more than one call's forward; each reply is the one that
+        ``stream(input, **options)`` gives alone (tokens equal up to float rounding). Returns one
+        iterator of message chunks per input, to be read from one thread in any order (reading one
+        advances the batch). A call that cannot be prepared (an unknown skill, a prompt too long)
+        raises its error when its iterator is read; the others go on. Prompts with images and lone
+        calls take the ``stream`` path. No callbacks run (a server's batching path, not a Runnable)."""
+        options = list(options) if options is not None else [{} for _ in inputs]
+        if len(options) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(options)} option sets")
+        calls: list[tuple[list[BaseMessage], PreparedCall | Exception]] = []
+        for value, kw in zip(inputs, options, strict=True):
+            messages = self._convert_input(value).to_messages()
+            try:
+                p = self._prepare(messages, kw.get("stop"), {k: v for k, v in kw.items() if k != "stop"})
+                memory_tokens = p.memory.original_length if p.memory is not None else 0
+                check_length(p.lm, len(p.ids), memory_tokens, p.gen["max_new_tokens"])
+                calls.append((messages, p))
+            except Exception as e:  # noqa: BLE001 - raised to this call's reader only
+                calls.append((messages, e))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, call) in enumerate(calls):
+            if isinstance(call, PreparedCall) and getattr(call.lm, "vision", None) is None:
+                groups.setdefault((id(call.lm), id(call.memory)), []).append(i)
+        sources: dict[int, Iterator[tuple[str, Generation | None]]] = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            prepared = [cast(PreparedCall, calls[i][1]) for i in members]
+            split = SplitBatch(prepared[0].lm, [q.ids for q in prepared], prepared[0].memory,
+                               [{k: v for k, v in q.gen.items() if k != "prompt_cache"} for q in prepared])
+            sources.update({i: split.reply(j) for j, i in enumerate(members)})
+        return [self._reply_stream(messages, call, sources.get(i), options[i]) for i, (messages, call) in enumerate(calls)]
+
+    def _reply_stream(self, messages: list[BaseMessage], p: PreparedCall | Exception,
+                      source: Iterator[tuple[str, Generation | None]] | None, kwargs: dict[str, Any]
+                      ) -> Iterator[AIMessageChunk]:
+        if isinstance(p, Exception):
+            raise p
+        decoded = source if source is not None else p.lm.stream_ids(p.ids, p.memory, **p.gen)
+        rest = {k: v for k, v in kwargs.items() if k != "stop"}
+        try:
+            for chunk in self._chunks(p, decoded, messages, kwargs.get("stop"), None, rest):
+                yield cast(AIMessageChunk, chunk.message)
+        finally:
+            if source is not None:
+                source.close()  # type: ignore[attr-defined]  # a generator: leaves the batch
 
     async def _agenerate(
         self,

@@ -582,6 +582,77 @@ def test_concurrent_requests_get_the_answers_of_one_at_a_time(client: openai.Ope
         assert list(pool.map(together, cases)) == alone
 
 
+def test_requests_that_wait_together_are_answered_as_one_batch(tmp_path: Path) -> None:
+    """Requests that gather while the model is busy are decoded together, on one skill and on two,
+    streamed or not, with their own stops, lengths and tools, and answered exactly as one at a time;
+    a streamed request that leaves mid-batch does not disturb the others."""
+    chat = _chat(tmp_path)
+    chat.get_registry().add(make_skill(9, "sentiment"))
+    chat.get_registry().add(topic_skill())
+    chat.get_registry().warm()
+    cases: list[dict[str, Any]] = [
+        {"model": f"{BASE}:sentiment", "messages": _user("Review: dull and slow\nSentiment:")},
+        {"model": f"{BASE}:sentiment", "messages": _user(), "stream": True},
+        {"model": f"{BASE}:sentiment", "messages": _user("Review: fine\nSentiment:"), "max_tokens": 3},
+        {"model": f"{BASE}:topic", "messages": _user("Headline: rates rise again\nTopic:")},
+        {"model": f"{BASE}:topic", "messages": _user("Headline: a late goal\nTopic:"), "stop": ["e"]},
+        {"model": BASE, "messages": _user("Where is Paris?"), "tools": [WEATHER],
+         "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        {"model": BASE, "messages": _user("Say hi"), **LONG_REPLY, "max_tokens": 12},
+    ]
+    leaving = {"model": f"{BASE}:sentiment", "messages": _user("Review: long\nSentiment:"), "stream": True,
+               "max_tokens": 2000, **LONG_REPLY}
+
+    def reply(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+        if not body.get("stream"):
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            message = r.json()["choices"][0]["message"]
+            return {"content": message["content"] or "", "tool_calls": [
+                (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"] or []]}
+        text = ""
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+        return {"content": text, "tool_calls": []}
+
+    app = create_app(chat)
+    with BackgroundServer(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        alone = [reply(http, body) for body in cases]
+        assert http.get("/health").json()["largest_batch"] == 1
+        release = threading.Event()
+        app.state.worker.schedule(release.wait)  # the model thread is busy until the requests below wait
+        barrier = threading.Barrier(len(cases) + 1)
+
+        def send(body: dict[str, Any]) -> dict[str, Any]:
+            barrier.wait()
+            return reply(http, body)
+
+        def leave() -> None:
+            barrier.wait()
+            with http.stream("POST", "/v1/chat/completions", json=leaving) as r:
+                assert r.status_code == 200, r.read()
+                lines = r.iter_lines()
+                while not next(lines).startswith("data: {"):
+                    pass  # leaves after its first chunk
+
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
+            leaver = pool.submit(leave)
+            together = [pool.submit(send, body) for body in cases]
+            deadline = time.monotonic() + 60
+            while http.get("/health").json()["pending"] < len(cases) + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release.set()
+            assert [f.result() for f in together] == alone
+            leaver.result()
+        deadline = time.monotonic() + 3  # the 2000 tokens the leaver asked for would take longer
+        while http.get("/health").json()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = http.get("/health").json()
+        assert health["largest_batch"] == len(cases) + 1 and health["pending"] == 0
+
+
 @pytest.mark.parametrize("kwargs", [{"max_queue": -1}, {"max_request_bytes": 0}, {"max_tokens_limit": 1.5},
                                     {"api_key": " "}])
 def test_create_app_refuses_bad_limits(chat: EMLoCChatModel, kwargs: dict[str, Any]) -> None:

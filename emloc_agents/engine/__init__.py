@@ -3,7 +3,7 @@ memory. The baselines the benchmark compares live in ``emloc_agents.bench.presse
 
 from .cache import MemoryCache
 from .compress import METHODS, ContextTooLongError, compress, register_method
-from .decode import Generation, generate, score_continuations, stream_tokens
+from .decode import Generation, generate, score_continuations, stream_batch, stream_tokens
 from .facts import SUPPORTED, ModelFacts, UnsupportedModelError, model_facts
 from .memory import CompressedMemory
 from .presses import EMLoCPress, Press
@@ -31,5 +31,6 @@ __all__ = [
     "js_divergence",
     "model_facts",
     "score_continuations",
+    "stream_batch",
     "stream_tokens",
 ]

@@ -38,7 +38,7 @@ from .convert import (
 from .errors import APIError, from_exception, one_line
 from .schema import UNSUPPORTED, ChatCompletion, ChatCompletionRequest, Choice, ResponseMessage
 from .skills_api import skill_body, skill_from_body, skill_summary
-from .worker import ModelWorker
+from .worker import ChatBatcher, ModelWorker
 
 if TYPE_CHECKING:
     from ..chat_model import EMLoCChatModel
@@ -108,6 +108,7 @@ def create_app(
     max_skill_demonstrations: int = 2048,
     max_queue: int = 16,
     max_tokens_limit: int = 4096,
+    max_batch: int = 16,
 ) -> FastAPI:
     """An OpenAI-compatible app over ``chat``'s registry.
 
@@ -119,6 +120,7 @@ def create_app(
         max_skill_bytes, max_skill_demonstrations: the largest skill a request may register (413).
         max_queue: requests that may wait for the model thread while one runs (503 past it).
         max_tokens_limit: the most tokens one reply may ask for (400 past it).
+        max_batch: the most waiting chat requests answered together (``ChatBatcher``; 1: one at a time).
     """
     limits = {"max_request_bytes": max_request_bytes, "max_skill_bytes": max_skill_bytes,
               "max_skill_demonstrations": max_skill_demonstrations, "max_tokens_limit": max_tokens_limit}
@@ -130,6 +132,7 @@ def create_app(
     registry = chat.get_registry()
     base = chat.model_name_resolved
     worker = ModelWorker(max_queue)
+    batcher = ChatBatcher(worker, chat, max_batch)
     images = ImagePolicy(max_bytes=chat.max_image_bytes, max_pixels=chat.max_image_pixels)  # as for messages
     background: dict[str, asyncio.Future[Any]] = {}  # skill -> its compression asked with wait=false, until done
     failures: dict[str, str] = {}  # skill -> why its last background compression failed
@@ -153,6 +156,7 @@ def create_app(
                   lifespan=lifespan)
     app.state.chat = chat
     app.state.worker = worker
+    app.state.batcher = batcher
     auth = [Depends(check_key)]
 
     @app.exception_handler(APIError)
@@ -198,7 +202,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness, without the API key: for load balancers and start-up checks."""
-        return {"status": "ok", "model": base, "pending": worker.pending}
+        return {"status": "ok", "model": base, "pending": worker.pending, "batches": batcher.batches,
+                "batched_requests": batcher.batched_requests, "largest_batch": batcher.largest_batch}
 
     @app.get("/v1/models", dependencies=auth)
     async def list_models() -> dict[str, Any]:
@@ -242,14 +247,16 @@ def create_app(
             runnable: Any = chat.bind_tools(**tool_kw) if tool_kw else chat
         except Exception as e:  # noqa: BLE001 - a tool the chat model cannot take is the caller's error
             raise _failed(e, "tools") from e
+        if tool_kw:
+            kwargs |= runnable.kwargs  # the tools as bound (validated and normalised)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         skill_param = "skill" if req.skill is not None else "model"  # where an unknown skill was named
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(runnable, messages, kwargs, req.model, completion_id, include_usage, skill_param)
+            return await _stream(messages, kwargs, req.model, completion_id, include_usage, skill_param)
         # decoded as a stream and joined: a client that leaves, or the server stopping, ends the generation
         # at its next token
-        chunks = worker.stream(lambda: runnable.stream(messages, **kwargs))
+        chunks = batcher.stream(messages, kwargs)
         joined: AIMessageChunk | None = None
         try:
             async for chunk in chunks:
@@ -274,9 +281,9 @@ def create_app(
         )
         return JSONResponse(body.model_dump(exclude_none=False))
 
-    async def _stream(runnable: Any, messages: list[Any], kwargs: dict[str, Any], model: str, completion_id: str,
+    async def _stream(messages: list[Any], kwargs: dict[str, Any], model: str, completion_id: str,
                       include_usage: bool, skill_param: str) -> StreamingResponse:
-        chunks = worker.stream(lambda: runnable.stream(messages, **kwargs))
+        chunks = batcher.stream(messages, kwargs)
         try:  # the first chunk comes after the prompt is read: a bad request still gets its status
             first: AIMessageChunk | None = await anext(chunks)
         except StopAsyncIteration:

@@ -1,16 +1,24 @@
 """One thread runs everything that touches the model (generation, compression): the model and its
 prompt cache are not thread-safe. Requests wait in a bounded queue; past it they are refused at once
-(503) rather than piling up behind a slow one."""
+(503) rather than piling up behind a slow one. Chat requests that wait together are answered together
+(``ChatBatcher``)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import APIError
+
+if TYPE_CHECKING:
+    from langchain_core.messages import AIMessageChunk, BaseMessage
+
+    from ..chat_model import EMLoCChatModel
 
 T = TypeVar("T")
 _DONE = object()
@@ -40,83 +48,161 @@ class ModelWorker:
         """Jobs running or waiting."""
         return self._admitted
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
+        """Count one more request in (running or waiting), or refuse it with ``Overloaded`` now."""
         with self._lock:
             if self._admitted > self.max_queue:  # one running and max_queue waiting already
                 raise Overloaded(self.max_queue)
             self._admitted += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
+        """A request admitted with ``admit`` is done."""
         with self._lock:
             self._admitted -= 1
 
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """``fn()`` queued on the model thread now (admitted, or refused with ``Overloaded``, now);
         called on the event loop."""
-        self._admit()
+        self.admit()
 
         def job() -> T:
             try:
                 return fn()
             finally:
-                self._leave()
+                self.leave()
 
         try:
             return asyncio.get_running_loop().run_in_executor(self._executor, job)
         except BaseException:
-            self._leave()
+            self.leave()
             raise
+
+    def schedule(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """``fn()`` queued on the model thread, with no admission of its own (it serves requests that
+        were admitted); from any thread."""
+        return self._executor.submit(fn)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the model thread, awaited."""
         return await self.submit(fn)
 
-    def stream(self, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Iterate ``make()`` on the model thread; items cross to the event loop through a queue that
-        never blocks the worker (a slow reader does not hold the model). Called on the event loop: the
-        job is admitted and queued now, so an overloaded server refuses before a response starts.
-        Closing the returned iterator early stops the worker at its next item."""
-        self._admit()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def job() -> None:
-            try:
-                if cancelled.is_set():
-                    return
-                for item in make():
-                    put(item)
-                    if cancelled.is_set():
-                        break
-            except BaseException as e:  # noqa: BLE001 - handed to the reader
-                put(e)
-            finally:
-                self._leave()
-                put(_DONE)
-
-        try:
-            loop.run_in_executor(self._executor, job)
-        except BaseException:
-            self._leave()
-            raise
-        return self._drain(queue, cancelled)
-
-    @staticmethod
-    async def _drain(queue: asyncio.Queue[Any], cancelled: threading.Event) -> AsyncIterator[Any]:
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Call:
+    """One chat request waiting for, or being answered on, the model thread."""
+
+    messages: list[BaseMessage]
+    options: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item: Any) -> None:
+        """Hand an item to the reader on the event loop (never blocks the model thread)."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class ChatBatcher:
+    """Chat requests answered on the model thread, those that wait together answered together.
+
+    A request joins the waiting list; the first to find it empty queues a job on the model thread.
+    That job takes every request waiting by then (up to ``max_batch``) and answers them with
+    ``EMLoCChatModel.stream_together``: requests on one skill decode as one batch, so while the model
+    is busy the next requests gather and their batch costs little more than one of them. Chunks reach
+    each reader as they come; a reader that leaves drops its request from the batch. ``max_batch=1``
+    answers one request at a time."""
+
+    def __init__(self, worker: ModelWorker, chat: EMLoCChatModel, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.worker, self.chat, self.max_batch = worker, chat, max_batch
+        self._waiting: list[_Call] = []
+        self._lock = threading.Lock()
+        self.batches = 0  # jobs that answered requests (for /health and the serving bench)
+        self.batched_requests = 0  # requests they answered
+        self.largest_batch = 0
+
+    def stream(self, messages: list[BaseMessage], options: dict[str, Any]) -> AsyncIterator[AIMessageChunk]:
+        """The reply's chunks; called on the event loop. The request is admitted now (an overloaded
+        server refuses it before a response starts)."""
+        self.worker.admit()
+        call = _Call(messages, options, asyncio.get_running_loop())
+        with self._lock:
+            self._waiting.append(call)
+            first = len(self._waiting) == 1
+        if first:
+            self._schedule()
+        return drain(call.queue, call.cancelled)
+
+    def _schedule(self) -> None:
+        try:
+            self.worker.schedule(self._answer_waiting)
+        except BaseException as e:  # the executor is shut down: nobody will answer them
+            with self._lock:
+                calls, self._waiting = self._waiting, []
+            for call in calls:
+                call.put(e)
+                self._done(call)
+            raise
+
+    def _answer_waiting(self) -> None:
+        """On the model thread: answer the requests waiting now, together."""
+        with self._lock:
+            calls, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            more = bool(self._waiting)
+        if more:  # the rest go in the next job, queued behind this one
+            self._schedule()
+        live = [c for c in calls if not c.cancelled.is_set()]
+        for call in calls:
+            if call.cancelled.is_set():
+                self._done(call)
+        if not live:
+            return
+        self.batches += 1
+        self.batched_requests += len(live)
+        self.largest_batch = max(self.largest_batch, len(live))
+        try:
+            streams = self.chat.stream_together([c.messages for c in live], [c.options for c in live])
+        except BaseException as e:  # noqa: BLE001 - every reader gets the error
+            for call in live:
+                call.put(e)
+                self._done(call)
+            return
+        running = list(zip(live, streams, strict=True))
+        while running:  # one chunk per reply in turn: each reply's chunks are sent as they come
+            still = []
+            for call, chunks in running:
+                try:
+                    if call.cancelled.is_set():
+                        chunks.close()  # type: ignore[attr-defined]  # a generator: leaves the batch
+                        raise StopIteration
+                    call.put(next(chunks))
+                    still.append((call, chunks))
+                except StopIteration:
+                    self._done(call)
+                except BaseException as e:  # noqa: BLE001 - handed to this reply's reader
+                    call.put(e)
+                    self._done(call)
+            running = still
+
+    def _done(self, call: _Call) -> None:
+        self.worker.leave()
+        call.put(_DONE)
+
+
+async def drain(queue: asyncio.Queue[Any], cancelled: threading.Event) -> AsyncIterator[Any]:
+    """Items from the model thread until the end mark; an exception is raised in the reader. Closing
+    the iterator early sets ``cancelled`` (the model thread stops at its next item)."""
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
