@@ -217,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for name, info in reg.warm().items():
             print(f"{name}: {info.source} in {_duration(info.seconds)}", flush=True)
     app = create_app(EMLoCChatModel(registry=reg, max_tokens=args.max_tokens), api_key=api_key,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, max_batch=args.max_batch)
     print(f"emloc serve: http://{args.host}:{args.port}/v1 model {reg.model_name!r}, skills: "
           f"{', '.join(reg.names()) or 'none'}{'; API key required' if api_key else ''}", flush=True)
     run(app, host=args.host, port=args.port)
@@ -266,7 +266,8 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(factory, replicas=args.replicas, warm=args.warm,
-                            app_options={"api_key": api_key, "max_queue": args.max_queue}),
+                            app_options={"api_key": api_key, "max_queue": args.max_queue,
+                                         "max_batch": args.max_batch}),
                   name="emloc", route_prefix="/")
         print(f"emloc serve: http://{args.host}:{args.port}/v1 model {reg.model_name!r} on {args.replicas} Ray Serve "
               f"replicas, store {args.store}, skills: {', '.join(reg.names()) or 'none'}"
@@ -295,6 +296,13 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 def _bench_serve(argv: list[str]) -> int:
     """``emloc bench --serve``: requests/s and p50/p95 latency of ``emloc serve`` at 1, 4 and 16 concurrent
     clients (``emloc_agents.serve.bench``); a results JSON and a Markdown table."""
@@ -308,14 +316,13 @@ def _bench_serve(argv: list[str]) -> int:
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrent clients")
     p.add_argument("--requests", type=_int_in(1, None), default=64, help="requests at each number of clients")
     p.add_argument("--max-tokens", type=_int_in(1, None), default=4)
+    p.add_argument("--max-batch", default="1,16",
+                   help="comma list: the most waiting requests the server answers together, a server each (1: one at a time)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=None, metavar="DIR", help="where serving.json goes (default results/serve-<timestamp>)")
     args = p.parse_args(argv)
-    try:
-        clients = tuple(int(x) for x in args.clients.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--clients takes comma-separated integers, got {args.clients!r}") from None
+    clients, max_batch = _int_list(args.clients, "--clients"), _int_list(args.max_batch, "--max-batch")
     try:
         import fastapi  # noqa: F401
         import httpx  # noqa: F401
@@ -329,7 +336,7 @@ def _bench_serve(argv: list[str]) -> int:
     out = args.out or f"results/serve-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_serving_bench(args.model or os.environ.get("EMLOC_DEFAULT_MODEL") or CLI_MODEL, task=args.task,
                                shots=args.shots, seed=args.seed, skill_name=args.skill_name, clients=clients,
-                               requests=args.requests, max_tokens=args.max_tokens, device=args.device,
+                               requests=args.requests, max_tokens=args.max_tokens, max_batch=max_batch, device=args.device,
                                cache_dir=args.cache_dir, out=out)
     s = result["settings"]
     print(f"emloc bench --serve: {s['model']}, skill {s['skill']!r} ({s['shots']} shots of {s['task']}), "
@@ -401,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=_int_in(1, None), default=256, help="reply length when a request sets none")
     sv.add_argument("--max-queue", type=_int_in(0, None), default=16,
                     help="requests that may wait for the model (503 past it)")
+    sv.add_argument("--max-batch", type=_int_in(1, None), default=16,
+                    help="the most waiting requests answered together, decoded as one batch (1: one at a time)")
     sv.add_argument("--store", default=None, metavar="URL",
                     help="keep skills and memories in Redis (redis://HOST:PORT/DB) instead of --cache-dir")
     sv.add_argument("--ray", action="store_true",

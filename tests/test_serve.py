@@ -780,7 +780,8 @@ def test_emloc_serve_bad_skills_path_is_one_line(capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize(("args", "words"), [(["--port", "99999"], "--port: 99999 is not in [0, 65535]"),
                                              (["--max-tokens", "0"], "--max-tokens: 0 is not in"),
-                                             (["--max-queue", "many"], "--max-queue: not an integer")])
+                                             (["--max-queue", "many"], "--max-queue: not an integer"),
+                                             (["--max-batch", "0"], "--max-batch: 0 is not in")])
 def test_emloc_serve_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], words: str) -> None:
     from emloc_agents.cli import main
 
