@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from emloc_agents import Demonstration, EMLoCChatModel, EMLoCConfig, MemoryRegistry, Skill
 from emloc_agents.serve import BackgroundServer, create_app
-from tests.conftest import make_skill
+from tests.conftest import free_port, make_skill, redis_server
 from tests.test_tool_format import HERMES_TEMPLATE
 
 BASE = "tiny-hermes"
@@ -719,36 +719,43 @@ def test_a_client_that_leaves_frees_the_model(tmp_path: Path) -> None:
 # ---- the command -------------------------------------------------------------------------------
 
 
-def test_emloc_serve_command(tmp_path: Path) -> None:
-    """``emloc serve`` in its own process: skills from a folder, the key from $EMLOC_API_KEY, one line
-    printed when it listens."""
-    import socket
-
-    skills = tmp_path / "skills"
-    skills.mkdir()
-    (skills / "sentiment.json").write_text(make_skill(5).model_dump_json())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "EMLOC_API_KEY": "from-env"}
+@contextlib.contextmanager
+def _emloc_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """``emloc --model tiny-llama serve ARGS`` in its own process on a free port; yields the port and the
+    lines it printed up to its "emloc serve: ..." line, once it answers /health."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "emloc_agents.cli", "--model", "tiny-llama", "serve",
-                             "--port", str(port), "--skills", str(skills), "--cache-dir", str(tmp_path / "cache"),
-                             "--warm"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     try:
         assert proc.stdout is not None
-        line = ""
-        while not line.strip():  # the tiny tokenizer's training prints blank lines first
+        lines: list[str] = []
+        while not lines or not lines[-1].startswith("emloc serve: "):
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, "emloc serve exited"
-        assert line.startswith("sentiment: compressed in "), line  # --warm: before it listens
-        line = proc.stdout.readline()
-        assert line.startswith(f"emloc serve: http://127.0.0.1:{port}/v1") and "sentiment" in line, line
+            assert line or proc.poll() is None, f"emloc serve exited: {lines}"
+            if line.strip():  # the tiny tokenizer's training prints blank lines first
+                lines.append(line.strip())
         for _ in range(200):  # the line is printed just before uvicorn binds the port
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             time.sleep(0.05)
+        yield port, lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_emloc_serve_command(tmp_path: Path) -> None:
+    """``emloc serve`` in its own process: skills from a folder, the key from $EMLOC_API_KEY, one line
+    printed when it listens."""
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    (skills / "sentiment.json").write_text(make_skill(5).model_dump_json())
+    with _emloc_serve("--skills", str(skills), "--cache-dir", str(tmp_path / "cache"), "--warm",
+                      env={"EMLOC_API_KEY": "from-env"}) as (port, lines):
+        assert lines[0].startswith("sentiment: compressed in "), lines  # --warm: before it listens
+        assert lines[1].startswith(f"emloc serve: http://127.0.0.1:{port}/v1") and "sentiment" in lines[1], lines
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0)
         assert {m.id for m in c.models.list()} == {"tiny-llama", "tiny-llama:sentiment"}
         reply = c.chat.completions.create(model="tiny-llama:sentiment", messages=_user(), max_tokens=3)
@@ -756,9 +763,25 @@ def test_emloc_serve_command(tmp_path: Path) -> None:
         assert reply.usage.prompt_tokens_details and reply.usage.prompt_tokens_details.cached_tokens
         assert reply.usage.prompt_tokens < 100  # the skill was compressed at start, not by this request
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+
+
+def test_emloc_serve_on_a_redis_store_keeps_skills_across_restarts(tmp_path: Path) -> None:
+    """``emloc serve --store redis://...`` on one host: a skill registered over HTTP and compressed by one
+    server is served by the next one on the same store, loaded rather than compressed again, with the
+    same answer."""
+    with redis_server() as url:
+        cache = ["--store", url, "--cache-dir", str(tmp_path / "unused")]
+        body = {"model": "tiny-llama:sentiment", "messages": _user(), "max_tokens": 3}
+        with _emloc_serve(*cache) as (port, _), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert http.post("/v1/skills", json=json.loads(make_skill(5).model_dump_json())).status_code == 201
+            first = http.post("/v1/chat/completions", json=body).json()
+            assert first["usage"]["prompt_tokens"] > 100  # this request compressed the skill
+        with _emloc_serve(*cache) as (port, lines), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert "sentiment" in lines[-1]  # read from the store at start
+            again = http.post("/v1/chat/completions", json=body).json()
+            assert again["usage"]["prompt_tokens"] < 100  # loaded from the store, not compressed again
+            assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    assert not (tmp_path / "unused").exists()  # nothing went to the disk store
 
 
 def test_emloc_serve_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch,

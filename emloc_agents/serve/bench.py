@@ -19,6 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+WARM_UP = 8
+"""Requests each server answers, one at a time, before its timing: with 2, the first server measured
+was ~1.5x slower at one client than the next (SmolLM2, 2026-12-06)."""
+
 
 def _percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) by linear interpolation between the closest ranks."""
@@ -98,7 +102,7 @@ def _measure(app: Any, batch: int, model: str, queries: list[str], clients: tupl
             reply = http.post("/v1/chat/completions", json=body | {"messages": [{"role": "user", "content": query}]})
             return time.perf_counter() - t0, reply.status_code == 200
 
-        for q in queries[:2]:  # warm-up: the first requests pay one-off costs (allocations, the prompt cache)
+        for q in queries[:WARM_UP]:  # the first requests pay one-off costs (allocations, the prompt cache)
             ask(q)
         for n in clients:
             before = http.get("/health").json()
