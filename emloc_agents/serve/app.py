@@ -2,7 +2,8 @@
 
 The skill is chosen per request (``model="<base>:<skill>"`` or a ``skill`` body field). Every failure
 is OpenAI's error shape with its status; generation and compression run on one model thread
-(``ModelWorker``), behind a bounded queue.
+(``ModelWorker``), behind a bounded queue, and chat requests that wait together are decoded as one
+batch (``ChatBatcher``).
 """
 
 from __future__ import annotations
