@@ -673,3 +673,32 @@ def test_profile_is_known_without_loading_the_model(tmp_path) -> None:
     vision = EMLoCChatModel(registry=vlm).profile
     assert vision is not None and vision["image_inputs"]
     assert EMLoCChatModel(profile={"max_input_tokens": 7}).profile == {"max_input_tokens": 7}  # a given one wins
+
+
+def test_stream_together_gives_each_call_its_own_reply_and_error(registry: MemoryRegistry) -> None:
+    """Calls on one skill decode as one batch, a zero-shot call beside them alone; each reply is the one
+    ``invoke`` gives, and a call that cannot be prepared fails alone, when its iterator is read."""
+    from emloc_agents.registry import UnknownSkillError
+
+    registry.warm()  # usage then counts no compression, batched or alone
+    chat = EMLoCChatModel(registry=registry, max_tokens=6, cache_prompt=False)
+    calls = [("Review: dull\nSentiment:", {"skill": "sentiment"}),
+             ("Review: a warm heart\nSentiment:", {"skill": "sentiment", "max_tokens": 2}),
+             ("Article: rates rise\nTopic:", {"skill": "nope"}),
+             ("Say hi", {"stop": ["i"]})]
+    streams = chat.stream_together([text for text, _ in calls], [kw for _, kw in calls])
+    with pytest.raises(UnknownSkillError, match="nope"):
+        next(streams[2])
+    replies = {}
+    for i in (3, 1, 0):  # any order: reading one advances the batch and keeps the others' chunks
+        joined = None
+        for chunk in streams[i]:
+            joined = chunk if joined is None else joined + chunk
+        replies[i] = joined
+    for i in (0, 1, 3):
+        text, kw = calls[i]
+        alone = chat.invoke(text, **kw)
+        assert replies[i].content == alone.content, i
+        assert replies[i].usage_metadata == alone.usage_metadata
+    with pytest.raises(ValueError, match="2 inputs but 1 option sets"):
+        chat.stream_together(["a", "b"], [{}])

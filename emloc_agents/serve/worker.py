@@ -133,20 +133,23 @@ class ChatBatcher:
         with self._lock:
             self._waiting.append(call)
             first = len(self._waiting) == 1
-        if first:
-            self._schedule()
+        if first and (error := self._schedule()) is not None:
+            raise error
         return drain(call.queue, call.cancelled)
 
-    def _schedule(self) -> None:
+    def _schedule(self) -> BaseException | None:
+        """Queue a job for the waiting requests; where the model thread is shut down, they get the
+        error instead (returned too)."""
         try:
             self.worker.schedule(self._answer_waiting)
-        except BaseException as e:  # the executor is shut down: nobody will answer them
+            return None
+        except BaseException as e:  # noqa: BLE001 - nobody will answer them: each reader gets the error
             with self._lock:
                 calls, self._waiting = self._waiting, []
             for call in calls:
                 call.put(e)
                 self._done(call)
-            raise
+            return e
 
     def _answer_waiting(self) -> None:
         """On the model thread: answer the requests waiting now, together."""
