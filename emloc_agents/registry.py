@@ -136,7 +136,7 @@ class MemoryRegistry:
         self.progress = progress
         self.lock_expire = lock_expire
         self._ram: OrderedDict[str, CompressedMemory] = OrderedDict()
-        self._skills: dict[str, Skill] = {}
+        self._skills: dict[str, tuple[Skill, bytes | None]] = {}  # name -> skill, its stored JSON (None: not stored)
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
         self.last_info: dict[str, MemoryInfo] = {}
@@ -181,7 +181,7 @@ class MemoryRegistry:
                     raise SkillError(f"skill {skill.name!r}, demonstration {i}: {e}") from e
         raw = skill_to_json(skill)  # before registering: a skill that cannot be stored replaces nothing
         with self._lock:
-            self._skills[skill.name] = skill
+            self._skills[skill.name] = (skill, raw if persist else None)
         if persist:
             self.store.mset([(SKILL_PREFIX + skill.name, raw)])
         return skill
@@ -196,8 +196,11 @@ class MemoryRegistry:
         self.store.mdelete([SKILL_PREFIX + name, key])
 
     def names(self) -> list[str]:
+        """The skills in the store (whoever added them) and this registry's own (``persist=False``)."""
         stored = {k.removeprefix(SKILL_PREFIX) for k in self.store.yield_keys(prefix=SKILL_PREFIX)}
-        return sorted(stored | set(self._skills))
+        with self._lock:
+            own = {name for name, (_, raw) in self._skills.items() if raw is None}
+        return sorted(stored | own)
 
     def skills(self) -> list[Skill]:
         return [self.skill(n) for n in self.names()]
@@ -206,13 +209,20 @@ class MemoryRegistry:
         return isinstance(name, str) and name in self.names()
 
     def skill(self, name: str | Skill) -> Skill:
+        """The skill of that name as the store holds it now: one read of the store per call, so a skill
+        another process replaced or removed (a shared Redis store, Ray replicas) is seen at once; it is
+        parsed again only when its stored JSON changed. A skill added with ``persist=False`` is this
+        registry's own."""
         if isinstance(name, Skill):
             return name
-        with self._lock:
-            if name in self._skills:
-                return self._skills[name]
         raw = self.store.mget([SKILL_PREFIX + name])[0]
+        with self._lock:
+            cached = self._skills.get(name)
+        if cached is not None and (cached[1] is None or cached[1] == raw):
+            return cached[0]
         if raw is None:
+            with self._lock:
+                self._skills.pop(name, None)
             known = ", ".join(self.names()) or "none"
             raise UnknownSkillError(f"unknown skill {name!r}; registered skills: {known}")
         try:
@@ -220,7 +230,7 @@ class MemoryRegistry:
         except SkillError as e:
             raise SkillError(f"stored skill {name!r} is unreadable: {e}") from e
         with self._lock:
-            self._skills[name] = skill
+            self._skills[name] = (skill, raw)
         return skill
 
     # ---- memories --------------------------------------------------------------------------

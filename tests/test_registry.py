@@ -203,6 +203,27 @@ def test_remove(registry: MemoryRegistry) -> None:
         registry.get("sentiment")
 
 
+def test_a_skill_changed_through_another_registry_on_the_store_is_seen_at_once(tmp_path: Path, tiny_llama) -> None:
+    """Two registries on one store (two processes, two Ray replicas): a skill one of them replaces or
+    removes is what the other serves next, not the copy it read before; a skill added with
+    ``persist=False`` stays its own registry's."""
+    store = MemoryStore()
+    a = MemoryRegistry(model=tiny_llama, store=store, cache_dir=tmp_path)
+    b = MemoryRegistry(model=tiny_llama, store=store, cache_dir=tmp_path)
+    a.add(make_skill(4, "sentiment"))
+    assert b.skill("sentiment") == make_skill(4, "sentiment")
+    before = b.get("sentiment")
+    a.add(make_skill(6, "sentiment"))  # replaced through the other registry
+    assert b.skill("sentiment") == make_skill(6, "sentiment")
+    assert b.get("sentiment").original_length > before.original_length  # the new skill's memory
+    b.add(make_skill(3, "mine"), persist=False)
+    assert b.names() == ["mine", "sentiment"] and a.names() == ["sentiment"]
+    a.remove("sentiment")
+    with pytest.raises(UnknownSkillError, match="registered skills: mine"):
+        b.skill("sentiment")
+    assert b.names() == ["mine"] and b.skill("mine") == make_skill(3, "mine")
+
+
 # ---- across processes ------------------------------------------------------------------------
 
 
