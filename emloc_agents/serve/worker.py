@@ -33,7 +33,8 @@ class Overloaded(APIError):
 
 
 class ModelWorker:
-    """A single-thread executor with admission control: at most one job runs and ``max_queue`` wait."""
+    """A single-thread executor with admission control: one job runs (a compression, or a batch of
+    requests) and at most ``max_queue`` requests wait; past that a request is refused at once."""
 
     def __init__(self, max_queue: int = 16) -> None:
         if max_queue < 0:
@@ -41,24 +42,32 @@ class ModelWorker:
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-model")
         self._admitted = 0  # running + waiting
+        self._running = 0  # requests the running job is answering
         self._lock = threading.Lock()
 
     @property
     def pending(self) -> int:
-        """Jobs running or waiting."""
+        """Requests running or waiting."""
         return self._admitted
 
     def admit(self) -> None:
-        """Count one more request in (running or waiting), or refuse it with ``Overloaded`` now."""
+        """Count one more request in, or refuse it with ``Overloaded`` now when ``max_queue`` wait
+        already (while nothing runs yet, one more: the next to run)."""
         with self._lock:
-            if self._admitted > self.max_queue:  # one running and max_queue waiting already
+            if self._admitted - self._running >= self.max_queue + (self._running == 0):
                 raise Overloaded(self.max_queue)
             self._admitted += 1
 
-    def leave(self) -> None:
-        """A request admitted with ``admit`` is done."""
+    def start(self, n: int = 1) -> None:
+        """``n`` admitted requests stop waiting: the job now running answers them."""
+        with self._lock:
+            self._running += n
+
+    def leave(self, running: bool = True) -> None:
+        """A request admitted with ``admit`` is done (``running``: after ``start``)."""
         with self._lock:
             self._admitted -= 1
+            self._running -= running
 
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """``fn()`` queued on the model thread now (admitted, or refused with ``Overloaded``, now);
@@ -66,6 +75,7 @@ class ModelWorker:
         self.admit()
 
         def job() -> T:
+            self.start()
             try:
                 return fn()
             finally:
@@ -74,7 +84,7 @@ class ModelWorker:
         try:
             return asyncio.get_running_loop().run_in_executor(self._executor, job)
         except BaseException:
-            self.leave()
+            self.leave(running=False)
             raise
 
     def schedule(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
@@ -148,7 +158,7 @@ class ChatBatcher:
                 calls, self._waiting = self._waiting, []
             for call in calls:
                 call.put(e)
-                self._done(call)
+                self._done(call, running=False)
             return e
 
     def _answer_waiting(self) -> None:
@@ -161,9 +171,10 @@ class ChatBatcher:
         live = [c for c in calls if not c.cancelled.is_set()]
         for call in calls:
             if call.cancelled.is_set():
-                self._done(call)
+                self._done(call, running=False)
         if not live:
             return
+        self.worker.start(len(live))
         self.batches += 1
         self.batched_requests += len(live)
         self.largest_batch = max(self.largest_batch, len(live))
@@ -191,8 +202,8 @@ class ChatBatcher:
                     self._done(call)
             running = still
 
-    def _done(self, call: _Call) -> None:
-        self.worker.leave()
+    def _done(self, call: _Call, running: bool = True) -> None:
+        self.worker.leave(running)
         call.put(_DONE)
 
 
