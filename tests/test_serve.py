@@ -710,17 +710,20 @@ def test_a_running_batch_leaves_max_queue_places_to_wait(tmp_path: Path) -> None
                 return r.status_code
 
         with ThreadPoolExecutor(5) as pool:
-            held = [pool.submit(hold) for _ in range(3)]
-            wait_for(3)
-            assert http.post("/v1/chat/completions", json=short).status_code == 503
-            release.set()
-            deadline = time.monotonic() + 30
-            while http.get("/health").json()["largest_batch"] < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            waiting = [pool.submit(http.post, "/v1/chat/completions", json=short) for _ in range(2)]
-            wait_for(5)  # 3 running, 2 waiting
-            assert http.post("/v1/chat/completions", json=short).status_code == 503
-            leave.set()
+            try:
+                held = [pool.submit(hold) for _ in range(3)]
+                wait_for(3)
+                assert http.post("/v1/chat/completions", json=short).status_code == 503
+                release.set()
+                deadline = time.monotonic() + 30
+                while http.get("/health").json()["largest_batch"] < 3 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                waiting = [pool.submit(http.post, "/v1/chat/completions", json=short) for _ in range(2)]
+                wait_for(5)  # 3 running, 2 waiting
+                assert http.post("/v1/chat/completions", json=short).status_code == 503
+            finally:  # a failed check must not leave the threads waiting
+                release.set()
+                leave.set()
             assert [f.result() for f in held] == [200] * 3
             assert [f.result().status_code for f in waiting] == [200, 200]
         wait_for(0)
