@@ -687,45 +687,44 @@ def test_overload_is_a_503_and_the_server_recovers(tmp_path: Path) -> None:
 def test_a_running_batch_leaves_max_queue_places_to_wait(tmp_path: Path) -> None:
     """``max_queue`` counts waiting requests: while nothing runs, max_queue + 1 are taken (the next to
     run); while a batch runs, max_queue more may wait behind it, and one more is a 503."""
-    app = create_app(_chat(tmp_path), max_queue=2, max_batch=4)
-    long = {"model": BASE, "messages": _user(), "max_tokens": 2000, "stream": True, **LONG_REPLY}
-    short = {"model": BASE, "messages": _user(), "max_tokens": 1}
-    with BackgroundServer(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
-        def pending() -> int:
-            return http.get("/health").json()["pending"]
+    chat = _chat(tmp_path)
+    app = create_app(chat, max_queue=2, max_batch=4)
+    body = {"model": BASE, "messages": _user(), "max_tokens": 2}
+    release, started, leave = threading.Event(), threading.Event(), threading.Event()
+    answer_together = chat.stream_together
 
+    def held_batch(*args: Any, **kwargs: Any) -> Any:  # the batch has started: hold it there
+        started.set()
+        leave.wait(60)
+        return answer_together(*args, **kwargs)
+
+    object.__setattr__(chat, "stream_together", held_batch)
+    with BackgroundServer(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
         def wait_for(n: int) -> None:
             deadline = time.monotonic() + 30
-            while pending() != n and time.monotonic() < deadline:
+            while http.get("/health").json()["pending"] != n and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert pending() == n
+            assert http.get("/health").json()["pending"] == n
 
-        release, leave = threading.Event(), threading.Event()
+        def send() -> int:
+            return http.post("/v1/chat/completions", json=body).status_code
+
         app.state.worker.schedule(release.wait)  # the model thread is busy, with no request running
-
-        def hold() -> int:
-            with http.stream("POST", "/v1/chat/completions", json=long) as r:
-                next(r.iter_lines())  # its first chunk: the batch runs
-                leave.wait()
-                return r.status_code
-
         with ThreadPoolExecutor(5) as pool:
             try:
-                held = [pool.submit(hold) for _ in range(3)]
+                batch = [pool.submit(send) for _ in range(3)]
                 wait_for(3)
-                assert http.post("/v1/chat/completions", json=short).status_code == 503
+                assert send() == 503
                 release.set()
-                deadline = time.monotonic() + 30
-                while http.get("/health").json()["largest_batch"] < 3 and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                waiting = [pool.submit(http.post, "/v1/chat/completions", json=short) for _ in range(2)]
-                wait_for(5)  # 3 running, 2 waiting
-                assert http.post("/v1/chat/completions", json=short).status_code == 503
+                assert started.wait(30)  # the three run now, as one batch
+                waiting = [pool.submit(send) for _ in range(2)]
+                wait_for(5)
+                assert send() == 503
             finally:  # a failed check must not leave the threads waiting
                 release.set()
                 leave.set()
-            assert [f.result() for f in held] == [200] * 3
-            assert [f.result().status_code for f in waiting] == [200, 200]
+            assert [f.result() for f in batch + waiting] == [200] * 5
+        assert http.get("/health").json()["largest_batch"] == 3
         wait_for(0)
 
 
