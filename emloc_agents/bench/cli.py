@@ -23,6 +23,7 @@ import time
 from typing import NoReturn
 
 from ..engine import PromptError, UnsupportedModelError
+from ..models.sources import EMBEDDED
 from ..skills import SkillError
 from ..tasks import available_tasks
 from .compare import compare
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emloc bench", description="Accuracy, fidelity and cost of EMLoC memories vs baselines.")
     p.add_argument("--task", action="append", default=None, metavar="NAME|DIR",
                    help=f"task name ({', '.join(available_tasks())}) or task folder (repeatable)")
-    p.add_argument("--model", default="default", help="default | smollm2-135m | gemma-3-270m | qwen2.5-coder-0.5b | tiny-llama | DIR")
+    p.add_argument("--model", default="default", help=f"default | {' | '.join(EMBEDDED)} | tiny-llama | DIR")
     p.add_argument("--methods", type=_methods, default="zero-shot,full-icl,emloc",
                    help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--shots", type=_ints, default="16", help="comma list of demonstration counts")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the agent study: create_agent with skill tools on --model over the bundled requests")
     p.add_argument("--skill-model", default=None, metavar="NAME|DIR",
                    help="--agents: the model the skills answer on (default: --model)")
-    p.add_argument("--requests", default="study", metavar="study|heldout|FILE",
+    p.add_argument("--requests", default="study", metavar="study|heldout|heldout2|FILE",
                    help="--agents: the request set (bundled by name, or a JSON file of requests)")
     p.add_argument("--tool-selector", action="store_true",
                    help="--agents: choose each turn's tool (or none) with FewShotToolSelectorMiddleware and the "
