@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 WARM_UP = 8
-"""Requests each server answers, one at a time, before its timing: with 2, the first server measured
-was ~1.5x slower at one client than the next (SmolLM2, 2026-12-06)."""
+"""Requests each server answers, one at a time, before its timing. The first server measured in a
+process still runs ~1.5x slower at one client than the next (SmolLM2, 2026-12-06, either order):
+compare settings at 4 and more clients (docs/serving.md)."""
 
 
 def _percentile(values: list[float], q: float) -> float:
