@@ -554,39 +554,40 @@ class EMLoCChatModel(BaseChatModel):
         options = list(options) if options is not None else [{} for _ in inputs]
         if len(options) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(options)} option sets")
-        calls: list[tuple[list[BaseMessage], PreparedCall | Exception]] = []
+        calls: list[tuple[list[BaseMessage], list[str] | None, dict[str, Any], PreparedCall | Exception]] = []
         for value, kw in zip(inputs, options, strict=True):
             messages = self._convert_input(value).to_messages()
+            stop, rest = kw.get("stop"), {k: v for k, v in kw.items() if k != "stop"}
             try:
-                p = self._prepare(messages, kw.get("stop"), {k: v for k, v in kw.items() if k != "stop"})
+                p = self._prepare(messages, stop, dict(rest))
                 memory_tokens = p.memory.original_length if p.memory is not None else 0
                 check_length(p.lm, len(p.ids), memory_tokens, p.gen["max_new_tokens"])
-                calls.append((messages, p))
+                calls.append((messages, stop, rest, p))
             except Exception as e:  # noqa: BLE001 - raised to this call's reader only
-                calls.append((messages, e))
+                calls.append((messages, stop, rest, e))
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, call) in enumerate(calls):
+        for i, (*_, call) in enumerate(calls):
             if isinstance(call, PreparedCall) and getattr(call.lm, "vision", None) is None:
                 groups.setdefault((id(call.lm), id(call.memory)), []).append(i)
         sources: dict[int, Iterator[tuple[str, Generation | None]]] = {}
         for members in groups.values():
             if len(members) < 2:
                 continue
-            prepared = [cast(PreparedCall, calls[i][1]) for i in members]
+            prepared = [cast(PreparedCall, calls[i][3]) for i in members]
             split = SplitBatch(prepared[0].lm, [q.ids for q in prepared], prepared[0].memory,
                                [{k: v for k, v in q.gen.items() if k != "prompt_cache"} for q in prepared])
             sources.update({i: split.reply(j) for j, i in enumerate(members)})
-        return [self._reply_stream(messages, call, sources.get(i), options[i]) for i, (messages, call) in enumerate(calls)]
+        return [self._reply_stream(messages, stop, rest, call, sources.get(i))
+                for i, (messages, stop, rest, call) in enumerate(calls)]
 
-    def _reply_stream(self, messages: list[BaseMessage], p: PreparedCall | Exception,
-                      source: Iterator[tuple[str, Generation | None]] | None, kwargs: dict[str, Any]
+    def _reply_stream(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
+                      p: PreparedCall | Exception, source: Iterator[tuple[str, Generation | None]] | None
                       ) -> Iterator[AIMessageChunk]:
         if isinstance(p, Exception):
             raise p
         decoded = source if source is not None else p.lm.stream_ids(p.ids, p.memory, **p.gen)
-        rest = {k: v for k, v in kwargs.items() if k != "stop"}
         try:
-            for chunk in self._chunks(p, decoded, messages, kwargs.get("stop"), None, rest):
+            for chunk in self._chunks(p, decoded, messages, stop, None, kwargs):
                 yield cast(AIMessageChunk, chunk.message)
         finally:
             if source is not None:

@@ -189,10 +189,11 @@ class ChatBatcher:
         while running:  # one chunk per reply in turn: each reply's chunks are sent as they come
             still = []
             for call, chunks in running:
+                if call.cancelled.is_set():
+                    chunks.close()  # type: ignore[attr-defined]  # a generator: leaves the batch
+                    self._done(call)
+                    continue
                 try:
-                    if call.cancelled.is_set():
-                        chunks.close()  # type: ignore[attr-defined]  # a generator: leaves the batch
-                        raise StopIteration
                     call.put(next(chunks))
                     still.append((call, chunks))
                 except StopIteration:
