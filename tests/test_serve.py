@@ -654,7 +654,7 @@ def test_requests_that_wait_together_are_answered_as_one_batch(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("kwargs", [{"max_queue": -1}, {"max_request_bytes": 0}, {"max_tokens_limit": 1.5},
-                                    {"api_key": " "}])
+                                    {"api_key": " "}, {"max_batch": 0}, {"max_batch": 1.5}])
 def test_create_app_refuses_bad_limits(chat: EMLoCChatModel, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         create_app(chat, **kwargs)

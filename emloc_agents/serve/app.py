@@ -124,7 +124,8 @@ def create_app(
         max_batch: the most waiting chat requests answered together (``ChatBatcher``; 1: one at a time).
     """
     limits = {"max_request_bytes": max_request_bytes, "max_skill_bytes": max_skill_bytes,
-              "max_skill_demonstrations": max_skill_demonstrations, "max_tokens_limit": max_tokens_limit}
+              "max_skill_demonstrations": max_skill_demonstrations, "max_tokens_limit": max_tokens_limit,
+              "max_batch": max_batch}
     for name, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
