@@ -29,6 +29,8 @@ def parser(doc: str | None, shares: str | None = None) -> argparse.ArgumentParse
     if shares is not None:
         ap.add_argument("--shares", default=shares)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--dtype", default="auto", help="the model's dtype (load_model's: auto, float32, bfloat16)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return ap
 
 

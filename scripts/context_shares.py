@@ -46,7 +46,9 @@ def main() -> None:
     if not args.task or not args.out:
         ap.error("--task and --out are required (or --table FILE)")
     shares = [float(s) for s in args.shares.split(",")]
-    lm = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = EMLoCConfig(compression="context")
     for case in cases(lm, args):

@@ -13,6 +13,8 @@ import torch
 from emloc_agents import EMLoCConfig, compress
 from emloc_agents.engine.chunk_loop import answer_rows
 from emloc_agents.engine.context import (
+    CHECK_GROUP,
+    best_split,
     check_set,
     demo_spans,
     held_out_answers,
@@ -184,6 +186,37 @@ def test_the_split_whose_held_out_answers_move_least_is_kept(plain_llama) -> Non
     assert js == pytest.approx(best["js"], rel=1e-4) and mem.stats["reconstruction_share"] == best["reconstruction_share"]
     for a, b in zip(mem.keys, want.keys, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_a_check_that_stops_early_keeps_the_split_the_whole_checks_keep(plain_llama) -> None:
+    """With a bound the check stops once its JS is certainly above it (the sum so far over all rows);
+    the split kept is the one the whole checks keep among those within delta, a stopped trial records a
+    lower bound above its bound, and a complete one its whole JS."""
+    lm, skill = plain_llama, make_skill(40)
+    config = EMLoCConfig(compression="context")
+    ranked = rank_context(lm, skill, config, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32")))
+    assert len(ranked.checked) > CHECK_GROUP  # else no check can stop early
+    shares = (0.3, 0.5, 0.7, 0.85, 1.0)
+    whole = {s: keep_share(lm, ranked, 0.2, s)[1] for s in shares}
+    low = sorted(whole.values())
+    stopped = 0
+    for delta in (0.0, (low[1] + low[2]) / 2, math.inf):
+        _, js, split, trials = best_split(lm, ranked, 0.2, shares, delta=delta)
+        within = {s: v for s, v in whole.items() if v <= delta}
+        if within:
+            assert split == min(within, key=within.__getitem__) and js == pytest.approx(whole[split], rel=1e-4)
+        else:
+            assert js > delta
+        best = math.inf
+        for t in trials:
+            true = whole[t["reconstruction_share"]]
+            if t["complete"]:
+                assert t["js"] == pytest.approx(true, rel=1e-4)
+            else:
+                assert min(delta, best) < t["js"] <= true * (1 + 1e-4)
+                stopped += 1
+            best = min(best, t["js"])
+    assert stopped >= len(shares)  # delta = 0 stops every trial after its first group
 
 
 def test_packs_cut_replays_by_tokens() -> None:

@@ -23,6 +23,7 @@ kept tokens (engine/merge.py) before its check, so the check reads the memory th
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -40,12 +41,13 @@ from .prompt import Segment
 from .reconstruct import kvzip_memory, max_attention, whole_context_scores
 from .replay import js_divergence
 
-__all__ = ["CHECK_PROBES", "PACK_TOKENS", "SINKS", "HeldOut", "RankedContext", "best_split", "check_set",
+__all__ = ["CHECK_GROUP", "CHECK_PROBES", "PACK_TOKENS", "SINKS", "HeldOut", "RankedContext", "best_split", "check", "check_set",
            "compress_context", "demo_spans", "held_out_answers", "held_out_cache", "keep_share", "packs", "rank_blend",
-           "rank_context", "require_text", "validation_js"]
+           "rank_context", "require_text", "share_memory", "validation_js"]
 
 SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
 CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
+CHECK_GROUP = 4  # validation demonstrations per forward of a check that may stop early
 PACK_TOKENS = 512  # replayed tokens per packed held-out forward (one demonstration per forward: 0)
 
 
@@ -244,31 +246,68 @@ def keep_share(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruct
     """The context keeping its best-ranked share ``ratio`` (with ``merge``, the evicted values merged into
     it, with their attention-mass biases unless ``attention_mass`` is off: engine/merge.py), and the mean
     JS of the checked held-out answers on it against the full context."""
+    memory = share_memory(lm, ranked, ratio, reconstruction_share, merge, attention_mass, local)
+    return memory, validation_js(lm, ranked, memory)
+
+
+def share_memory(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_share: float = 0.5,
+                 merge: bool = False, attention_mass: bool = True, local: bool = False) -> CompressedMemory:
+    """``keep_share``'s memory, unchecked."""
     memory = kvzip_memory(lm, ranked.full, ranked.scores(reconstruction_share), ratio, layer_budgets=True,
                           head_budgets=True)
     if merge:
         memory = merge_evicted(ranked.full, memory, ranked.held_out, attention_mass=attention_mass,
                                segments=ranked.segments() if local else None)
-    return memory, validation_js(lm, ranked, memory)
+    return memory
 
 
 def validation_js(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory) -> float:
     """Mean JS of the checked (validation) demonstrations' answer rows on ``memory`` against the full
     context: what the check reads."""
-    got = held_out_answers(lm, memory, ranked.demos, ranked.spans, ranked.checked, score=False,
-                           keep_log_probs=set(ranked.checked))
-    return float(torch.cat([js_divergence(ranked.reference[j], got.log_probs[j]) for j in ranked.checked]).mean())
+    return check(lm, ranked, memory)[0]
+
+
+def check(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory,
+          stop_above: float = math.inf) -> tuple[float, bool]:
+    """``validation_js``, and whether it is complete. With a finite ``stop_above`` the validation
+    demonstrations are replayed ``CHECK_GROUP`` at a time and the check stops once the JS summed so far,
+    over every row it reads, exceeds ``stop_above``: the mean is then certainly above it (JS is never
+    negative), and that lower bound is returned, incomplete. A search that only needs to know whether
+    a trial beats a bound decides as with the whole check, at a fraction of its forwards."""
+    checked = ranked.checked
+    rows = sum(int(ranked.reference[j].shape[0]) for j in checked)
+    step = len(checked) if math.isinf(stop_above) else CHECK_GROUP
+    order = _strided(checked, -(-len(checked) // step))
+    found: dict[int, torch.Tensor] = {}
+    for i in range(0, len(order), step):
+        group = order[i : i + step]
+        got = held_out_answers(lm, memory, ranked.demos, ranked.spans, group, score=False, keep_log_probs=set(group))
+        found.update({j: js_divergence(ranked.reference[j], got.log_probs[j]) for j in group})
+        so_far = sum(float(v.sum()) for v in found.values()) / rows
+        if so_far > stop_above and len(found) < len(checked):
+            return so_far, False
+    return float(torch.cat([found[j] for j in checked]).mean()), True
+
+
+def _strided(items: Sequence[int], stride: int) -> list[int]:
+    """``items`` reordered as every ``stride``-th from the first, then from the second, ...: cut into
+    ``stride`` consecutive groups, each group spreads over the context as the whole set does."""
+    return [x for start in range(stride) for x in items[start::stride]]
 
 
 def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
-               merge: bool = False) -> tuple[CompressedMemory, float, float, list[dict]]:
+               merge: bool = False, delta: float = math.inf) -> tuple[CompressedMemory, float, float, list[dict]]:
     """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
-    the split, one trial record per split tried)."""
+    the split, one trial record per split tried). With a finite ``delta`` only a split within it counts:
+    a trial's check stops once its JS is certainly above both ``delta`` and the best so far (its record
+    then holds that lower bound, ``"complete": False``), so the split kept where one is within
+    ``delta`` is the one the whole checks keep."""
     best: tuple[CompressedMemory, float, float] | None = None
     trials = []
     for split in reconstruction_shares:
-        memory, js = keep_share(lm, ranked, ratio, split, merge)
-        trials.append({"ratio": ratio, "reconstruction_share": split, "js": js})
+        memory = share_memory(lm, ranked, ratio, split, merge)
+        js, complete = check(lm, ranked, memory, min(delta, best[1]) if best is not None else delta)
+        trials.append({"ratio": ratio, "reconstruction_share": split, "js": js, "complete": complete})
         if best is None or js < best[1]:
             best = memory, js, split
     assert best is not None, "no reconstruction share to try"
@@ -292,7 +331,8 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: 
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
-        memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares, config.merge_evicted)
+        memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares, config.merge_evicted,
+                                              config.delta)
         trials += tried
         if progress:
             progress(4 + step, steps)
