@@ -24,6 +24,10 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
 - ``every-row``: the held-out signal from the attention of every row of the replayed demonstrations
   (their questions too, as a test question reads the context), not only the rows predicting
   answers; the default's splits, lowest JS;
+- ``prefill-attention``: the reconstruction signal replaced by one the prefill can compute without a
+  forward of its own: the most attention any later token of the context pays a token (causal); the
+  default's splits, lowest JS. ``prefill-cross``: the same from the tokens of later demonstrations only
+  (a token's own demonstration left out, as the held-out replays leave it out);
 - ``each-split``: one row per split tried (the set (0.5, 0.7, 0.85) and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -44,12 +48,15 @@ from _experiment import cases, emit, parser, table
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.engine.context import (
+    SINKS,
     RankedContext,
     held_out_answers,
     keep_share,
     rank_context,
     validation_js,
 )
+from emloc_agents.engine.decode import memory_cache
+from emloc_agents.engine.forward import run
 from emloc_agents.engine.memory import CompressedMemory
 from emloc_agents.engine.reconstruct import kvzip_memory
 
@@ -62,13 +69,52 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     return mask
 
 
+def prefill_attention(lm, ranked: RankedContext, ids: Sequence[int], rows: int = 256
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer (kv_heads, T): the most attention any later token of one causal forward of the context
+    pays each token (max over the KV head's query heads), and the same from the tokens of later
+    demonstrations only. Sliding-window layers: zeros; the first ``SINKS`` tokens: +inf."""
+    f, total = lm.facts, len(ids)
+    segment = ranked.segments().to(lm.device)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(module, layer, q, k, mask) -> None:
+        if f.sliding[layer]:
+            return
+        heads, group = q.shape[1], q.shape[1] // k.shape[1]
+        keys = k[0].float().repeat_interleave(group, 0)
+        every = torch.zeros(heads, total, device=q.device)
+        later = torch.zeros(heads, total, device=q.device)
+        for r0 in range(0, total, rows):
+            r1 = min(total, r0 + rows)
+            logits = torch.bmm(q[0, :, r0:r1].float() * getattr(module, "scaling", q.shape[-1] ** -0.5),
+                               keys[:, :r1].transpose(1, 2))
+            col, row = torch.arange(r1, device=q.device)[None], torch.arange(r0, r1, device=q.device)[:, None]
+            probs = torch.softmax(logits.masked_fill_(col > row, float("-inf")), dim=-1)
+            every[:, :r1] = torch.maximum(every[:, :r1], probs.amax(1))
+            other = (segment[:r1][None] < segment[r0:r1][:, None]) & (segment[r0:r1][:, None] >= 0)
+            later[:, :r1] = torch.maximum(later[:, :r1], probs.masked_fill(~other, 0).amax(1))
+        found[layer] = (every.view(k.shape[1], group, total).amax(1), later.view(k.shape[1], group, total).amax(1))
+
+    cache, _ = memory_cache(lm, None)
+    cache.keep_new, cache.observer = False, observe
+    run(lm.model, cache, torch.tensor([list(ids)], device=lm.device), torch.arange(total, device=lm.device)[None])
+    zero = torch.zeros(f.num_kv_heads, total, device=lm.device)
+    families = tuple([found[i][which].clone() if i in found else zero.clone() for i in range(f.num_layers)]
+                     for which in (0, 1))
+    for s in families[0] + families[1]:
+        s[:, :SINKS] = float("inf")
+    return families
+
+
 VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # the others: when asked
 BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these variants were compared
 
 
 def variants(lm, ranked: RankedContext, share: float, splits: list[float],
-             which: tuple[str, ...] = VARIANTS) -> dict[str, tuple[CompressedMemory, float, float]]:
-    """name -> (memory, validation JS, reconstruction share)."""
+             which: tuple[str, ...] = VARIANTS, ids: Sequence[int] = ()) -> dict[str, tuple[CompressedMemory, float, float]]:
+    """name -> (memory, validation JS, reconstruction share); ``ids``: the context's token ids (the
+    prefill variants)."""
     def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None):
         scores = ranked.scores(split)
         if protect is not None:
@@ -103,6 +149,14 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         wide = dataclasses.replace(ranked, held_out=scores)
         return best([(*keep_share(lm, wide, share, s), s) for s in EMLoCConfig().reconstruction_shares])
 
+    prefilled: list = []
+
+    def prefill_signal(which: int):  # the reconstruction family replaced by a prefill's attention
+        if not prefilled:
+            prefilled.extend(prefill_attention(lm, ranked, ids))
+        swapped = dataclasses.replace(ranked, reconstruction=prefilled[which])
+        return best([(*keep_share(lm, swapped, share, s), s) for s in EMLoCConfig().reconstruction_shares])
+
     def best(runs):
         return min(runs, key=lambda run: run[1])
 
@@ -117,6 +171,8 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "merge-chosen": lambda: best([merged(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
         "value-norm": lambda: value_weighted(EMLoCConfig().reconstruction_shares),
         "every-row": every_row,
+        "prefill-attention": lambda: prefill_signal(0),
+        "prefill-cross": lambda: prefill_signal(1),
         "merge-mass-capped": lambda: mass(best(list(tried.values()))[2]),
         "merge-capped-chosen": lambda: best([mass(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
         "merge-local-chosen": lambda: best([local(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
@@ -138,7 +194,9 @@ def main() -> None:
         return
     if not args.task or not args.out:
         ap.error("--task and --out are required")
-    lm = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype)
     config = EMLoCConfig(compression="context")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(lm, args):
@@ -147,8 +205,9 @@ def main() -> None:
         ranked = rank_context(lm, skill, config, unpruned)
         for share in (float(s) for s in args.shares.split(",")):
             seen: dict[int, list] = {}
+            ids = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations).ids
             for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
-                                                    tuple(args.variants.split(","))).items():
+                                                    tuple(args.variants.split(",")), ids).items():
                 if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
                     seen[id(memory)] = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                 emit(args.out, case.row(seen[id(memory)], variant=name, share=share,
