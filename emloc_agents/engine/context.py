@@ -298,10 +298,10 @@ def _strided(items: Sequence[int], stride: int) -> list[int]:
 def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
                merge: bool = False, delta: float = math.inf) -> tuple[CompressedMemory, float, float, list[dict]]:
     """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
-    the split, one trial record per split tried). With a finite ``delta`` only a split within it counts:
-    a trial's check stops once its JS is certainly above both ``delta`` and the best so far (its record
-    then holds that lower bound, ``"complete": False``), so the split kept where one is within
-    ``delta`` is the one the whole checks keep."""
+    the split, one trial record per split tried). A trial's check stops once its JS is certainly above
+    both ``delta`` and the best JS so far (its record then holds that lower bound, ``"complete":
+    False``): such a trial can neither pass ``delta`` nor be the best, so where a split passes
+    ``delta`` (any split, with the default) the one kept is the one whole checks keep."""
     best: tuple[CompressedMemory, float, float] | None = None
     trials = []
     for split in reconstruction_shares:
