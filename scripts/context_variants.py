@@ -28,6 +28,10 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   forward of its own: the most attention any later token of the context pays a token (causal); the
   default's splits, lowest JS. ``prefill-cross``: the same from the tokens of later demonstrations only
   (a token's own demonstration left out, as the held-out replays leave it out);
+- ``layer-cap``: the default's ranking, no layer keeping more than 40 % of its (head, token) slots (the
+  rest goes to the next-ranked tokens of the other layers); the default's splits, lowest JS;
+- ``gqa-mean``: both signals with a KV head's score the mean over its query heads instead of the max;
+  the default's splits, lowest JS;
 - ``each-split``: one row per split tried (the set (0.5, 0.7, 0.85) and ``--splits``; variant ``split=ρ``),
   so that any rule choosing among them by JS can be read off afterwards.
 
@@ -67,6 +71,41 @@ def answer_positions(ranked: RankedContext) -> torch.Tensor:
     for demo, (start, _) in zip(ranked.demos, ranked.spans, strict=True):
         mask[start : start + len(demo)] = torch.tensor(demo.answer, dtype=torch.bool)
     return mask
+
+
+LAYER_CAP = 0.4  # layer-cap: the most of a layer's (head, token) slots one layer may keep
+
+
+def capped(scores: list[torch.Tensor], cap: float = LAYER_CAP) -> list[torch.Tensor]:
+    """Per layer: every score below the layer's ``cap`` share best pushed under all others, so one
+    ranking across layers keeps at most that share of any layer."""
+    out = []
+    for s in scores:
+        s = s.clone()
+        n = s.numel()
+        if int(cap * n) < n:
+            s[s <= s.flatten().kthvalue(n - int(cap * n)).values] = -1e9
+        out.append(s)
+    return out
+
+
+def gqa_mean_ranking(lm, skill, config: EMLoCConfig, full: CompressedMemory) -> RankedContext:
+    """``rank_context`` with each KV head scored by the mean of its query heads' scores (not the max)."""
+    from emloc_agents.engine import context, reconstruct
+
+    most = reconstruct.max_attention
+
+    def mean_attention(module, q, k, mask, lo, hi, hidden=None, **kw):
+        group = q.shape[1] // k.shape[1]
+        per_query_head = most(module, q, k.repeat_interleave(group, 1), mask, lo, hi,
+                              None if hidden is None else hidden.repeat_interleave(group, 0), **kw)
+        return per_query_head.view(k.shape[1], group, -1).mean(1)
+
+    reconstruct.max_attention = context.max_attention = mean_attention
+    try:
+        return rank_context(lm, skill, config, full)
+    finally:
+        reconstruct.max_attention = context.max_attention = most
 
 
 def prefill_attention(lm, ranked: RankedContext, ids: Sequence[int], rows: int = 256
@@ -112,16 +151,22 @@ BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these 
 
 
 def variants(lm, ranked: RankedContext, share: float, splits: list[float],
-             which: tuple[str, ...] = VARIANTS, ids: Sequence[int] = ()) -> dict[str, tuple[CompressedMemory, float, float]]:
+             which: tuple[str, ...] = VARIANTS, ids: Sequence[int] = (), skill=None, reuse: dict | None = None
+             ) -> dict[str, tuple[CompressedMemory, float, float]]:
     """name -> (memory, validation JS, reconstruction share); ``ids``: the context's token ids (the
-    prefill variants)."""
-    def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None):
-        scores = ranked.scores(split)
+    prefill variants); ``skill``: the skill (gqa-mean ranks it again); ``reuse``: one dict per context,
+    shared across shares (the prefill's scores and gqa-mean's ranking are made once)."""
+    reuse = {} if reuse is None else reuse
+    def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None, cap: bool = False,
+             on: RankedContext = ranked):
+        scores = on.scores(split)
+        if cap:
+            scores = capped(scores)
         if protect is not None:
             for s in scores:
                 s[:, protect.to(s.device)] = float("inf")
-        memory = kvzip_memory(lm, ranked.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
-        return memory, validation_js(lm, ranked, memory), split
+        memory = kvzip_memory(lm, on.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
+        return memory, validation_js(lm, on, memory), split
 
     def value_weighted(splits: Sequence[float]):
         norms = [v.float().norm(dim=-1) for v in ranked.full.values]  # per layer (kv_heads, T)
@@ -149,13 +194,16 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         wide = dataclasses.replace(ranked, held_out=scores)
         return best([(*keep_share(lm, wide, share, s), s) for s in EMLoCConfig().reconstruction_shares])
 
-    prefilled: list = []
-
     def prefill_signal(which: int):  # the reconstruction family replaced by a prefill's attention
-        if not prefilled:
-            prefilled.extend(prefill_attention(lm, ranked, ids))
-        swapped = dataclasses.replace(ranked, reconstruction=prefilled[which])
+        if "prefill" not in reuse:
+            reuse["prefill"] = prefill_attention(lm, ranked, ids)
+        swapped = dataclasses.replace(ranked, reconstruction=reuse["prefill"][which])
         return best([(*keep_share(lm, swapped, share, s), s) for s in EMLoCConfig().reconstruction_shares])
+
+    def gqa_mean():
+        if "gqa-mean" not in reuse:
+            reuse["gqa-mean"] = gqa_mean_ranking(lm, skill, EMLoCConfig(compression="context"), ranked.full)
+        return best([keep(s, on=reuse["gqa-mean"]) for s in EMLoCConfig().reconstruction_shares])
 
     def best(runs):
         return min(runs, key=lambda run: run[1])
@@ -171,6 +219,8 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "merge-chosen": lambda: best([merged(s) for s in tried if s in EMLoCConfig().reconstruction_shares]),
         "value-norm": lambda: value_weighted(EMLoCConfig().reconstruction_shares),
         "every-row": every_row,
+        "layer-cap": lambda: best([keep(s, cap=True) for s in EMLoCConfig().reconstruction_shares]),
+        "gqa-mean": gqa_mean,
         "prefill-attention": lambda: prefill_signal(0),
         "prefill-cross": lambda: prefill_signal(1),
         "merge-mass-capped": lambda: mass(best(list(tried.values()))[2]),
@@ -203,11 +253,12 @@ def main() -> None:
         skill = case.skill
         unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
         ranked = rank_context(lm, skill, config, unpruned)
+        reuse: dict = {}
         for share in (float(s) for s in args.shares.split(",")):
             seen: dict[int, list] = {}
             ids = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations).ids
             for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
-                                                    tuple(args.variants.split(",")), ids).items():
+                                                    tuple(args.variants.split(",")), ids, skill, reuse).items():
                 if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
                     seen[id(memory)] = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                 emit(args.out, case.row(seen[id(memory)], variant=name, share=share,
