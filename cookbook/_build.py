@@ -141,7 +141,7 @@ NB01 = [
     reconstruction) and the attention the answers of held-out demonstrations pay it (each replayed with
     its own text hidden), and one ranking over all layers and heads keeps a share, so layers and heads
     keep different numbers of tokens. The share is EMLoC's adaptive choice: 10 %, then 20 %, then 50 %,
-    each with three splits between the two signals, and the first whose answers on a few validation
+    each with five splits between the two signals, and the first whose answers on a few validation
     demonstrations stay within a Jensen–Shannon divergence of δ = 0.005 of the full context's wins (the
     whole context if none does). The instruction is always kept. `EMLoCConfig(compression="chunks")`
     runs the paper's chunk-by-chunk loop instead (and skills with images always do).
