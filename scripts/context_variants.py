@@ -254,9 +254,9 @@ def main() -> None:
         unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
         ranked = rank_context(lm, skill, config, unpruned)
         reuse: dict = {}
+        ids = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations).ids
         for share in (float(s) for s in args.shares.split(",")):
             seen: dict[int, list] = {}
-            ids = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations).ids
             for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
                                                     tuple(args.variants.split(",")), ids, skill, reuse).items():
                 if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored

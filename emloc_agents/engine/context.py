@@ -279,13 +279,14 @@ def check(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory,
     step = len(checked) if math.isinf(stop_above) else CHECK_GROUP
     order = _strided(checked, -(-len(checked) // step))
     found: dict[int, torch.Tensor] = {}
+    summed = 0.0  # JS summed over the rows read so far
     for i in range(0, len(order), step):
         group = order[i : i + step]
         got = held_out_answers(lm, memory, ranked.demos, ranked.spans, group, score=False, keep_log_probs=set(group))
         found.update({j: js_divergence(ranked.reference[j], got.log_probs[j]) for j in group})
-        so_far = sum(float(v.sum()) for v in found.values()) / rows
-        if so_far > stop_above and len(found) < len(checked):
-            return so_far, False
+        summed += float(torch.cat([found[j] for j in group]).sum())
+        if summed / rows > stop_above and len(found) < len(checked):
+            return summed / rows, False
     return float(torch.cat([found[j] for j in checked]).mean()), True
 
 
