@@ -30,6 +30,8 @@ validation demonstrations' answers (what the engine's check reads), accuracy and
   (a token's own demonstration left out, as the held-out replays leave it out);
 - ``layer-cap``: the default's ranking, no layer keeping more than 40 % of its (head, token) slots (the
   rest goes to the next-ranked tokens of the other layers); the default's splits, lowest JS;
+- ``merge-layer-cap``: ``layer-cap``'s memories with the evicted values merged and the attention-mass
+  bias (``merge_evicted=True``'s merge), the split chosen by the merged memories' JS;
 - ``gqa-mean``: both signals with a KV head's score the mean over its query heads instead of the max;
   the default's splits, lowest JS;
 - ``each-split``: one row per split tried (the set (0.5, 0.7, 0.85) and ``--splits``; variant ``split=ρ``),
@@ -44,6 +46,7 @@ Appends one JSON line per (task, seed, share, variant) to ``--out``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +65,7 @@ from emloc_agents.engine.context import (
 from emloc_agents.engine.decode import memory_cache
 from emloc_agents.engine.forward import run
 from emloc_agents.engine.memory import CompressedMemory
+from emloc_agents.engine.merge import merge_evicted
 from emloc_agents.engine.reconstruct import kvzip_memory
 
 
@@ -146,6 +150,18 @@ def prefill_attention(lm, ranked: RankedContext, ids: Sequence[int], rows: int =
     return families
 
 
+def fingerprint(memory: CompressedMemory) -> str:
+    """A digest of what a memory holds (kept positions, values, biases): two variants that kept the
+    same memory share one prediction run."""
+    digest = hashlib.sha1()
+    for layer, (pos, v) in enumerate(zip(memory.positions, memory.values, strict=True)):
+        digest.update(pos.cpu().numpy().tobytes())
+        digest.update(v.float().cpu().numpy().tobytes())
+        bias = memory.logit_bias[layer] if memory.logit_bias is not None else None
+        digest.update(b"-" if bias is None else bias.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 VARIANTS = ("default", "wider-splits", "layer-uniform", "answers-kept")  # the others: when asked
 BASE_SPLITS = (0.5, 0.7, 0.85)  # the engine's reconstruction_shares when these variants were compared
 
@@ -158,7 +174,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
     shared across shares (the prefill's scores and gqa-mean's ranking are made once)."""
     reuse = {} if reuse is None else reuse
     def keep(split: float, layer_budgets: bool = True, protect: torch.Tensor | None = None, cap: bool = False,
-             on: RankedContext = ranked):
+             on: RankedContext = ranked, merge: bool = False):
         scores = on.scores(split)
         if cap:
             scores = capped(scores)
@@ -166,6 +182,8 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
             for s in scores:
                 s[:, protect.to(s.device)] = float("inf")
         memory = kvzip_memory(lm, on.full, scores, share, layer_budgets=layer_budgets, head_budgets=True)
+        if merge:
+            memory = merge_evicted(on.full, memory, on.held_out, attention_mass=True)
         return memory, validation_js(lm, on, memory), split
 
     def value_weighted(splits: Sequence[float]):
@@ -220,6 +238,7 @@ def variants(lm, ranked: RankedContext, share: float, splits: list[float],
         "value-norm": lambda: value_weighted(EMLoCConfig().reconstruction_shares),
         "every-row": every_row,
         "layer-cap": lambda: best([keep(s, cap=True) for s in EMLoCConfig().reconstruction_shares]),
+        "merge-layer-cap": lambda: best([keep(s, cap=True, merge=True) for s in EMLoCConfig().reconstruction_shares]),
         "gqa-mean": gqa_mean,
         "prefill-attention": lambda: prefill_signal(0),
         "prefill-cross": lambda: prefill_signal(1),
@@ -256,12 +275,13 @@ def main() -> None:
         reuse: dict = {}
         ids = lm.renderer(config.prompt_format).render(skill.instruction, skill.demonstrations).ids
         for share in (float(s) for s in args.shares.split(",")):
-            seen: dict[int, list] = {}
+            seen: dict[str, list] = {}
             for name, (memory, js, split) in variants(lm, ranked, share, [float(s) for s in args.splits.split(",")],
                                                     tuple(args.variants.split(",")), ids, skill, reuse).items():
-                if id(memory) not in seen:  # a variant that kept the same memory as another is not re-scored
-                    seen[id(memory)] = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
-                emit(args.out, case.row(seen[id(memory)], variant=name, share=share,
+                key = fingerprint(memory)
+                if key not in seen:  # a variant that kept the same memory as another is not re-scored
+                    seen[key] = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
+                emit(args.out, case.row(seen[key], variant=name, share=share,
                                         kept_ratio=memory.kept_ratio, js=js, reconstruction_share=split))
 
 
