@@ -8,7 +8,7 @@ agreement with full ICL of every memory some statistic would choose.
   answer the task is scored on, blind to the rest of the vocabulary;
 - ``label_flips``: validation demonstrations whose most likely label first token differs.
 
-A statistic chooses at each share the split (and merge setting) where it is lowest; which share the
+Per merge setting, a statistic chooses at each share the split where it is lowest; which share the
 check keeps follows offline from a bound (``--table``). Appends one JSON line per (task, seed, share,
 split, merge) to ``--out``; rows of chosen memories carry accuracy and agreement.
 
@@ -34,6 +34,8 @@ STATS = ("js", "js_first", "js_label")
 
 def label_tokens(lm, config: EMLoCConfig, skill) -> torch.Tensor:
     """The distinct first tokens of the skill's labels as read after a demonstration's input."""
+    if not skill.labels:
+        raise SystemExit(f"skill {skill.name!r} has no labels: the label-set JS needs them")
     renderer = lm.renderer(config.prompt_format)
     query = skill.demonstrations[0].input
     return torch.tensor(sorted({renderer.label_ids(query, label)[0] for label in skill.labels}))
