@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emloc_agents import EMLoCConfig, compress
+import torch
+
+from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.metrics import fidelity, wilson_ci
 from emloc_agents.bench.run import memory_labels
 from emloc_agents.skills import Skill
@@ -32,6 +34,17 @@ def parser(doc: str | None, shares: str | None = None) -> argparse.ArgumentParse
     ap.add_argument("--dtype", default="auto", help="the model's dtype (load_model's: auto, float32, bfloat16)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return ap
+
+
+def model_for(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """A run's model, once ``--task`` and ``--out`` are checked, torch's threads set and ``--out``'s
+    folder made."""
+    if not args.task or not args.out:
+        ap.error("--task and --out are required (or --table FILE)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    return load_model(args.model, dtype=args.dtype)
 
 
 @dataclass

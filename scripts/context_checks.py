@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 
 import torch
-from _experiment import cases, emit, parser
+from _experiment import cases, emit, model_for, parser
 
-from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents import EMLoCConfig, compress
 from emloc_agents.bench.metrics import wilson_ci
 from emloc_agents.engine.context import RankedContext, held_out_answers, rank_context, share_memory
 from emloc_agents.engine.replay import js_divergence
@@ -65,13 +65,8 @@ def main() -> None:
     if args.table:
         table(args.table)
         return
-    if not args.task or not args.out:
-        ap.error("--task and --out are required")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = model_for(ap, args)
     config = EMLoCConfig(compression="context")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     merges = [bool(int(m)) for m in args.merge.split(",")]
     for case in cases(lm, args):
         unpruned = compress(lm, case.skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from _experiment import cases, emit, parser, table
+from _experiment import cases, emit, model_for, parser, table
 
-from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents import EMLoCConfig, compress
 from emloc_agents.bench.methods import fewer_shots
 from emloc_agents.engine.context import keep_share, rank_context
 from emloc_agents.engine.reconstruct import kvzip_memory
@@ -43,13 +43,8 @@ def main() -> None:
     if args.table:
         table(args.table)
         return
-    if not args.task or not args.out:
-        ap.error("--task and --out are required (or --table FILE)")
     shares = [float(s) for s in args.shares.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lm = model_for(ap, args)
     config = EMLoCConfig(compression="context")
     for case in cases(lm, args):
         skill = case.skill

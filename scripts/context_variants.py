@@ -51,9 +51,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _experiment import cases, emit, parser, table
+from _experiment import cases, emit, model_for, parser, table
 
-from emloc_agents import EMLoCConfig, compress, load_model
+from emloc_agents import EMLoCConfig, compress
 from emloc_agents.engine.context import (
     SINKS,
     RankedContext,
@@ -261,13 +261,8 @@ def main() -> None:
     if args.table:
         table(args.table, by="variant")
         return
-    if not args.task or not args.out:
-        ap.error("--task and --out are required")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = model_for(ap, args)
     config = EMLoCConfig(compression="context")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(lm, args):
         skill = case.skill
         unpruned = compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
