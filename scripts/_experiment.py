@@ -66,11 +66,15 @@ class Case:
         """The label each item gets on ``memory``."""
         return memory_labels(self.lm, self.task, memory, self.items)
 
+    def fields(self) -> dict[str, Any]:
+        """What names the case in a result line."""
+        return {"model": self.model, "task": self.task_name, "shots": self.shots, "seed": self.seed,
+                "n": len(self.items)}
+
     def row(self, preds: list[str | None], **fields: Any) -> dict[str, Any]:
         """One result: the case, ``fields``, and the predictions' accuracy and agreement with full ICL."""
         flips = Counter(f"{a}->{b}" for a, b in zip(self.full, preds, strict=True) if a != b)  # full ICL's -> the memory's
-        return {"model": self.model, "task": self.task_name, "shots": self.shots, "seed": self.seed,
-                "n": len(self.items), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full),
+        return {**self.fields(), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full),
                 "flips": dict(flips.most_common())}
 
 

@@ -87,8 +87,7 @@ def main() -> None:
                     emit(args.out, case.row(case.predict(memory.to(dtype=getattr(torch, config.storage_dtype))),
                                             **fields))
                 else:
-                    emit(args.out, {"model": case.model, "task": case.task_name, "shots": case.shots,
-                                    "seed": case.seed, "n": len(case.items), **fields})
+                    emit(args.out, {**case.fields(), **fields})
 
 
 def table(path: Path, delta: float = EMLoCConfig().delta) -> None:
