@@ -373,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: bfloat16 on CUDA, float32 elsewhere; bfloat16 is faster on CPUs with native "
                         "bfloat16 (AVX512-BF16, AMX)")
-    p.add_argument("--compression", choices=("auto", "chunks", "context"), default="auto",
+    p.add_argument("--compression", choices=("auto", "chunks", "context", "fitted"), default="auto",
                    help="chunks: the paper's chunk-wise loop; context: the whole context ranked at once "
-                        "(text skills; closer to full ICL in docs/benchmarks.md); auto: context for text "
-                        "skills on text models, else chunks")
+                        "(text skills; closer to full ICL in docs/benchmarks.md); fitted: context with the "
+                        "kept slots' biases and values fitted to the full context's attention; auto: context "
+                        "for text skills on text models, else chunks")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="end-to-end demo: skills, their memories, per-call switching, an agent loop").set_defaults(func=cmd_demo)
     c = sub.add_parser("compress", help="register and compress the skills in a folder or file")

@@ -34,9 +34,12 @@ COST_FIELDS = frozenset({"batch_candidates", "lookahead"})
 Under ``compression="auto"`` setting one away from its default still selects the chunk-wise loop, and
 the key changes through the resolved mode."""
 
-METHOD_NAMES: set[str] = {"chunks", "context"}
+METHOD_NAMES: set[str] = {"chunks", "context", "fitted"}
 """Compression methods a config may name besides "auto" (``engine.compress.register_method`` adds one;
 ``engine.compress.METHODS`` maps each to its entry point)."""
+
+WHOLE_CONTEXT = frozenset({"context", "fitted"})
+"""Methods that rank the whole context at once (engine/context.py's search): they take no chunk-loop knob."""
 
 # knobs of the chunk-wise loop alone: one away from its default asks for that loop (resolved_compression)
 CHUNK_LOOP_KNOBS = frozenset({
@@ -60,7 +63,9 @@ class EMLoCConfig(BaseModel):
         "before and pruned layer by layer as it lands (compression needs only the memory's room). 'context': "
         "the whole context prefilled once, every (layer, head, token) ranked by KVzip's reconstruction and by "
         "leave-one-out replays of the demonstrations, the smallest of keep_ratios whose held-out answers stay "
-        "within delta kept (engine/context.py; needs the full context's room; text models only). 'auto': "
+        "within delta kept (engine/context.py; needs the full context's room; text models only). 'fitted': "
+        "'context' with each kept slot's logit bias and value fitted so that the memory's attention matches the "
+        "full context's on reference queries (engine/fit.py; the check reads the fitted memory). 'auto': "
         "'context' for text skills on text models (it answers far closer to full in-context learning, "
         "docs/benchmarks.md); 'chunks' for vision-language models, skills with images, and configs that "
         "change a knob of the chunk-wise loop from its default (CHUNK_LOOP_KNOBS). Any other name: a method "
@@ -192,10 +197,10 @@ class EMLoCConfig(BaseModel):
 
     @model_validator(mode="after")
     def _context_has_no_chunk_knobs(self) -> EMLoCConfig:
-        if self.compression == "context" and (changed := self.chunk_knobs_changed):
+        if self.compression in WHOLE_CONTEXT and (changed := self.chunk_knobs_changed):
             raise ValueError(f"knobs of the chunk-wise loop ({', '.join(changed)}) need compression='chunks'; "
-                             "compression='context' ranks the whole context at once")
-        if self.merge_evicted and self.compression == "chunks":
+                             f"compression={self.compression!r} ranks the whole context at once")
+        if self.merge_evicted and self.compression not in ("auto", "context"):
             raise ValueError("merge_evicted needs compression='context' (or 'auto' on a text skill)")
         return self
 

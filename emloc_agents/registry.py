@@ -27,7 +27,7 @@ from .engine.memory import CompressedMemory
 from .engine.prompt import RENDER_VERSION
 from .skills import Demonstration, Skill, SkillError, image_bytes, load_image
 from .store import DiskCacheStore, LockingByteStore, MemoryFormatError, dump_memory, load_memory
-from .store.format import FORMAT_VERSION
+from .store.format import FORMAT_VERSION, read_info
 
 if TYPE_CHECKING:
     from .models.lm import LanguageModel
@@ -316,6 +316,24 @@ class MemoryRegistry:
     def cached(self, skill: str | Skill) -> bool:
         """Whether a valid memory for this skill is in the store (no compression)."""
         return self.store.mget([self.key(skill)])[0] is not None
+
+    def certificate(self, skill: str | Skill) -> dict[str, Any] | None:
+        """The fidelity certificate of the skill's stored memory (``CompressedMemory.certificate``), read
+        from RAM or from the stored envelope without loading tensors; None when the skill is not
+        compressed, or its memory was made before memories carried one. Compresses nothing."""
+        key = self.key(skill)
+        with self._lock:
+            mem = self._ram.get(key)
+        if mem is not None:
+            return mem.certificate
+        data = self.store.mget([key])[0]
+        if data is None:
+            return None
+        try:
+            got = read_info(data)["stats"].get("certificate")
+        except MemoryFormatError:
+            return None  # a corrupted entry: the next get replaces it
+        return dict(got) if isinstance(got, dict) else None
 
     def _compress(self, skill: Skill) -> CompressedMemory:
         bar = None

@@ -3,7 +3,9 @@ skill's demonstrations (few-shot skill routing, RAG-like), with a threshold and 
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,22 +36,37 @@ class SkillInput(BaseModel):
     input: str = Field(description="The text to handle, as the user gave it.")
 
 
-def skill_tool(skill: Skill, answer: Runnable[Any, Any], return_direct: bool = False) -> BaseTool:
+def skill_tool(skill: Skill, answer: Runnable[Any, Any], return_direct: bool = False,
+               certificate: Callable[[], dict[str, Any] | None] | None = None) -> BaseTool:
     """The tool for ``skill``, answered by ``answer``: any runnable that takes the phrased input and
     returns a message on that skill (an ``EMLoCChatModel`` bound to it, or a chat model that calls a
     server serving it). One construction for both, so a skill is the same tool in process and remote:
-    its name, ``tool_description()``, ``SkillInput`` and the input phrased with ``format_input``."""
+    its name, ``tool_description()``, ``SkillInput`` and the input phrased with ``format_input``.
+
+    ``certificate``: returns the skill memory's fidelity certificate (``CompressedMemory.certificate``)
+    or None while it has none; the tool's ``metadata["certificate"]`` holds it, read when the tool is
+    made and again after every call (a memory is compressed on its first use)."""
+
+    def note() -> None:
+        if certificate is not None:
+            tool.metadata = {**(tool.metadata or {}), "certificate": certificate()}
 
     def run(input: str) -> str:
-        return str(answer.invoke(skill.format_input(input)).content)
+        out = str(answer.invoke(skill.format_input(input)).content)
+        note()
+        return out
 
     async def arun(input: str) -> str:
-        return str((await answer.ainvoke(skill.format_input(input))).content)
+        out = str((await answer.ainvoke(skill.format_input(input))).content)
+        note()
+        return out
 
-    return StructuredTool.from_function(
+    tool = StructuredTool.from_function(
         func=run, coroutine=arun, name=skill.name, description=skill.tool_description(),
         args_schema=SkillInput, return_direct=return_direct,
     )
+    note()
+    return tool
 
 
 def skill_tools(registry: MemoryRegistry, chat: BaseChatModel, return_direct: bool = False) -> list[BaseTool]:
@@ -60,7 +77,9 @@ def skill_tools(registry: MemoryRegistry, chat: BaseChatModel, return_direct: bo
     the skill does, answers, and an example. ``return_direct``: LangChain's flag, so that an agent
     ends its turn on the skill's answer instead of restating it (a small agent model, restating,
     sometimes answers the user's text instead). Users call ``registry.as_tools(chat)``."""
-    return [skill_tool(skill, chat.bind(skill=skill.name), return_direct) for skill in registry.skills()]
+    return [skill_tool(skill, chat.bind(skill=skill.name), return_direct,
+                       certificate=functools.partial(registry.certificate, skill.name))
+            for skill in registry.skills()]
 
 
 def embed(registry: MemoryRegistry, texts: list[str]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""What the default compression (``compression="auto"``: the whole-context ranking for text) costs,
+"""What a whole-context compression (by default ``compression="auto"``: the whole-context ranking for
+text; ``--compression fitted``: the fitted memory, its fit timed apart) costs,
 stage by stage, against one plain prefill of the same demonstrations (a transformers forward of the
 whole text) and against the chunk-wise loop, in one process so the three share the machine's load.
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--no-chunks", action="store_true", help="leave the chunk-wise loop out")
+    ap.add_argument("--compression", default="auto", help="the whole-context method timed (auto, context, fitted)")
     args = ap.parse_args()
     lm = load_model(args.model)
     rows = []
@@ -37,17 +39,18 @@ def main() -> None:
         full_prefill(lm, ids[:256])  # warm-up
         prefill = min(full_prefill(lm, ids) for _ in range(2))
         t0 = time.perf_counter()
-        mem = compress(lm, skill, EMLoCConfig())
+        mem = compress(lm, skill, EMLoCConfig(compression=args.compression))
         context_s = time.perf_counter() - t0
         chunks, chunks_s = None, float("nan")
         if not args.no_chunks:
             t0 = time.perf_counter()
             chunks = compress(lm, skill, EMLoCConfig(compression="chunks"))
             chunks_s = time.perf_counter() - t0
-        row = {"model": lm.name, "task": name, "shots": args.shots, "tokens": len(ids), "prefill_s": prefill,
+        row = {"model": lm.name, "task": name, "compression": args.compression, "shots": args.shots, "tokens": len(ids), "prefill_s": prefill,
                "context_s": context_s, "context_over_prefill": context_s / prefill, "kept_ratio": mem.kept_ratio,
                "trials": mem.stats["trials"], **{f"context_{k}": mem.stats[k] for k in STAGES},
                **{f"context_{k.removesuffix('_s')}_over_prefill": mem.stats[k] / prefill for k in STAGES},
+               "fit_s": mem.stats.get("fit_s"), "fit_over_prefill": mem.stats.get("fit_s", float("nan")) / prefill,
                "chunks_s": chunks_s, "chunks_over_prefill": chunks_s / prefill, "chunks_kept_ratio": chunks.kept_ratio if chunks else None}
         print(json.dumps(row), flush=True)
         rows.append(row)

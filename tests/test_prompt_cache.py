@@ -34,9 +34,11 @@ def _run(lm: LanguageModel, ids: list[int], memory, cache: PromptCache | None, s
     return gen, torch.cat(seen)
 
 
-@pytest.mark.parametrize("on_memory", [False, True])
+@pytest.mark.parametrize("on_memory", [None, "context", "fitted"])  # fitted: per-slot logit biases
 def test_a_shared_prefix_is_prefilled_once_and_answers_as_a_full_prefill(lm, on_memory) -> None:
-    memory = compress(lm, make_skill(6), EMLoCConfig(keep_ratios=(0.5,))) if on_memory else None
+    memory = None if on_memory is None else compress(
+        lm, make_skill(6), EMLoCConfig(compression=on_memory, keep_ratios=(0.5,), delta=1.0))
+    assert on_memory != "fitted" or (memory is not None and memory.logit_bias is not None)
     first = list(range(5, 45))
     second = first[:30] + list(range(60, 72))  # shares 30 tokens, then differs
     cache = PromptCache(min_shared=8)

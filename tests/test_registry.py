@@ -41,6 +41,20 @@ def test_lazy_compress_then_ram_then_store(registry: MemoryRegistry, tmp_path: P
     assert other.names() == ["sentiment"]
 
 
+def test_the_certificate_is_stored_with_the_memory_and_read_without_it(registry: MemoryRegistry, tmp_path: Path,
+                                                                        tiny_llama) -> None:
+    """Every memory carries what its check measured; another process reads it from the store's
+    envelope (no tensors loaded, nothing compressed), and a skill not compressed has none."""
+    assert registry.certificate("sentiment") is None
+    mem = registry.get("sentiment")
+    cert = mem.certificate
+    assert cert is not None and cert["method"] == "context" and cert["kept_ratio"] == pytest.approx(mem.kept_ratio, abs=1e-4)
+    assert cert["validation_demonstrations"] >= 1 and cert["whole_context"] == (mem.kept_ratio == 1.0)
+    other = MemoryRegistry(model=tiny_llama, cache_dir=tmp_path)
+    assert other.certificate("sentiment") == cert and other.compressions == 0 and not other._ram
+    assert mem.fidelity() in mem.describe()
+
+
 def test_unknown_skill_lists_registered(registry: MemoryRegistry) -> None:
     with pytest.raises(UnknownSkillError, match="registered skills: sentiment"):
         registry.get("nope")

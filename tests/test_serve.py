@@ -306,6 +306,8 @@ def test_skills_add_list_compress_answer_replace_delete(http: httpx.Client, clie
     assert again["source"] == "cached" and again["memory_tokens"] == first["memory_tokens"]
     got = http.get("/v1/skills/headlines").json()
     assert got["status"] == "compressed" and got["skill"] == body
+    assert got["certificate"]["method"] in ("context", "chunks") and "validation_js" in got["certificate"]
+    assert {s["id"]: s.get("certificate") for s in http.get("/v1/skills").json()["data"]}["headlines"] == got["certificate"]
 
     reply = client.chat.completions.create(model=f"{BASE}:headlines", messages=_user(), max_tokens=6)
     direct = chat.invoke(PROMPT, skill="headlines", max_tokens=6)

@@ -71,6 +71,8 @@ def test_the_remote_tools_are_the_in_process_tools(url: str, local: dict[str, Ba
         assert tool.description == twin.description and "Example:" in tool.description
         assert tool.args == twin.args and tool.tool_call_schema.model_json_schema() == twin.tool_call_schema.model_json_schema()
         assert tool.return_direct is False
+        # the server's memories (warmed) carry their certificate, as the in-process tools' do
+        assert tool.metadata == twin.metadata and tool.metadata["certificate"]["method"] in ("context", "chunks")
 
 
 @pytest.mark.parametrize("name", ["sentiment", "topic"])

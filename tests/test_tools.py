@@ -47,8 +47,16 @@ def test_as_tools_one_per_skill(tiny_registry: MemoryRegistry) -> None:
     q = "Article: the match ended level\nTopic:"
     expected = chat.invoke(q, skill="topic").content
     assert by_name["topic"].invoke({"input": q}) == expected
+    assert by_name["topic"].metadata == {"certificate": tiny_registry.certificate("topic")}
     assert asyncio.run(by_name["topic"].ainvoke({"input": q})) == expected
     assert by_name["sentiment"].invoke({"input": q}) == chat.invoke(q, skill="sentiment").content
+    # made before its memory, a tool reads the certificate again after a call (a memory is made on first use)
+    fresh = MemoryRegistry(model="tiny-llama", cache_dir=tiny_registry.cache_dir / "fresh")  # type: ignore[operator]
+    fresh.add(topic_skill())
+    tool = fresh.as_tools(EMLoCChatModel(registry=fresh, max_tokens=2))[0]
+    assert tool.metadata == {"certificate": None}
+    tool.invoke({"input": q})
+    assert tool.metadata["certificate"]["method"] in ("context", "chunks")
 
 
 def test_as_tools_needs_the_chat_model(tiny_registry: MemoryRegistry) -> None:

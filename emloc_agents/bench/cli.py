@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when present, else cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--scaling", action="store_true",
                    help="instead: peak RSS, cold/warm time and bytes of EMLoC vs full KV over --shots (first seed)")
-    p.add_argument("--compression", choices=("auto", "chunks", "context"), default="auto",
+    p.add_argument("--compression", choices=("auto", "chunks", "context", "fitted"), default="auto",
                    help="--scaling: the EMLoC memory's compression (EMLoCConfig.compression)")
     p.add_argument("--agents", action="store_true",
                    help="the agent study: create_agent with skill tools on --model over the bundled requests")

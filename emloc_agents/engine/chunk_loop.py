@@ -27,7 +27,7 @@ from .cache import MemoryCache
 from .chunks import ChunkContext
 from .facts import ModelFacts
 from .forward import ModelHandle, clock, run
-from .memory import CompressedMemory
+from .memory import CompressedMemory, certificate
 from .presses import EMLoCPress, Press
 from .prompt import Segment
 from .reconstruct import REPEAT_PROMPT, reconstruction_scores
@@ -232,7 +232,7 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
             progress(ci + 1, len(chunks))
     dtype = getattr(torch, options.storage_dtype)
     stats.update(compress_s=time.perf_counter() - t0, prefill_s=prefill_s, press=press.name)
-    return CompressedMemory(
+    memory = CompressedMemory(
         keys=[k[0].to(dtype).contiguous() for k in building.keys],  # type: ignore[index]
         values=[v[0].to(dtype).contiguous() for v in building.values],  # type: ignore[index]
         positions=[p.contiguous() for p in building.positions],  # type: ignore[union-attr]
@@ -244,3 +244,8 @@ def run_chunks(lm: ModelHandle, skill: Skill, press: Press, options: LoopOptions
                 "tail_text": rendered.tail_text, "tail_ids": rendered.tail_ids},
         stats=stats,
     )
+    # EMLoC's press checks each layer of each chunk on the chunk's own demonstrations (no held-out
+    # validation set to report); other presses keep a fixed share unchecked (delta None)
+    stats["certificate"] = certificate(memory, "chunks", {"press": press.name}, getattr(press, "delta", None),
+                                       list(getattr(press, "keep_ratios", ())))
+    return memory

@@ -1,7 +1,9 @@
 """``compress``: a skill's demonstrations into a memory, by the compression method its config names.
 
 A method is one module with one entry point (``Method``): ``"chunks"``, the paper's chunk-wise loop
-(engine/chunk_loop.py), and ``"context"``, the whole context ranked at once (engine/context.py).
+(engine/chunk_loop.py), ``"context"``, the whole context ranked at once (engine/context.py), and
+``"fitted"``, that ranking with each kept slot's bias and value fitted to the full context's attention
+(engine/fit.py).
 ``METHODS`` maps each name to its entry point; ``compress`` resolves ``compression="auto"`` once and
 calls one entry point, which never comes back here. A new method is one module and one
 ``register_method`` call; ``EMLoCConfig(compression=name)`` then names it, and a ``MemoryRegistry``
@@ -13,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ..config import METHOD_NAMES, EMLoCConfig
+from ..config import METHOD_NAMES, WHOLE_CONTEXT, EMLoCConfig
 from ..skills import Skill
 from .chunk_loop import ContextTooLongError, compress_chunks
 from .context import compress_context
+from .fit import Fitted
 from .forward import ModelHandle
 from .memory import CompressedMemory
 from .presses import Press
@@ -32,7 +35,7 @@ class Method(Protocol):
                  progress: Callable[[int, int], None] | None = None) -> CompressedMemory: ...
 
 
-METHODS: dict[str, Method] = {"chunks": compress_chunks, "context": compress_context}
+METHODS: dict[str, Method] = {"chunks": compress_chunks, "context": compress_context, "fitted": Fitted()}
 """Compression method name -> its entry point (``register_method`` adds one)."""
 
 
@@ -51,7 +54,7 @@ def method_name(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: Press
     chooses each chunk's tokens) and so does the whole-context ranking with nothing to prune (its
     unpruned context is the loop's, which equals one prefill)."""
     name = config.resolved_compression(skill.has_images or getattr(lm, "vision", None) is not None)
-    if press is not None or (name == "context" and not config.prunes):
+    if press is not None or (name in WHOLE_CONTEXT and not config.prunes):
         return "chunks"
     return name
 

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,21 +35,25 @@ from ..skills import Skill, SkillError
 from .cache import MemoryCache
 from .chunk_loop import answer_rows, prefill
 from .forward import ModelHandle, clock, lm_logits, run
-from .memory import CompressedMemory
+from .memory import CompressedMemory, certificate
 from .merge import merge_evicted
 from .presses import Press
 from .prompt import Segment
-from .reconstruct import kvzip_memory, max_attention, whole_context_scores
+from .reconstruct import QueryHook, kvzip_memory, max_attention, whole_context_scores
 from .replay import js_divergence
 
 __all__ = ["CHECK_GROUP", "CHECK_PROBES", "PACK_TOKENS", "SINKS", "HeldOut", "RankedContext", "best_split", "check", "check_set",
            "compress_context", "demo_spans", "held_out_answers", "held_out_cache", "keep_share", "packs", "rank_blend",
-           "rank_context", "require_text", "share_memory", "validation_js"]
+           "rank_context", "require_text", "search_shares", "share_memory", "validation_js", "Check"]
 
 SINKS = 4  # the first tokens are always kept (kvpress's KVzip)
 CHECK_PROBES = 16  # held-out demonstrations the JS check replays, spread evenly over the context
 CHECK_GROUP = 4  # validation demonstrations per forward of a check that may stop early
 PACK_TOKENS = 512  # replayed tokens per packed held-out forward (one demonstration per forward: 0)
+
+
+Shape = Callable[[CompressedMemory], CompressedMemory]
+"""What a method does to each selected memory before its check (the fitted method's fit)."""
 
 
 def check_set(n: int) -> list[int]:
@@ -108,11 +113,13 @@ class HeldOut:
 def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[Segment],
                      spans: Sequence[tuple[int, int]], which: Sequence[int], score: bool,
                      keep_log_probs: set[int], pack_tokens: int = PACK_TOKENS,
-                     score_every_row: bool = False) -> HeldOut:
+                     score_every_row: bool = False, on_queries: QueryHook | None = None) -> HeldOut:
     """Replay demonstrations ``which`` after ``memory``, each with its own span hidden: packed into
     forwards of about ``pack_tokens`` tokens, every demonstration its own segment at the positions
     right after the context (the memory is read, never copied per demonstration). Scores are the
-    attention of the rows that predict answer tokens, or with ``score_every_row`` of every row."""
+    attention of the rows that predict answer tokens, or with ``score_every_row`` of every row.
+    ``on_queries(module, layer, q, hidden)`` (with ``score``): every full-attention layer's post-RoPE
+    queries of the rows scored, with each row's hidden span of the context ((rows, 2) start, end)."""
     f, device, total = lm.facts, lm.device, memory.original_length
     if score and memory.logit_bias is not None:
         raise ValueError("attention scores are read on a memory without logit biases (the unpruned context)")
@@ -126,12 +133,16 @@ def held_out_answers(lm: ModelHandle, memory: CompressedMemory, demos: Sequence[
         segments = torch.cat([torch.full((len(demos[j]),), s, device=device) for s, j in enumerate(group)])[None]
         cache = held_out_cache(lm, memory, [spans[j] for j in group])
         if scores is not None:
+            own_span = torch.tensor([spans[j] for j in group for _ in range(len(demos[j]))], device=device)  # (L, 2)
+
             def observe(module: torch.nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
-                        rows: torch.Tensor = rows) -> None:
+                        rows: torch.Tensor = rows, own_span: torch.Tensor = own_span) -> None:
                 if f.sliding[layer]:
                     return
                 if not score_every_row:
                     q, mask = q[:, :, rows], (mask[:, :, rows] if mask.shape[2] > 1 else mask)
+                if on_queries is not None:
+                    on_queries(module, layer, q, own_span if score_every_row else own_span[rows])
                 scores[layer] = torch.maximum(scores[layer], max_attention(module, q, k, mask, 0, total))  # type: ignore[index]
 
             cache.observer = observe
@@ -213,9 +224,11 @@ def require_text(lm: ModelHandle, skill: Skill) -> None:
 
 
 def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: CompressedMemory,
-                 progress: Callable[[int], None] | None = None) -> RankedContext:
+                 progress: Callable[[int], None] | None = None, reconstruction_queries: Any = None,
+                 held_out_queries: Any = None) -> RankedContext:
     """Score ``full`` (the skill's unpruned memory, float32) by reconstruction and by leave-one-out
-    replays, and blend."""
+    replays, and blend. ``reconstruction_queries`` / ``held_out_queries``: objects whose ``add(module,
+    layer, q, hidden)`` receives the post-RoPE queries of those forwards (the fitted method's ``QueryBank``)."""
     require_text(lm, skill)
     prefill_s = float(full.stats.get("compress_s", 0.0))
     renderer = lm.renderer(config.prompt_format)
@@ -223,14 +236,16 @@ def rank_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, full: Compr
     if progress:
         progress(1)
     t0 = clock(lm.device)
-    reconstruction = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids)
+    reconstruction = whole_context_scores(lm, full, rendered.ids, sinks=SINKS, encode=renderer.ids,
+                                          on_queries=None if reconstruction_queries is None else reconstruction_queries.add)
     t1 = clock(lm.device)
     if progress:
         progress(2)
     spans = demo_spans(rendered.prefix, rendered.demos)
     checked = check_set(len(rendered.demos))
     scoring = [j for j in range(len(rendered.demos)) if j not in checked]
-    probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set())
+    probes = held_out_answers(lm, full, rendered.demos, spans, scoring, score=True, keep_log_probs=set(),
+                              on_queries=None if held_out_queries is None else held_out_queries.add)
     reference = held_out_answers(lm, full, rendered.demos, spans, checked, score=False, keep_log_probs=set(checked))
     assert probes.scores is not None
     t2 = clock(lm.device)
@@ -267,10 +282,20 @@ def validation_js(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemo
     return check(lm, ranked, memory)[0]
 
 
+class Check(NamedTuple):
+    """What one check read: the mean JS of the validation answer rows, whether every validation
+    demonstration was read (an early stop returns a lower bound), and of those read, how many had an
+    answer row whose most likely token changed."""
+
+    js: float
+    complete: bool
+    changed: int
+
+
 def check(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory,
-          stop_above: float = math.inf) -> tuple[float, bool]:
-    """``validation_js``, and whether it is complete. With a finite ``stop_above`` the validation
-    demonstrations are replayed ``CHECK_GROUP`` at a time and the check stops once the JS summed so far,
+          stop_above: float = math.inf) -> Check:
+    """``validation_js``, whether it is complete, and the validation answers it changed. With a finite
+    ``stop_above`` the validation demonstrations are replayed ``CHECK_GROUP`` at a time and the check stops once the JS summed so far,
     over every row it reads, exceeds ``stop_above``: the mean is then certainly above it (JS is never
     negative), and that lower bound is returned, incomplete. A search that only needs to know whether
     a trial beats a bound decides as with the whole check, at a fraction of its forwards."""
@@ -280,14 +305,16 @@ def check(lm: ModelHandle, ranked: RankedContext, memory: CompressedMemory,
     order = _strided(checked, -(-len(checked) // step))
     found: dict[int, torch.Tensor] = {}
     summed = 0.0  # JS summed over the rows read so far
+    changed = 0
     for i in range(0, len(order), step):
         group = order[i : i + step]
         got = held_out_answers(lm, memory, ranked.demos, ranked.spans, group, score=False, keep_log_probs=set(group))
         found.update({j: js_divergence(ranked.reference[j], got.log_probs[j]) for j in group})
+        changed += sum(bool((ranked.reference[j].argmax(-1) != got.log_probs[j].argmax(-1)).any()) for j in group)
         summed += float(torch.cat([found[j] for j in group]).sum())
         if summed / rows > stop_above and len(found) < len(checked):
-            return summed / rows, False
-    return float(torch.cat([found[j] for j in checked]).mean()), True
+            return Check(summed / rows, False, changed)
+    return Check(float(torch.cat([found[j] for j in checked]).mean()), True, changed)
 
 
 def _strided(items: Sequence[int], stride: int) -> list[int]:
@@ -297,18 +324,23 @@ def _strided(items: Sequence[int], stride: int) -> list[int]:
 
 
 def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
-               merge: bool = False, delta: float = math.inf) -> tuple[CompressedMemory, float, float, list[dict]]:
+               merge: bool = False, delta: float = math.inf, shape: Shape | None = None,
+               ) -> tuple[CompressedMemory, float, float, list[dict]]:
     """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
     the split, one trial record per split tried). A trial's check stops once its JS is certainly above
     both ``delta`` and the best JS so far (its record then holds that lower bound, ``"complete":
     False``): such a trial can neither pass ``delta`` nor be the best, so where a split passes
-    ``delta`` (any split, with the default) the one kept is the one whole checks keep."""
+    ``delta`` (any split, with the default) the one kept is the one whole checks keep. ``shape``: what
+    is done to each selected memory before its check (the fitted method fits it, engine/fit.py)."""
     best: tuple[CompressedMemory, float, float] | None = None
     trials = []
     for split in reconstruction_shares:
         memory = share_memory(lm, ranked, ratio, split, merge)
-        js, complete = check(lm, ranked, memory, min(delta, best[1]) if best is not None else delta)
-        trials.append({"ratio": ratio, "reconstruction_share": split, "js": js, "complete": complete})
+        if shape is not None:
+            memory = shape(memory)
+        js, complete, changed = check(lm, ranked, memory, min(delta, best[1]) if best is not None else delta)
+        trials.append({"ratio": ratio, "reconstruction_share": split, "js": js, "complete": complete,
+                       "changed": changed})
         if best is None or js < best[1]:
             best = memory, js, split
     assert best is not None, "no reconstruction share to try"
@@ -324,28 +356,45 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: 
         raise ValueError("compression='context' takes no press; a press runs the chunk-wise loop")
     require_text(lm, skill)  # before the prefill
     full = prefill(lm, skill, config.prompt_format)
-    t0 = time.perf_counter() - float(full.stats.get("compress_s", 0.0))
     steps = 3 + len(config.keep_ratios)
     ranked = rank_context(lm, skill, config, full, None if progress is None else lambda step: progress(step, steps))
-    chosen, chosen_split, trials = ranked.full, None, []
+    return search_shares(lm, ranked, config, None, progress, method="context",
+                         options={"merge_evicted": config.merge_evicted})
+
+
+def search_shares(lm: ModelHandle, ranked: RankedContext, config: EMLoCConfig, shape: Shape | None,
+                  progress: Callable[[int, int], None] | None, method: str, options: dict[str, Any]
+                  ) -> CompressedMemory:
+    """EMLoC's adaptive choice over a ranked context: per keep ratio, smallest first, the best split
+    (``best_split``, each selected memory passed through ``shape`` first); the first whose validation
+    answers stay within ``delta`` is kept, else the whole context. The memory's stats carry the timings,
+    every trial, and its ``certificate`` (``memory.certificate``)."""
+    t0 = time.perf_counter() - ranked.prefill_s - ranked.reconstruct_s - ranked.held_out_s
+    steps = 3 + len(config.keep_ratios)
+    chosen, chosen_split, passed, trials = ranked.full, None, None, []
     t_check = clock(lm.device)
     for step, ratio in enumerate(config.keep_ratios):
         if ratio >= 1.0:
             break
         memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares, config.merge_evicted,
-                                              config.delta)
+                                              config.delta, shape)
         trials += tried
         if progress:
             progress(4 + step, steps)
         if js <= config.delta:
             chosen, chosen_split = memory, split
+            passed = next(t for t in tried if t["reconstruction_share"] == split)
             break
-    stats = {"press": "context", "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
+    stats = {"press": method, "chunks": 1, "tokens": ranked.full.original_length, "probes": len(ranked.demos),
              "checked_probes": len(ranked.checked), "trials": trials, "reconstruction_share": chosen_split,
              "merged": config.merge_evicted and chosen_split is not None,
              "prefill_s": ranked.prefill_s,
              "reconstruct_s": ranked.reconstruct_s, "held_out_s": ranked.held_out_s,
              "check_s": clock(lm.device) - t_check, "compress_s": time.perf_counter() - t0}
+    out = dataclasses.replace(chosen.to(dtype=getattr(torch, config.storage_dtype)), stats=stats)
+    stats["certificate"] = certificate(out, method, options, config.delta, sorted({t["ratio"] for t in trials}),
+                                       len(ranked.checked), passed)
     if progress:
         progress(steps, steps)
-    return dataclasses.replace(chosen.to(dtype=getattr(torch, config.storage_dtype)), stats=stats)
+    return out
+

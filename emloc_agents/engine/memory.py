@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 PAD = -1  # the position of a spare slot (a head that keeps fewer tokens than its layer's longest)
+
+
+def certificate(memory: CompressedMemory, method: str, options: dict[str, Any], delta: float | None,
+                shares_tried: list[float], validation: int = 0, trial: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The fields of ``CompressedMemory.certificate`` for ``memory``, as a method stores them in its
+    stats: ``trial`` is the record of the check that passed (its ``js`` and ``changed``) over
+    ``validation`` held-out demonstrations, None where no held-out check chose the memory (the whole
+    context kept, or the chunk-wise loop); ``delta`` None (or infinite) for a share kept unchecked."""
+    return {
+        "method": method, "options": dict(options), "kept_ratio": round(memory.kept_ratio, 4),
+        "whole_context": memory.kept_ratio >= 1.0,
+        "delta": None if delta is None or math.isinf(delta) else delta,
+        "validation_demonstrations": validation,
+        "validation_js": None if not validation else (0.0 if trial is None else trial["js"]),
+        "validation_changed": None if not validation else (0 if trial is None else trial["changed"]),
+        "shares_tried": shares_tried,
+    }
 
 
 @dataclass
@@ -111,10 +130,39 @@ class CompressedMemory:
             else [None if b is None else b.to(device=device) for b in self.logit_bias],
         )
 
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """What the compression's check measured, stored with the memory (None for a memory made before
+        memories carried one): ``method`` and its ``options``, ``kept_ratio``, ``whole_context`` (no
+        share passed the check, so the memory is the full context and answers exactly as full
+        in-context learning), ``delta``, ``validation_demonstrations`` (held-out demonstrations the
+        check replayed; 0 for the chunk-wise loop, which checks each chunk on its own demonstrations),
+        ``validation_js`` (their answer rows' mean Jensen-Shannon divergence against the full context)
+        and ``validation_changed`` (how many of them changed their most likely answer token)."""
+        got = self.stats.get("certificate")
+        return dict(got) if isinstance(got, dict) else None
+
+    def fidelity(self) -> str:
+        """The certificate in one line, for people."""
+        c = self.certificate
+        if c is None:
+            return "no fidelity certificate (made before memories carried one)"
+        head = f"method {c['method']}"
+        if c["delta"] is None:
+            return f"{head}: a fixed share, unchecked"
+        if c["whole_context"]:
+            return (f"{head}: no share of {c['shares_tried']} stayed within delta {c['delta']:g}, so the whole "
+                    "context is kept (answers as full in-context learning does)")
+        if not c["validation_demonstrations"]:
+            return f"{head}: every layer of every chunk within delta {c['delta']:g} on the chunk's own demonstrations"
+        return (f"{head}: {c['validation_demonstrations']} held-out validation demonstrations, answer JS "
+                f"{c['validation_js']:.4f} (delta {c['delta']:g}), {c['validation_changed']} of them changed "
+                "their answer")
+
     def describe(self) -> str:
         lens = self.layer_lengths
         return (
             f"{self.original_length} demonstration tokens -> kept {self.kept_ratio:.1%} "
             f"(per layer min {min(lens)}, median {sorted(lens)[len(lens) // 2]}, max {max(lens)}; "
-            f"{self.nbytes() / 1e6:.1f} MB)"
+            f"{self.nbytes() / 1e6:.1f} MB); {self.fidelity()}"
         )

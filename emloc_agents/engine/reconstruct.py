@@ -20,6 +20,11 @@ from .memory import CompressedMemory
 from .presses import allocate
 from .replay import Building, gather_positions, gather_tokens
 
+QueryHook = Callable[[torch.nn.Module, int, torch.Tensor, "torch.Tensor | None"], None]
+"""Receives a layer's post-RoPE query rows from a scoring forward: (module, layer, q (1, Hq, L, d), hidden),
+``hidden`` (L, 2) the context span [start, end) each row does not see (a held-out demonstration's own),
+or None where every row sees the whole context."""
+
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
@@ -127,12 +132,14 @@ CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting
 
 def whole_context_scores(
     lm: ModelHandle, memory: CompressedMemory, context_ids: Sequence[int], span: int = 2048, sinks: int = 4,
-    encode: Callable[[str], list[int]] | None = None,
+    encode: Callable[[str], list[int]] | None = None, on_queries: QueryHook | None = None,
 ) -> list[torch.Tensor]:
     """KVzip as kvpress runs it, on an unpruned memory of ``context_ids``: the model repeats the whole
     context in spans of ``span`` tokens (each span after a prompt that quotes the 8 tokens before it),
     every span's softmax sees only the first ``sinks`` tokens, the span and the repeat. Per layer
-    (kv_heads, T) scores; the first ``sinks`` tokens score +inf (always kept)."""
+    (kv_heads, T) scores; the first ``sinks`` tokens score +inf (always kept). ``on_queries(module, layer,
+    q, None)``: called with every full-attention layer's post-RoPE queries of each span's forward (the fitted
+    method's reference queries, engine/fit.py)."""
     f = lm.facts
     total = memory.original_length
     assert len(context_ids) == total and all(
@@ -150,6 +157,8 @@ def whole_context_scores(
                     lo: int = lo, hi: int = hi) -> None:
             if f.sliding[layer]:
                 return
+            if on_queries is not None:
+                on_queries(module, layer, q, None)
             hidden = torch.zeros(k.shape[1], k.shape[-2], dtype=torch.bool, device=k.device)
             hidden[:, min(sinks, lo) : lo] = True
             hidden[:, hi:total] = True

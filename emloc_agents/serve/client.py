@@ -9,6 +9,8 @@ extra), not FastAPI: nothing of the server is imported here.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +93,18 @@ def served_skills(base_url: str, *, api_key: str | None = None, names: Sequence[
         return [(skill_of(_get(client, base_url, f"/skills/{name}")["skill"]), listed[name]) for name in wanted]
 
 
+
+def served_certificate(base_url: str, name: str, *, api_key: str | None = None, timeout: float | None = None
+                       ) -> dict[str, Any] | None:
+    """The fidelity certificate of skill ``name``'s memory on the server (``GET /v1/skills/{name}``;
+    ``CompressedMemory.certificate``), None while the skill is not compressed."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(headers=headers, timeout=timeout if timeout is not None else 30.0) as client:
+        got = _get(client, base_url.rstrip("/"), f"/skills/{name}").get("certificate")
+    return got if isinstance(got, dict) else None
+
 def remote_skill_tools(base_url: str, *, api_key: str | None = None, names: Sequence[str] | None = None,
                        return_direct: bool = False, max_tokens: int | None = None,
                        timeout: float | None = None) -> list[BaseTool]:
@@ -113,8 +127,16 @@ def remote_skill_tools(base_url: str, *, api_key: str | None = None, names: Sequ
         raise ImportError("remote_skill_tools needs langchain-openai: pip install 'emloc-agents[client]'") from e
     base_url = base_url.rstrip("/")
     tools = []
+
+    known: dict[str, dict[str, Any] | None] = {}
+
+    def read(name: str) -> dict[str, Any] | None:  # the server's certificate; the last one read if it is unreachable
+        with contextlib.suppress(SkillServerError):
+            known[name] = served_certificate(base_url, name, api_key=api_key, timeout=timeout)
+        return known.get(name)
+
     for skill, model in served_skills(base_url, api_key=api_key, names=names, timeout=timeout):
         answer = ChatOpenAI(model=model, base_url=base_url, api_key=api_key or "none",
                             temperature=0, max_retries=0, max_tokens=max_tokens, timeout=timeout)
-        tools.append(skill_tool(skill, answer, return_direct))
+        tools.append(skill_tool(skill, answer, return_direct, certificate=functools.partial(read, skill.name)))
     return tools

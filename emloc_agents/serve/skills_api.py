@@ -95,7 +95,10 @@ def skill_summary(registry: MemoryRegistry, skill: Skill, base: str, *, compress
     elif error is not None:
         status = {"status": "failed", "error": error}
     else:
-        status = {"status": "compressed" if registry.cached(skill) else "not_compressed"}
+        certificate = registry.certificate(skill)
+        status = {"status": "compressed" if certificate is not None or registry.cached(skill) else "not_compressed"}
+        if certificate is not None:
+            status["certificate"] = certificate  # what the memory's check measured (CompressedMemory.certificate)
     return {
         "id": skill.name,
         "object": "skill",
