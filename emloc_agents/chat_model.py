@@ -300,6 +300,22 @@ class EMLoCChatModel(BaseChatModel):
                                                   dtype=self.dtype)
             return _REGISTRIES[key]
 
+    # ---- token counts ------------------------------------------------------------------------
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text``'s ids in the model's own tokenizer, offline (LangChain's default fetches GPT-2's)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return list(self.get_registry().lm.tokenizer.encode(text, add_special_tokens=False))
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The prompt tokens ``messages`` (and ``tools``) take in the model's chat template, as a call
+        without a skill renders them, so ``trim_messages`` and the summarisation middleware can keep
+        a conversation inside the window: a call's ``usage_metadata`` input tokens less the memory's
+        (``input_token_details``)."""
+        kwargs: dict[str, Any] = {"skill": None, "tools": list(tools)} if tools else {"skill": None}
+        return len(self._prepare(list(messages), None, kwargs).ids)
+
     # ---- one call ----------------------------------------------------------------------------
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PreparedCall:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import ConfigurableField
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field, ValidationError
@@ -702,3 +702,48 @@ def test_stream_together_gives_each_call_its_own_reply_and_error(registry: Memor
         assert replies[i].usage_metadata == alone.usage_metadata
     with pytest.raises(ValueError, match="2 inputs but 1 option sets"):
         chat.stream_together(["a", "b"], [{}])
+
+
+# ---- token counts ------------------------------------------------------------------------------
+
+
+def test_token_counts_use_the_models_own_tokenizer(chat: EMLoCChatModel, registry: MemoryRegistry) -> None:
+    text = "Hello there, how are you?"
+    ids = registry.lm.tokenizer.encode(text, add_special_tokens=False)
+    assert chat.get_token_ids(text) == list(ids)
+    assert chat.get_num_tokens(text) == len(ids) > 0
+
+
+def test_message_token_count_is_the_prompt_a_call_sends(chat: EMLoCChatModel) -> None:
+    msgs = [SystemMessage("Answer briefly."), HumanMessage("Review: a joy to watch\nSentiment:")]
+    reply = chat.invoke(msgs, max_tokens=1)
+    assert reply.usage_metadata is not None
+    assert chat.get_num_tokens_from_messages(msgs) == reply.usage_metadata["input_tokens"]
+
+
+def test_trim_messages_counts_with_the_chat_model(chat: EMLoCChatModel) -> None:
+    from langchain_core.messages import trim_messages
+
+    msgs = [SystemMessage("Answer briefly."), HumanMessage("Tell me about the film. " * 20), AIMessage("It is good."),
+            HumanMessage("And the music?")]
+    budget = chat.get_num_tokens_from_messages([msgs[0], *msgs[2:]])
+    assert chat.get_num_tokens_from_messages(msgs) > budget
+    kept = trim_messages(msgs, max_tokens=budget, token_counter=chat, strategy="last", include_system=True)
+    assert kept == [msgs[0], *msgs[2:]]
+
+
+def test_summarization_middleware_counts_with_the_chat_model(chat: EMLoCChatModel) -> None:
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import SummarizationMiddleware
+
+    history: list[BaseMessage] = []
+    for i in range(6):
+        history += [HumanMessage(f"Question {i}: tell me about the film. " * 8), AIMessage(f"Answer {i}: it is good.")]
+    history.append(HumanMessage("And the music?"))
+    total = chat.get_num_tokens_from_messages(history)
+    middleware = SummarizationMiddleware(model=chat, trigger=("tokens", total // 2), keep=("messages", 3),
+                                         token_counter=chat.get_num_tokens_from_messages)
+    out = create_agent(chat, tools=[], middleware=[middleware]).invoke({"messages": history})["messages"]
+    assert out[0].content.startswith("Here is a summary")
+    assert [m.content for m in out[1:4]] == [m.content for m in history[-3:]]
+    assert chat.get_num_tokens_from_messages(out[:4]) < total // 2
