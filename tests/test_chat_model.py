@@ -662,9 +662,12 @@ def test_profile_is_known_without_loading_the_model(tmp_path) -> None:
     assert chat.profile is not None and chat.profile["max_input_tokens"] == EMBEDDED_CONTEXT["qwen2.5-coder-0.5b"]
     assert chat.profile["tool_calling"] and chat.profile["tool_choice"] and not chat.profile["image_inputs"]
     assert chat.profile["structured_output"] is False  # create_agent(response_format=...) forces a call
+    for name in ("smollm2-135m", "default"):  # no tool-call format of its own: calls only when forced
+        small = EMLoCChatModel(model=name, cache_dir=str(tmp_path)).profile
+        assert small is not None and small["tool_calling"] is False and small["tool_choice"]
     reg = MemoryRegistry(model="tiny-llama", cache_dir=tmp_path)
     lazy = EMLoCChatModel(registry=reg)
-    assert reg.loaded_model is None and lazy.profile is not None and lazy.profile["tool_calling"]
+    assert reg.loaded_model is None and lazy.profile is not None and "tool_calling" not in lazy.profile
     assert reg.lm.facts.max_positions  # once loaded, the profile reads the model itself
     loaded = EMLoCChatModel(registry=reg).profile
     assert loaded is not None and loaded["max_input_tokens"] == reg.lm.facts.max_positions
@@ -673,6 +676,23 @@ def test_profile_is_known_without_loading_the_model(tmp_path) -> None:
     vision = EMLoCChatModel(registry=vlm).profile
     assert vision is not None and vision["image_inputs"]
     assert EMLoCChatModel(profile={"max_input_tokens": 7}).profile == {"max_input_tokens": 7}  # a given one wins
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_the_profile_says_which_models_have_a_tool_call_format(name: str) -> None:
+    """The profile known without a load is what each embedded model's own chat template says, read
+    from its checkpoint folder as for any local model."""
+    import importlib.util
+
+    from emloc_agents.models.sources import EMBEDDED, resolve_model_dir
+    from emloc_agents.profile import EMBEDDED_TOOL_CALLING, profile_of_name
+
+    if name in EMBEDDED and importlib.util.find_spec(EMBEDDED[name].module) is None:
+        pytest.skip(f"{name} is not installed ({EMBEDDED[name].pip_command})")
+    folder = resolve_model_dir(name, progress=False)
+    assert profile_of_name(str(folder)).get("tool_calling") is EMBEDDED_TOOL_CALLING[name]
+    assert profile_of_name(name).get("tool_calling") is EMBEDDED_TOOL_CALLING[name]
 
 
 def test_stream_together_gives_each_call_its_own_reply_and_error(registry: MemoryRegistry) -> None:
