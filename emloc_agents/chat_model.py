@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManager, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput, ModelProfile
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import (
@@ -26,15 +26,18 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     ToolMessage,
+    message_chunk_to_message,
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list, run_in_executor
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, field_validator
 
 from .engine.decode import Generation, SplitBatch, check_length, first_stop
@@ -595,6 +598,57 @@ class EMLoCChatModel(BaseChatModel):
             sources.update({i: split.reply(j) for j, i in enumerate(members)})
         return [self._reply_stream(messages, stop, rest, call, sources.get(i))
                 for i, (messages, stop, rest, call) in enumerate(calls)]
+
+    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
+              *, return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        """Answer ``inputs`` together: calls on the same skill (or all zero-shot) decode as one packed
+        batch (``stream_together``), each answer the one ``invoke`` gives alone. Each input is its own
+        run for LangChain's callbacks and tracing (its config's callbacks, tags, metadata, run name);
+        a call that fails (an unknown skill, a prompt too long) is returned as its exception with
+        ``return_exceptions``, else the first failure is raised once the batch is stopped."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        messages = [self._convert_input(x).to_messages() for x in inputs]
+        stop = kwargs.pop("stop", None)
+        params = {**self._get_invocation_params(stop=stop, **kwargs), "stop": stop}
+        runs = []
+        for cfg, msgs in zip(configs, messages, strict=True):
+            callbacks = CallbackManager.configure(cfg.get("callbacks"), self.callbacks, self.verbose, cfg.get("tags"),
+                                                  self.tags, cfg.get("metadata"), self.metadata)
+            runs.append(callbacks.on_chat_model_start(self._serialized, [msgs], invocation_params=params,
+                                                      options={"stop": stop, **kwargs}, name=cfg.get("run_name"),
+                                                      run_id=cfg.get("run_id"), batch_size=1)[0])
+        streams = self.stream_together(messages, [{**kwargs, "stop": stop} for _ in inputs])
+        out: list[Any] = []
+        try:
+            for run, stream in zip(runs, streams, strict=True):
+                try:
+                    merged: AIMessageChunk | None = None
+                    for chunk in stream:
+                        merged = chunk if merged is None else merged + chunk
+                    message = message_chunk_to_message(merged or AIMessageChunk(content=""))
+                    message.id = message.id or f"{LC_ID_PREFIX}-{run.run_id}-0"  # as invoke names it
+                except Exception as e:  # noqa: BLE001 - the run's own failure, reported to its callbacks
+                    run.on_llm_error(e)
+                    if not return_exceptions:
+                        raise
+                    out.append(e)
+                    continue
+                finish = message.response_metadata.get("finish_reason")
+                run.on_llm_end(LLMResult(generations=[[ChatGeneration(message=message,
+                                                                      generation_info={"finish_reason": finish})]]))
+                out.append(message)
+        finally:
+            for stream in streams:
+                stream.close()  # type: ignore[attr-defined]  # generators: what was not read leaves the batch
+        return out
+
+    async def abatch(self, inputs: list[LanguageModelInput],
+                     config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
+                     **kwargs: Any) -> list[Any]:
+        """``batch`` in a worker thread: the event loop goes on while the batch decodes."""
+        return await run_in_executor(None, self.batch, inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     def _reply_stream(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
                       p: PreparedCall | Exception, source: Iterator[tuple[str, Generation | None]] | None

@@ -11,9 +11,10 @@ import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated
+from typing import Annotated, Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import ConfigurableField
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -724,6 +725,72 @@ def test_stream_together_gives_each_call_its_own_reply_and_error(registry: Memor
         chat.stream_together(["a", "b"], [{}])
 
 
+REVIEWS = ["Review: dull\nSentiment:", "Review: a warm heart\nSentiment:", "Review: fine\nSentiment:",
+           "Review: never again\nSentiment:"]
+
+
+class RunRecorder(BaseCallbackHandler):
+    """What LangChain's callbacks see of each run: its start (with tags) and its end or error."""
+
+    def __init__(self) -> None:
+        self.starts: dict[Any, list[str]] = {}
+        self.ends: dict[Any, str] = {}
+        self.errors: dict[Any, BaseException] = {}
+
+    def on_chat_model_start(self, serialized, messages, *, run_id, tags=None, **kwargs) -> None:
+        self.starts[run_id] = list(tags or [])
+
+    def on_llm_end(self, response, *, run_id, **kwargs) -> None:
+        self.ends[run_id] = response.generations[0][0].message.content
+
+    def on_llm_error(self, error, *, run_id, **kwargs) -> None:
+        self.errors[run_id] = error
+
+
+def test_batch_decodes_one_packed_batch_per_skill_with_callbacks(registry: MemoryRegistry) -> None:
+    """``batch`` answers as one ``invoke`` per input does, from one packed decode (forwards counted on
+    the model), and each input is a run of its own for the callbacks."""
+    registry.warm()
+    chat = EMLoCChatModel(registry=registry, max_tokens=4, cache_prompt=False)
+    alone = [chat.invoke(x, skill="sentiment") for x in REVIEWS]
+    forwards = []
+    hook = registry.lm.model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+    recorder = RunRecorder()
+    try:
+        together = chat.batch(REVIEWS, [{"callbacks": [recorder], "tags": [f"input-{i}"]} for i in range(4)],
+                              skill="sentiment")
+    finally:
+        hook.remove()
+    assert [m.content for m in together] == [m.content for m in alone]
+    assert [m.usage_metadata for m in together] == [m.usage_metadata for m in alone]
+    assert all(isinstance(m, AIMessage) and m.id and m.id.startswith("lc_run-") for m in together)
+    assert 0 < len(forwards) <= 4  # one prefill and one step per later token, for all four (alone: 16)
+    assert sorted(recorder.starts.values()) == [[f"input-{i}"] for i in range(4)]
+    assert sorted(recorder.ends.values()) == sorted(m.content for m in together) and not recorder.errors
+
+
+def test_batch_returns_or_raises_each_inputs_own_error(registry: MemoryRegistry) -> None:
+    chat = EMLoCChatModel(registry=registry, max_tokens=3, cache_prompt=False)
+    too_long = "word " * (registry.lm.facts.max_positions + 10)
+    recorder = RunRecorder()
+    out = chat.batch([REVIEWS[0], too_long, REVIEWS[1]], {"callbacks": [recorder]}, return_exceptions=True,
+                     skill="sentiment")
+    assert isinstance(out[1], ValueError)
+    assert [m.content for m in (out[0], out[2])] == [chat.invoke(x, skill="sentiment").content
+                                                    for x in (REVIEWS[0], REVIEWS[1])]
+    assert len(recorder.errors) == 1 and len(recorder.ends) == 2
+    with pytest.raises(ValueError):
+        chat.batch([REVIEWS[0], too_long], skill="sentiment")
+    assert chat.batch([]) == []
+
+
+def test_abatch_is_batch_off_the_event_loop(registry: MemoryRegistry) -> None:
+    chat = EMLoCChatModel(registry=registry, max_tokens=3, cache_prompt=False)
+    bound = chat.bind(skill="sentiment")
+    together = asyncio.run(bound.abatch(REVIEWS[:3]))
+    assert [m.content for m in together] == [m.content for m in bound.batch(REVIEWS[:3])]
+
+
 # ---- token counts ------------------------------------------------------------------------------
 
 
@@ -746,7 +813,8 @@ def test_trim_messages_counts_with_the_chat_model(chat: EMLoCChatModel) -> None:
 
     msgs = [SystemMessage("Answer briefly."), HumanMessage("Tell me about the film. " * 20), AIMessage("It is good."),
             HumanMessage("And the music?")]
-    budget = chat.get_num_tokens_from_messages([msgs[0], *msgs[2:]])
+    # trim_messages counts the system message apart from the rest: each count has its template's frame
+    budget = chat.get_num_tokens_from_messages(msgs[:1]) + chat.get_num_tokens_from_messages(msgs[2:])
     assert chat.get_num_tokens_from_messages(msgs) > budget
     kept = trim_messages(msgs, max_tokens=budget, token_counter=chat, strategy="last", include_system=True)
     assert kept == [msgs[0], *msgs[2:]]
