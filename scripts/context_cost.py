@@ -5,6 +5,9 @@ whole text) and against the chunk-wise loop, in one process so the three share t
 
     python scripts/context_cost.py --model smollm2-135m --task trec --task agnews --shots 128 \\
         --out results/context-cost.json
+
+``--fit-options '{"first_split": true}'`` times the fitted method with other ``FitOptions`` (registered
+as ``fitted-options``); ``--keep-ratios 0.1,0.2,0.3,0.5`` with other shares to try.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 from emloc_agents import EMLoCConfig, compress, load_model
 from emloc_agents.bench.scaling import demo_ids, full_prefill
+from emloc_agents.engine.compress import register_method
+from emloc_agents.engine.fit import FitOptions, Fitted
 from emloc_agents.tasks import Task
 
 STAGES = ("prefill_s", "reconstruct_s", "held_out_s", "check_s")
@@ -30,7 +35,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--no-chunks", action="store_true", help="leave the chunk-wise loop out")
     ap.add_argument("--compression", default="auto", help="the whole-context method timed (auto, context, fitted)")
+    ap.add_argument("--fit-options", type=json.loads, help="FitOptions of the fitted method, as JSON")
+    ap.add_argument("--keep-ratios", help="the keep ratios tried, comma-separated (default: EMLoCConfig's)")
     args = ap.parse_args()
+    if args.fit_options is not None:
+        register_method("fitted-options", Fitted(FitOptions(**args.fit_options)))
+        args.compression = "fitted-options"
+    extra = {"keep_ratios": tuple(float(r) for r in args.keep_ratios.split(","))} if args.keep_ratios else {}
     lm = load_model(args.model)
     rows = []
     for name in args.task:
@@ -39,14 +50,15 @@ def main() -> None:
         full_prefill(lm, ids[:256])  # warm-up
         prefill = min(full_prefill(lm, ids) for _ in range(2))
         t0 = time.perf_counter()
-        mem = compress(lm, skill, EMLoCConfig(compression=args.compression))
+        mem = compress(lm, skill, EMLoCConfig(compression=args.compression, **extra))
         context_s = time.perf_counter() - t0
         chunks, chunks_s = None, float("nan")
         if not args.no_chunks:
             t0 = time.perf_counter()
             chunks = compress(lm, skill, EMLoCConfig(compression="chunks"))
             chunks_s = time.perf_counter() - t0
-        row = {"model": lm.name, "task": name, "compression": args.compression, "shots": args.shots, "tokens": len(ids), "prefill_s": prefill,
+        row = {"model": lm.name, "task": name, "compression": args.compression, "fit_options": args.fit_options,
+               "keep_ratios": list(EMLoCConfig(**extra).keep_ratios), "shots": args.shots, "tokens": len(ids), "prefill_s": prefill,
                "context_s": context_s, "context_over_prefill": context_s / prefill, "kept_ratio": mem.kept_ratio,
                "trials": mem.stats["trials"], **{f"context_{k}": mem.stats[k] for k in STAGES},
                **{f"context_{k.removesuffix('_s')}_over_prefill": mem.stats[k] / prefill for k in STAGES},
