@@ -18,6 +18,7 @@ from emloc_agents.engine.context import rank_context, share_memory
 from emloc_agents.engine.decode import generate, score_continuations, stream_batch
 from emloc_agents.engine.fit import (
     FitOptions,
+    Fitted,
     QueryBank,
     Reference,
     attention_output,
@@ -53,6 +54,20 @@ def test_with_more_slots_than_queries_the_fit_reproduces_output_and_mass() -> No
     assert float((got_mass - want_mass).abs().mean()) < 0.05
     assert float((plain - want).norm() / want.norm()) > 0.3 and float((plain_mass - want_mass).abs().mean()) > 0.3
     assert float(bias.min()) >= math.log(1e-3) - 1e-5  # the weight floor
+
+
+def test_the_joint_value_target_matches_the_attention_numerator() -> None:
+    """``value_target="joint"`` fits ``share * w`` (unnormalised) to the output: with more slots than
+    queries the numerator over the kept slots then equals the full context's (its mass times its
+    output), which is what attention over memory and new tokens together reads."""
+    queries, keys, values = _problem()
+    kept = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:32]
+    ref = Reference.of(queries, keys, values)
+    bias, fitted = fit_head(ref, keys, values, kept, ridge=1e-6, iterations=200, value_target="joint")
+    share = torch.exp(queries @ keys[kept].T - ref.log_mass[:, None]) * bias.exp()
+    assert float((share @ fitted - ref.output).norm() / ref.output.norm()) < 2e-3
+    memory_bias, _ = fit_head(ref, keys, values, kept, ridge=1e-6, iterations=200)
+    torch.testing.assert_close(bias, memory_bias)  # the same mass fit
 
 
 def test_every_slot_kept_fits_to_the_identity() -> None:
@@ -137,6 +152,27 @@ def test_the_fitted_method_runs_the_check_on_the_fitted_memory(plain_llama) -> N
     whole = compress(plain_llama, make_skill(10), EMLoCConfig(compression="fitted", keep_ratios=(0.3,), delta=0.0))
     assert whole.kept_ratio == 1.0 and whole.logit_bias is None and whole.certificate["whole_context"]
     assert "whole context is kept" in whole.describe()  # said plainly
+
+
+def test_first_split_stops_at_the_first_split_within_delta(plain_llama) -> None:
+    """``FitOptions(first_split=True)`` (``best_split``'s ``first``): at the share kept, the splits after
+    the first one within delta are not fitted or checked; with every split failing, all are tried."""
+    from emloc_agents.config import METHOD_NAMES
+    from emloc_agents.engine.compress import METHODS, register_method
+
+    register_method("fitted-first", Fitted(FitOptions(first_split=True)))
+    try:
+        shares = EMLoCConfig().reconstruction_shares
+        passing = compress(plain_llama, make_skill(10),
+                           EMLoCConfig(compression="fitted-first", keep_ratios=(0.3,), delta=math.inf))
+        assert [t["reconstruction_share"] for t in passing.stats["trials"]] == [shares[0]]
+        assert passing.certificate["options"]["first_split"] and passing.kept_ratio < 0.5
+        failing = compress(plain_llama, make_skill(10),
+                           EMLoCConfig(compression="fitted-first", keep_ratios=(0.3,), delta=0.0))
+        assert len(failing.stats["trials"]) == len(shares) and failing.kept_ratio == 1.0
+    finally:
+        METHODS.pop("fitted-first")
+        METHOD_NAMES.discard("fitted-first")
 
 
 @pytest.mark.parametrize("kind", ["memory", "diskcache", "redis"])

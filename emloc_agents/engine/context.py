@@ -324,14 +324,16 @@ def _strided(items: Sequence[int], stride: int) -> list[int]:
 
 
 def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruction_shares: Sequence[float],
-               merge: bool = False, delta: float = math.inf, shape: Shape | None = None,
+               merge: bool = False, delta: float = math.inf, shape: Shape | None = None, first: bool = False,
                ) -> tuple[CompressedMemory, float, float, list[dict]]:
     """At keep ratio ``ratio``, the split whose checked held-out answers move least: (memory, its JS,
     the split, one trial record per split tried). A trial's check stops once its JS is certainly above
     both ``delta`` and the best JS so far (its record then holds that lower bound, ``"complete":
     False``): such a trial can neither pass ``delta`` nor be the best, so where a split passes
     ``delta`` (any split, with the default) the one kept is the one whole checks keep. ``shape``: what
-    is done to each selected memory before its check (the fitted method fits it, engine/fit.py)."""
+    is done to each selected memory before its check (the fitted method fits it, engine/fit.py).
+    ``first``: keep the first split that passes ``delta`` without trying the rest (the ratio the search
+    keeps is the same; its memory is within ``delta`` but not always the lowest JS)."""
     best: tuple[CompressedMemory, float, float] | None = None
     trials = []
     for split in reconstruction_shares:
@@ -343,6 +345,8 @@ def best_split(lm: ModelHandle, ranked: RankedContext, ratio: float, reconstruct
                        "changed": changed})
         if best is None or js < best[1]:
             best = memory, js, split
+        if first and js <= delta:
+            break
     assert best is not None, "no reconstruction share to try"
     return *best, trials
 
@@ -363,12 +367,13 @@ def compress_context(lm: ModelHandle, skill: Skill, config: EMLoCConfig, press: 
 
 
 def search_shares(lm: ModelHandle, ranked: RankedContext, config: EMLoCConfig, shape: Shape | None,
-                  progress: Callable[[int, int], None] | None, method: str, options: dict[str, Any]
-                  ) -> CompressedMemory:
+                  progress: Callable[[int, int], None] | None, method: str, options: dict[str, Any],
+                  first: bool = False) -> CompressedMemory:
     """EMLoC's adaptive choice over a ranked context: per keep ratio, smallest first, the best split
-    (``best_split``, each selected memory passed through ``shape`` first); the first whose validation
-    answers stay within ``delta`` is kept, else the whole context. The memory's stats carry the timings,
-    every trial, and its ``certificate`` (``memory.certificate``)."""
+    (``best_split``, each selected memory passed through ``shape`` first; with ``first``, its first
+    split within ``delta``); the first whose validation answers stay within ``delta`` is kept, else
+    the whole context. The memory's stats carry the timings, every trial, and its ``certificate``
+    (``memory.certificate``)."""
     t0 = time.perf_counter() - ranked.prefill_s - ranked.reconstruct_s - ranked.held_out_s
     steps = 3 + len(config.keep_ratios)
     chosen, chosen_split, passed, trials = ranked.full, None, None, []
@@ -377,7 +382,7 @@ def search_shares(lm: ModelHandle, ranked: RankedContext, config: EMLoCConfig, s
         if ratio >= 1.0:
             break
         memory, js, split, tried = best_split(lm, ranked, ratio, config.reconstruction_shares, config.merge_evicted,
-                                              config.delta, shape)
+                                              config.delta, shape, first)
         trials += tried
         if progress:
             progress(4 + step, steps)

@@ -114,8 +114,8 @@ class Reference:
 
 
 def fit_head(ref: Reference, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor,
-             ridge: float = 1e-3, weight_floor: float = 1e-3, iterations: int = 300
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             ridge: float = 1e-3, weight_floor: float = 1e-3, iterations: int = 300,
+             value_target: Literal["memory", "joint"] = "memory") -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one KV head: (logit bias (k,), values (k, d)) for the kept token indices ``kept`` (k,) of
     ``keys``/``values`` (T, d), to the reference ``ref``. See the module docstring."""
     # (n, k): each kept slot's part of every query's full attention mass (0 where the row does not see it)
@@ -123,16 +123,21 @@ def fit_head(ref: Reference, keys: torch.Tensor, values: torch.Tensor, kept: tor
     visible = seen(ref.hidden, kept)
     if visible is not None:
         share = share * visible
-    w = mass_weights(share, weight_floor, iterations)
-    fitted = share * w
-    fitted = fitted / fitted.sum(1, keepdim=True).clamp_min(1e-30)  # (n, k): the kept slots' attention
-    gram = fitted.T @ fitted
+    gram = share.T @ share
+    w = mass_weights(share, weight_floor, iterations, gram)
+    if value_target == "joint":  # share * w, unnormalised: its Gram is the mass fit's, scaled
+        gram, rhs = gram * w[:, None] * w[None, :], w[:, None] * (share.T @ ref.output)
+    else:
+        fitted = share * w
+        fitted = fitted / fitted.sum(1, keepdim=True).clamp_min(1e-30)  # (n, k): the kept slots' attention
+        gram, rhs = fitted.T @ fitted, fitted.T @ ref.output
     lam = ridge * float(gram.diagonal().mean()) + 1e-12
     lhs = gram + lam * torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    return w.log(), torch.linalg.solve(lhs, fitted.T @ ref.output + lam * values[kept].float())
+    return w.log(), torch.linalg.solve(lhs, rhs + lam * values[kept].float())
 
 
-def mass_weights(share: torch.Tensor, floor: float, iterations: int) -> torch.Tensor:
+def mass_weights(share: torch.Tensor, floor: float, iterations: int, gram: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """``w >= floor`` minimising ``|share @ w - 1|^2`` (``share`` (n, k) >= 0: each kept slot's part of
     every query's full attention mass), by multiplicative updates ``w <- w * (A^T 1) / (A^T A w)`` (Lee
     and Seung): with a non-negative ``A`` the iterate stays positive, the loss never rises and the
@@ -140,7 +145,7 @@ def mass_weights(share: torch.Tensor, floor: float, iterations: int) -> torch.Te
     Measured against a box-constrained least-squares start with projected-gradient steps (biases
     within +-3, Zweiger et al.'s setting): on Qwen2.5-Coder-0.5B TREC-128 at 20 % the box's
     validation JS was 0.024, this one's 0.0051 (docs/design.md, "Fitted memories")."""
-    gram, rhs = share.T @ share, share.sum(0)
+    gram, rhs = share.T @ share if gram is None else gram, share.sum(0)
     w = torch.full((share.shape[1],), 1.0 / max(float(share.sum(1).mean()), 1e-12), device=share.device)
     for _ in range(iterations):
         w = (w * rhs / (gram @ w).clamp_min(1e-30)).clamp_min(floor)
@@ -159,7 +164,13 @@ class FitOptions:
     multiplicative updates of the mass fit. ``fit_values``: fit the values too (else the biases only).
     ``hide_own``: a held-out row is matched over the context it saw, its own demonstration hidden
     (else over the whole context, its own copy included). ``max_rows``: reference rows per KV head at
-    most (strided over its query heads' rows; None: all): the fit's cost is about rows x kept slots^2."""
+    most (strided over its query heads' rows; None: all): the fit's cost is about rows x kept slots^2.
+    ``value_target``: "memory" fits the values so that the memory's own attention output (its rows
+    renormalised) matches the full context's; "joint" so that the unnormalised output, the numerator
+    of attention over memory and new tokens together, matches (then the mass fit's Gram serves the
+    value fit too: one Gram per head instead of two). ``first_split``: at each share, keep the first
+    split whose check passes instead of trying every split for the lowest JS (``best_split``'s
+    ``first``): the fits at the share that passes are most of the fit's cost."""
 
     queries: Literal["reconstruction", "held-out", "both"] = "both"
     max_queries: int = 512
@@ -169,6 +180,8 @@ class FitOptions:
     fit_values: bool = True
     hide_own: bool = True
     max_rows: int | None = None
+    value_target: Literal["memory", "joint"] = "memory"
+    first_split: bool = False
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,7 +228,7 @@ def fit_memory(full: CompressedMemory, kept: CompressedMemory, refs: dict[tuple[
             slots = (pos[h] >= 0).nonzero().squeeze(1)
             held = pos[h, slots].long()
             b, fitted = fit_head(refs[layer, h], fk[h], fv[h], held, options.ridge, options.weight_floor,
-                                 options.iterations)
+                                 options.iterations, options.value_target)
             bias[h, slots] = b
             if options.fit_values:
                 out[h, slots] = fitted
@@ -255,7 +268,8 @@ class Fitted:
             fit_s[0] += clock(lm.device) - t
             return fitted
 
-        memory = search_shares(lm, ranked, config, shape, progress, method="fitted", options=opts.describe())
+        memory = search_shares(lm, ranked, config, shape, progress, method="fitted", options=opts.describe(),
+                               first=opts.first_split)
         memory.stats["fit_s"] = fit_s[0]  # inside check_s: the references and every trial's fit
         return memory
 
