@@ -50,7 +50,7 @@ def model_for(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
 @dataclass
 class Case:
     """One task and demonstration seed: the skill, the first ``--limit`` test items, and full ICL's
-    predictions on them (what agreement is measured against)."""
+    predictions on them (what agreement is measured against; None where none were made)."""
 
     lm: Any
     model: str
@@ -60,7 +60,7 @@ class Case:
     shots: int
     seed: int
     skill: Skill
-    full: list[str | None]
+    full: list[str | None] | None
 
     def predict(self, memory: Any) -> list[str | None]:
         """The label each item gets on ``memory``."""
@@ -73,19 +73,22 @@ class Case:
 
     def row(self, preds: list[str | None], **fields: Any) -> dict[str, Any]:
         """One result: the case, ``fields``, and the predictions' accuracy and agreement with full ICL."""
+        assert self.full is not None, "a case made without full ICL's predictions has no agreement"
         flips = Counter(f"{a}->{b}" for a, b in zip(self.full, preds, strict=True) if a != b)  # full ICL's -> the memory's
         return {**self.fields(), **fields, **fidelity(preds, [ex.label for ex in self.items], self.full),
                 "flips": dict(flips.most_common())}
 
 
-def cases(lm: Any, args: argparse.Namespace) -> Iterator[Case]:
-    """Every ``--task`` × ``--seeds`` case of ``args``, full ICL's predictions made first."""
+def cases(lm: Any, args: argparse.Namespace, full_icl: bool = True) -> Iterator[Case]:
+    """Every ``--task`` × ``--seeds`` case of ``args``, full ICL's predictions made first (unless not
+    ``full_icl``: for runs that read no predictions)."""
     for task_name in args.task:
         task = Task.load(task_name)
         items = task.test[: args.limit]
         for seed in (int(s) for s in args.seeds.split(",")):
             skill = task.skill(shots=args.shots, seed=seed)
-            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items)
+            full = memory_labels(lm, task, compress(lm, skill, EMLoCConfig(keep_ratios=(1.0,))), items) \
+                if full_icl else None
             yield Case(lm, args.model, task_name, task, items, args.shots, seed, skill, full)
 
 

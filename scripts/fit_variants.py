@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from _experiment import cases, emit, model_for, parser, table
@@ -35,7 +34,6 @@ from _experiment import cases, emit, model_for, parser, table
 from emloc_agents import EMLoCConfig, compress
 from emloc_agents.engine.context import best_split, rank_context
 from emloc_agents.engine.fit import FitOptions, QueryBank, fit_memory, reference_queries, references
-from emloc_agents.tasks import Task
 
 VARIANTS = {
     "fitted": FitOptions(),
@@ -61,7 +59,7 @@ def main() -> None:
     config = EMLoCConfig(compression="fitted")
     which = args.variants.split(",")
     most = FitOptions().max_queries
-    for case in (js_cases(args) if args.js_only else cases(lm, args)):
+    for case in cases(lm, args, full_icl=not args.js_only):
         full = compress(lm, case.skill, EMLoCConfig(keep_ratios=(1.0,), storage_dtype="float32"))
         recon = QueryBank(max(1, math.ceil(full.original_length / most)))
         held = QueryBank()
@@ -92,16 +90,6 @@ def main() -> None:
                 preds = case.predict(memory.to(dtype=getattr(torch, config.storage_dtype)))
                 emit(args.out, case.row(preds, variant=name, share=share, kept_ratio=memory.kept_ratio, js=js,
                                         reconstruction_share=split))
-
-
-def js_cases(args):
-    """The ``cases`` of ``args`` without full ICL's predictions (``--js-only``): each with a ``skill`` and
-    the ``fields`` that name it in a result line."""
-    for task_name in args.task:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            fields = {"model": args.model, "task": task_name, "shots": args.shots, "seed": seed}
-            yield SimpleNamespace(skill=Task.load(task_name).skill(shots=args.shots, seed=seed),
-                                  fields=lambda fields=fields: fields)
 
 
 if __name__ == "__main__":
